@@ -105,9 +105,7 @@ impl EngineKind {
             "uring" | "io_uring" => Ok(EngineKind::Uring),
             "pwrite" => Ok(EngineKind::Pwrite),
             "buffered" => Ok(EngineKind::Buffered),
-            _ => Err(format!(
-                "unknown engine {s:?}; expected auto, uring, pwrite or buffered"
-            )),
+            _ => Err(format!("unknown engine {s:?}; expected auto, uring, pwrite or buffered")),
         }
     }
 }
@@ -156,9 +154,7 @@ impl FsyncPolicy {
             "fdatasync" => Ok(FsyncPolicy::Fdatasync),
             "fsync" => Ok(FsyncPolicy::Fsync),
             "never" => Ok(FsyncPolicy::Never),
-            _ => Err(format!(
-                "unknown fsync policy {s:?}; expected fdatasync, fsync or never"
-            )),
+            _ => Err(format!("unknown fsync policy {s:?}; expected fdatasync, fsync or never")),
         }
     }
 }
@@ -321,22 +317,14 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let mut problems = Vec::new();
         if !Self::QUEUE_DEPTH_RANGE.contains(&self.queue_depth) {
-            problems.push(format!(
-                "queue_depth must be 1..=4096, got {}",
-                self.queue_depth
-            ));
+            problems.push(format!("queue_depth must be 1..=4096, got {}", self.queue_depth));
         }
         let chunk_ok = if !Self::CHUNK_SIZE_RANGE.contains(&self.chunk_size) {
-            problems.push(format!(
-                "chunk_size must be 4KiB..=1GiB, got {}",
-                show_size(self.chunk_size)
-            ));
+            problems.push(format!("chunk_size must be 4KiB..=1GiB, got {}", show_size(self.chunk_size)));
             false
         } else if self.chunk_size % Self::CHUNK_ALIGN != 0 {
-            problems.push(format!(
-                "chunk_size must be a multiple of 4096, got {}",
-                show_size(self.chunk_size)
-            ));
+            problems
+                .push(format!("chunk_size must be a multiple of 4096, got {}", show_size(self.chunk_size)));
             false
         } else {
             true
@@ -360,10 +348,7 @@ impl Config {
             ));
         }
         if !Self::IO_THREADS_RANGE.contains(&self.io_threads) {
-            problems.push(format!(
-                "io_threads must be 1..=256, got {}",
-                self.io_threads
-            ));
+            problems.push(format!("io_threads must be 1..=256, got {}", self.io_threads));
         }
         if problems.is_empty() {
             Ok(())
@@ -375,10 +360,7 @@ impl Config {
     /// Number of staging buffers: `staging_pool_size / chunk_size` (0 if `chunk_size` is 0,
     /// which [`validate`](Config::validate) rejects).
     pub fn staging_buffers(&self) -> usize {
-        let n = self
-            .staging_pool_size
-            .checked_div(self.chunk_size)
-            .unwrap_or(0);
+        let n = self.staging_pool_size.checked_div(self.chunk_size).unwrap_or(0);
         usize::try_from(n).unwrap_or(usize::MAX)
     }
 
@@ -395,9 +377,7 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io("read config", path, e))?;
         let with_path = |msg: String| Error::Config(format!("{}: {msg}", path.display()));
         let config = parse_toml(&text).map_err(with_path)?;
-        config
-            .validate()
-            .map_err(|e| with_path(config_message(e)))?;
+        config.validate().map_err(|e| with_path(config_message(e)))?;
         Ok(config)
     }
 
@@ -475,8 +455,7 @@ impl Config {
             let Some(name) = key.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            self.apply_env(name, value)
-                .map_err(|msg| Error::Config(format!("{key}={value:?}: {msg}")))?;
+            self.apply_env(name, value).map_err(|msg| Error::Config(format!("{key}={value:?}: {msg}")))?;
         }
         self.validate()?;
         Ok(self)
@@ -556,10 +535,7 @@ fn config_message(e: Error) -> String {
 }
 
 fn parse_env_int(value: &str) -> std::result::Result<u32, String> {
-    value
-        .trim()
-        .parse::<u32>()
-        .map_err(|e| format!("expected a non-negative integer: {e}"))
+    value.trim().parse::<u32>().map_err(|e| format!("expected a non-negative integer: {e}"))
 }
 
 fn parse_env_bool(value: &str) -> std::result::Result<bool, String> {
@@ -676,9 +652,7 @@ fn parse_size_msg(s: &str) -> std::result::Result<u64, String> {
     if t.starts_with('-') {
         return Err(bad("is negative"));
     }
-    let num_end = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let num_end = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(num_end);
     let unit = unit.trim_start();
     let mult = unit_multiplier(unit).ok_or_else(|| {
@@ -697,10 +671,7 @@ fn parse_size_msg(s: &str) -> std::result::Result<u64, String> {
     let too_large = || bad("is too large (more than u64::MAX bytes)");
     let mut int: u128 = 0;
     for d in int_part.bytes() {
-        int = int
-            .checked_mul(10)
-            .and_then(|v| v.checked_add(u128::from(d - b'0')))
-            .ok_or_else(too_large)?;
+        int = int.checked_mul(10).and_then(|v| v.checked_add(u128::from(d - b'0'))).ok_or_else(too_large)?;
     }
     let frac_digits = frac_part.trim_end_matches('0');
     if frac_digits.len() > 19 {
@@ -734,14 +705,8 @@ fn parse_size_msg(s: &str) -> std::result::Result<u64, String> {
 /// assert_eq!(format_size(4097), "4097B");
 /// ```
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u32); 6] = [
-        ("EiB", 60),
-        ("PiB", 50),
-        ("TiB", 40),
-        ("GiB", 30),
-        ("MiB", 20),
-        ("KiB", 10),
-    ];
+    const UNITS: [(&str, u32); 6] =
+        [("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
     for (name, shift) in UNITS {
         let unit = 1u64 << shift;
         if bytes < unit {
@@ -812,11 +777,7 @@ mod tests {
 
     #[test]
     fn validate_lists_every_problem() {
-        let c = Config {
-            queue_depth: 0,
-            io_threads: 0,
-            ..Config::default()
-        };
+        let c = Config { queue_depth: 0, io_threads: 0, ..Config::default() };
         let msg = c.validate().expect_err("invalid").to_string();
         assert!(msg.contains("queue_depth must be 1..=4096, got 0"), "{msg}");
         assert!(msg.contains("io_threads must be 1..=256, got 0"), "{msg}");
@@ -824,23 +785,14 @@ mod tests {
 
     #[test]
     fn chunk_alignment_message() {
-        let c = Config {
-            chunk_size: 5000,
-            ..Config::default()
-        };
+        let c = Config { chunk_size: 5000, ..Config::default() };
         let msg = c.validate().expect_err("invalid").to_string();
-        assert!(
-            msg.contains("chunk_size must be a multiple of 4096, got 5000"),
-            "{msg}"
-        );
+        assert!(msg.contains("chunk_size must be a multiple of 4096, got 5000"), "{msg}");
     }
 
     #[test]
     fn staging_buffers_never_divides_by_zero() {
-        let c = Config {
-            chunk_size: 0,
-            ..Config::default()
-        };
+        let c = Config { chunk_size: 0, ..Config::default() };
         assert_eq!(c.staging_buffers(), 0);
     }
 
@@ -882,10 +834,7 @@ mod tests {
         let c = Config {
             engine: EngineKind::Pwrite,
             chunk_size: 3 * MIB,
-            simulate: SimulatedFaults {
-                register_enomem: true,
-                ..SimulatedFaults::default()
-            },
+            simulate: SimulatedFaults { register_enomem: true, ..SimulatedFaults::default() },
             ..Config::default()
         };
         let derived = toml::to_string(&c).expect("serializes");

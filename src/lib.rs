@@ -8,3 +8,14 @@ pub mod error;
 pub mod format;
 
 pub use error::{Error, Result};
+pub mod checkpoint;
+pub mod checkpoint_io;
+pub mod commit;
+pub mod io;
+pub mod load;
+mod shard_writer;
+
+pub use checkpoint::{Checkpoint, LoadReport, LoadedCheckpoint, LoadedTensor, SaveReport, TensorView};
+pub use checkpoint_io::{CheckpointIO, LoadOptions, RankShards, UringCheckpointIO};
+pub use config::{Config, EngineKind, FsyncPolicy};
+pub use format::Dtype;

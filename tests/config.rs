@@ -5,9 +5,7 @@
 use std::io::Write;
 
 use proptest::prelude::*;
-use uring_ckpt::config::{
-    format_size, parse_size, Config, EngineKind, FsyncPolicy, SimulatedFaults,
-};
+use uring_ckpt::config::{format_size, parse_size, Config, EngineKind, FsyncPolicy, SimulatedFaults};
 use uring_ckpt::Error;
 
 const KIB: u64 = 1 << 10;
@@ -38,11 +36,7 @@ fn non_default() -> Config {
         verify_on_load: false,
         replace_existing: true,
         io_threads: 16,
-        simulate: SimulatedFaults {
-            uring_setup_eperm: true,
-            direct_io_einval: true,
-            register_enomem: true,
-        },
+        simulate: SimulatedFaults { uring_setup_eperm: true, direct_io_einval: true, register_enomem: true },
     }
 }
 
@@ -65,100 +59,37 @@ fn defaults_are_documented_values_and_validate() {
     assert_eq!(c.simulate, SimulatedFaults::default());
     assert_eq!(c.staging_buffers(), 16);
     assert_eq!(Config::builder().build().expect("valid"), c);
-    non_default()
-        .validate()
-        .expect("non-default config is valid");
+    non_default().validate().expect("non-default config is valid");
 }
 
 #[test]
 fn range_violations_name_field_and_value() {
     let d = Config::default;
     let cases: Vec<(Config, &str)> = vec![
+        (Config { queue_depth: 0, ..d() }, "queue_depth must be 1..=4096, got 0"),
+        (Config { queue_depth: 4097, ..d() }, "queue_depth must be 1..=4096, got 4097"),
+        (Config { chunk_size: 5000, ..d() }, "chunk_size must be a multiple of 4096, got 5000"),
+        (Config { chunk_size: 0, ..d() }, "chunk_size must be 4KiB..=1GiB, got 0"),
+        (Config { chunk_size: 2048, ..d() }, "chunk_size must be 4KiB..=1GiB, got 2048"),
         (
-            Config {
-                queue_depth: 0,
-                ..d()
-            },
-            "queue_depth must be 1..=4096, got 0",
-        ),
-        (
-            Config {
-                queue_depth: 4097,
-                ..d()
-            },
-            "queue_depth must be 1..=4096, got 4097",
-        ),
-        (
-            Config {
-                chunk_size: 5000,
-                ..d()
-            },
-            "chunk_size must be a multiple of 4096, got 5000",
-        ),
-        (
-            Config {
-                chunk_size: 0,
-                ..d()
-            },
-            "chunk_size must be 4KiB..=1GiB, got 0",
-        ),
-        (
-            Config {
-                chunk_size: 2048,
-                ..d()
-            },
-            "chunk_size must be 4KiB..=1GiB, got 2048",
-        ),
-        (
-            Config {
-                chunk_size: 2 * GIB,
-                staging_pool_size: 4 * GIB,
-                ..d()
-            },
+            Config { chunk_size: 2 * GIB, staging_pool_size: 4 * GIB, ..d() },
             "chunk_size must be 4KiB..=1GiB, got 2147483648",
         ),
         (
-            Config {
-                staging_pool_size: 8 * MIB,
-                ..d()
-            },
+            Config { staging_pool_size: 8 * MIB, ..d() },
             "staging_pool_size must be at least 2 * chunk_size (16MiB), got 8388608",
         ),
         (
-            Config {
-                staging_pool_size: 65 * GIB,
-                ..d()
-            },
+            Config { staging_pool_size: 65 * GIB, ..d() },
             "staging_pool_size must be at most 64GiB, got 69793218560",
         ),
-        (
-            Config {
-                max_shard_size: MIB - 1,
-                ..d()
-            },
-            "max_shard_size must be at least 1MiB, got 1048575",
-        ),
-        (
-            Config {
-                io_threads: 0,
-                ..d()
-            },
-            "io_threads must be 1..=256, got 0",
-        ),
-        (
-            Config {
-                io_threads: 257,
-                ..d()
-            },
-            "io_threads must be 1..=256, got 257",
-        ),
+        (Config { max_shard_size: MIB - 1, ..d() }, "max_shard_size must be at least 1MiB, got 1048575"),
+        (Config { io_threads: 0, ..d() }, "io_threads must be 1..=256, got 0"),
+        (Config { io_threads: 257, ..d() }, "io_threads must be 1..=256, got 257"),
     ];
     for (config, expected) in cases {
         let msg = config_err(config.validate());
-        assert!(
-            msg.contains(expected),
-            "{msg:?} should contain {expected:?}"
-        );
+        assert!(msg.contains(expected), "{msg:?} should contain {expected:?}");
     }
 }
 
@@ -167,9 +98,7 @@ fn range_edges_are_accepted() {
     let ok = [
         Config::builder().queue_depth(1),
         Config::builder().queue_depth(4096),
-        Config::builder()
-            .chunk_size(4 * KIB)
-            .staging_pool_size(8 * KIB),
+        Config::builder().chunk_size(4 * KIB).staging_pool_size(8 * KIB),
         Config::builder().chunk_size(GIB).staging_pool_size(2 * GIB),
         Config::builder().staging_pool_size(64 * GIB),
         Config::builder().max_shard_size(MIB),
@@ -206,21 +135,14 @@ fn builder_sets_every_field_and_rejects_invalid() {
     let msg = config_err(Config::builder().chunk_size(5000).build());
     assert!(msg.contains("chunk_size") && msg.contains("5000"), "{msg}");
     let msg = config_err(Config::builder().queue_depth(0).build());
-    assert!(
-        msg.contains("queue_depth") && msg.contains("got 0"),
-        "{msg}"
-    );
+    assert!(msg.contains("queue_depth") && msg.contains("got 0"), "{msg}");
     let msg = config_err(Config::builder().chunk_size(128 * MIB).build());
     assert!(msg.contains("staging_pool_size"), "{msg}");
 }
 
 #[test]
 fn staging_buffers_is_pool_over_chunk() {
-    let c = Config::builder()
-        .chunk_size(4 * MIB)
-        .staging_pool_size(30 * MIB)
-        .build()
-        .expect("valid");
+    let c = Config::builder().chunk_size(4 * MIB).staging_pool_size(30 * MIB).build().expect("valid");
     assert_eq!(c.staging_buffers(), 7);
 }
 
@@ -250,21 +172,12 @@ fn toml_sizes_as_strings_and_integers() {
     assert!(!c.direct_io);
     assert_eq!(c.fsync, FsyncPolicy::Never);
     assert_eq!(c.io_threads, 8);
-    assert_eq!(
-        c.simulate,
-        SimulatedFaults {
-            register_enomem: true,
-            ..SimulatedFaults::default()
-        }
-    );
+    assert_eq!(c.simulate, SimulatedFaults { register_enomem: true, ..SimulatedFaults::default() });
     // Keys not given keep their defaults.
     assert!(c.register_buffers);
     assert!(c.verify_on_load);
 
-    assert_eq!(
-        Config::from_toml_str("").expect("empty is default"),
-        Config::default()
-    );
+    assert_eq!(Config::from_toml_str("").expect("empty is default"), Config::default());
     let c = Config::from_toml_str("chunk_size = \"512k\"\nengine = \"io_uring\"").expect("valid");
     assert_eq!(c.chunk_size, 512 * KIB);
     assert_eq!(c.engine, EngineKind::Uring);
@@ -293,11 +206,7 @@ fn toml_errors() {
 fn toml_round_trip() {
     for c in [Config::default(), non_default()] {
         let text = c.to_toml_string();
-        assert_eq!(
-            Config::from_toml_str(&text).expect("round-trips"),
-            c,
-            "{text}"
-        );
+        assert_eq!(Config::from_toml_str(&text).expect("round-trips"), c, "{text}");
     }
     let text = non_default().to_toml_string();
     assert!(text.contains("chunk_size = \"1.5MiB\""), "{text}");
@@ -330,10 +239,7 @@ fn toml_file_errors_name_the_path() {
     let mut f = std::fs::File::create(&bad).expect("create");
     f.write_all(b"io_threads = 0\n").expect("write");
     let msg = config_err(Config::from_toml_file(&bad));
-    assert!(
-        msg.contains("bad.toml") && msg.contains("io_threads"),
-        "{msg}"
-    );
+    assert!(msg.contains("bad.toml") && msg.contains("io_threads"), "{msg}");
 
     let garbled = dir.path().join("garbled.toml");
     std::fs::write(&garbled, "chunk_size = [").expect("write");
@@ -361,19 +267,14 @@ fn env_overrides_every_field() {
         ("URING_CKPT_VERIFY_ON_LOAD", "false"),
         ("URING_CKPT_REPLACE_EXISTING", "TRUE"),
         ("URING_CKPT_IO_THREADS", "16"),
-        (
-            "URING_CKPT_SIMULATE",
-            "uring-eperm, direct-einval,register-enomem",
-        ),
+        ("URING_CKPT_SIMULATE", "uring-eperm, direct-einval,register-enomem"),
         // Allowed and ignored here; other prefixes ignored.
         ("URING_CKPT_CONFIG", "/nonexistent.toml"),
         ("URING_CKPT_LOG", "debug"),
         ("HOME", "/root"),
         ("URING_CKPTX", "whatever"),
     ];
-    let c = Config::default()
-        .with_env_from(vars)
-        .expect("valid overrides");
+    let c = Config::default().with_env_from(vars).expect("valid overrides");
     assert_eq!(c, non_default());
 
     // Owned strings work too; an empty SIMULATE clears the faults; no vars changes nothing.
@@ -381,13 +282,8 @@ fn env_overrides_every_field() {
     let c = non_default().with_env_from(owned).expect("valid");
     assert_eq!(c.simulate, SimulatedFaults::default());
     let none: [(&str, &str); 0] = [];
-    assert_eq!(
-        non_default().with_env_from(none).expect("valid"),
-        non_default()
-    );
-    let c = Config::default()
-        .with_env_from([("URING_CKPT_ENGINE", "io_uring")])
-        .expect("ok");
+    assert_eq!(non_default().with_env_from(none).expect("valid"), non_default());
+    let c = Config::default().with_env_from([("URING_CKPT_ENGINE", "io_uring")]).expect("ok");
     assert_eq!(c.engine, EngineKind::Uring);
 }
 
@@ -412,10 +308,7 @@ fn env_rejects_bad_values_naming_variable_and_value() {
     for (key, value) in bad {
         let msg = config_err(Config::default().with_env_from([(key, value)]));
         assert!(msg.contains(key), "{msg:?} should name {key}");
-        assert!(
-            msg.contains(&format!("{value:?}")),
-            "{msg:?} should quote {value:?}"
-        );
+        assert!(msg.contains(&format!("{value:?}")), "{msg:?} should quote {value:?}");
     }
     // Parses, but out of range: validated after the overrides.
     let msg = config_err(Config::default().with_env_from([("URING_CKPT_QUEUE_DEPTH", "0")]));
@@ -441,22 +334,13 @@ fn engine_and_fsync_parse_and_display() {
     ] {
         assert_eq!(s.parse::<EngineKind>().expect(s), e);
     }
-    for e in [
-        EngineKind::Auto,
-        EngineKind::Uring,
-        EngineKind::Pwrite,
-        EngineKind::Buffered,
-    ] {
+    for e in [EngineKind::Auto, EngineKind::Uring, EngineKind::Pwrite, EngineKind::Buffered] {
         assert_eq!(e.to_string().parse::<EngineKind>().expect("round trip"), e);
         assert_eq!(e.to_string(), e.to_string().to_lowercase());
     }
     assert_eq!(EngineKind::Uring.to_string(), "uring");
     assert!(config_err("iouring".parse::<EngineKind>()).contains("iouring"));
-    for f in [
-        FsyncPolicy::Fdatasync,
-        FsyncPolicy::Fsync,
-        FsyncPolicy::Never,
-    ] {
+    for f in [FsyncPolicy::Fdatasync, FsyncPolicy::Fsync, FsyncPolicy::Never] {
         assert_eq!(f.to_string().parse::<FsyncPolicy>().expect("round trip"), f);
     }
     assert_eq!(FsyncPolicy::Fdatasync.to_string(), "fdatasync");
@@ -494,11 +378,7 @@ fn parse_size_good() {
         ("18446744073709551615B", u64::MAX),
     ];
     for &(s, want) in table {
-        assert_eq!(
-            parse_size(s).unwrap_or_else(|e| panic!("{s:?}: {e}")),
-            want,
-            "{s:?}"
-        );
+        assert_eq!(parse_size(s).unwrap_or_else(|e| panic!("{s:?}: {e}")), want, "{s:?}");
     }
 }
 
@@ -527,10 +407,7 @@ fn parse_size_bad() {
         let msg = config_err(parse_size(s));
         assert!(msg.contains(why), "{s:?}: {msg:?} should say {why:?}");
         if !s.trim().is_empty() {
-            assert!(
-                msg.contains(&format!("{s:?}")),
-                "{msg:?} should quote {s:?}"
-            );
+            assert!(msg.contains(&format!("{s:?}")), "{msg:?} should quote {s:?}");
         }
     }
 }

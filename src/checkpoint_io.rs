@@ -1,0 +1,370 @@
+//! The `CheckpointIO` interface (modelled on PyTorch Lightning's) and its default
+//! implementation, [`UringCheckpointIO`], which combines sharding, the I/O engines and the
+//! commit protocol.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::checkpoint::{mib_per_s, Checkpoint, LoadedCheckpoint, SaveReport, TensorView};
+use crate::commit::TempCheckpointDir;
+use crate::config::Config;
+use crate::format::{Manifest, ShardInfo, MANIFEST_FILE};
+use crate::io::{self, AlignedBuf, EngineReport, IoStats};
+use crate::load;
+use crate::shard_writer::{write_shard, ShardVolume};
+use crate::{Error, Result};
+
+/// What to load.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Load only these tensors (all when `None`). An unknown name is an error.
+    pub names: Option<Vec<String>>,
+    /// Check every tensor's CRC-32; `None` uses the config's `verify_on_load`.
+    pub verify: Option<bool>,
+}
+
+/// Saving, loading and removing checkpoints, as Lightning's `CheckpointIO` does.
+pub trait CheckpointIO: Send + Sync {
+    /// Writes `checkpoint` as a committed checkpoint directory at `path`; returns once it is
+    /// durable. On error nothing is committed and an earlier checkpoint at `path` is intact.
+    fn save_checkpoint(&self, checkpoint: &Checkpoint<'_>, path: &Path) -> Result<SaveReport>;
+    /// Reads the checkpoint at `path`.
+    fn load_checkpoint(&self, path: &Path, options: &LoadOptions) -> Result<LoadedCheckpoint>;
+    /// Deletes the checkpoint at `path` (atomically: it disappears as a whole). A missing
+    /// path is not an error; a directory that is not a checkpoint is refused.
+    fn remove_checkpoint(&self, path: &Path) -> Result<()>;
+}
+
+/// One rank's part of a multi-rank save: the shards it wrote and how.
+#[derive(Debug, Clone)]
+pub struct RankShards {
+    /// The rank.
+    pub rank: u32,
+    /// Manifest entries of its shards.
+    pub shards: Vec<ShardInfo>,
+    /// Its tensors: name to shard file.
+    pub weight_map: BTreeMap<String, String>,
+    /// Sum of its tensor bytes.
+    pub data_bytes: u64,
+    /// How its writes went.
+    pub report: SaveReport,
+}
+
+/// The default [`CheckpointIO`]: io_uring + O_DIRECT (with fallbacks), sharded, atomic.
+/// Staging buffers are allocated once and reused by later saves.
+pub struct UringCheckpointIO {
+    config: Config,
+    buffers: Mutex<Vec<AlignedBuf>>,
+}
+
+impl UringCheckpointIO {
+    /// A checkpoint writer with this (validated) config.
+    pub fn new(config: Config) -> Result<Self> {
+        config.validate()?;
+        Ok(UringCheckpointIO { config, buffers: Mutex::new(Vec::new()) })
+    }
+
+    /// The config in use.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Writes this rank's tensors as shards into the shared temporary directory of `path`
+    /// (named after `save_id`, which every rank of one save must share). The checkpoint is
+    /// not committed until [`UringCheckpointIO::commit_ranks`] runs, after all ranks returned.
+    pub fn save_rank(
+        &self,
+        checkpoint: &Checkpoint<'_>,
+        path: &Path,
+        save_id: &str,
+        rank: u32,
+    ) -> Result<RankShards> {
+        validate_save_id(save_id)?;
+        let tmp = TempCheckpointDir::create_named(path, self.config.replace_existing, save_id)?;
+        let result = self.write_shards(checkpoint, path, tmp.path(), rank);
+        // The directory belongs to the whole save: keep it even if this rank failed; the
+        // commit step (or a later cleanup) decides.
+        std::mem::forget(tmp);
+        result
+    }
+
+    /// Commits a multi-rank save once every rank's [`RankShards`] is in: writes the manifest,
+    /// fsyncs and renames. `metadata` goes into the manifest.
+    pub fn commit_ranks(
+        &self,
+        path: &Path,
+        save_id: &str,
+        ranks: &[RankShards],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        validate_save_id(save_id)?;
+        let tmp = TempCheckpointDir::create_named(path, self.config.replace_existing, save_id)?;
+        let mut shards = Vec::new();
+        let mut weight_map = BTreeMap::new();
+        let mut total = 0u64;
+        for rank in ranks {
+            shards.extend(rank.shards.iter().cloned());
+            total += rank.data_bytes;
+            for (name, file) in &rank.weight_map {
+                if weight_map.insert(name.clone(), file.clone()).is_some() {
+                    return Err(Error::InvalidCheckpoint(format!("tensor {name:?} saved by two ranks")));
+                }
+            }
+        }
+        let manifest = Manifest::new(shards, weight_map, total, metadata.clone());
+        tmp.commit(&manifest, self.config.replace_existing)
+    }
+
+    /// Splits tensors into shards of at most `max_shard_size` bytes (a larger tensor gets a
+    /// shard of its own), keeping their order.
+    fn plan_shards<'c, 'a>(&self, checkpoint: &'c Checkpoint<'a>) -> Vec<Vec<&'c TensorView<'a>>> {
+        let mut shards: Vec<Vec<&TensorView>> = Vec::new();
+        let mut current: Vec<&TensorView> = Vec::new();
+        let mut size = 0u64;
+        for tensor in &checkpoint.tensors {
+            let len = tensor.data.len() as u64;
+            if !current.is_empty() && size + len > self.config.max_shard_size {
+                shards.push(std::mem::take(&mut current));
+                size = 0;
+            }
+            current.push(tensor);
+            size += len;
+        }
+        if !current.is_empty() || shards.is_empty() {
+            shards.push(current);
+        }
+        shards
+    }
+
+    /// Writes all shards of `checkpoint` into `dir`, several at once.
+    fn write_shards(
+        &self,
+        checkpoint: &Checkpoint<'_>,
+        target: &Path,
+        dir: &Path,
+        rank: u32,
+    ) -> Result<RankShards> {
+        let started = Instant::now();
+        checkpoint.validate()?;
+        let plan = self.plan_shards(checkpoint);
+        let workers = plan.len().min(std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4));
+        let per_worker = worker_config(&self.config, workers);
+        let mut pool = self.buffers.lock().map(|mut b| std::mem::take(&mut *b)).unwrap_or_default();
+        let next = AtomicUsize::new(0);
+        let names: Vec<String> = (0..plan.len()).map(|i| shard_file_name(rank, i)).collect();
+
+        let outcomes: Vec<Result<WorkerOutcome>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    let take = if w + 1 == workers {
+                        pool.len()
+                    } else {
+                        pool.len().min(per_worker.staging_buffers())
+                    };
+                    let buffers: Vec<AlignedBuf> = pool.drain(..take).collect();
+                    let (plan, names, next, per_worker) = (&plan, &names, &next, &per_worker);
+                    scope.spawn(move || {
+                        run_worker(per_worker, dir, buffers, plan, names, next, &checkpoint.metadata)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Unavailable("a shard writer thread panicked".into())))
+                })
+                .collect()
+        });
+
+        let mut shards: Vec<(usize, ShardInfo)> = Vec::new();
+        let mut stats = IoStats::default();
+        let mut volume = ShardVolume::default();
+        let mut engine: Option<EngineReport> = None;
+        let mut first_error = None;
+        let mut returned = Vec::new();
+        for outcome in outcomes {
+            match outcome {
+                Ok(out) => {
+                    shards.extend(out.shards);
+                    stats.merge(&out.stats);
+                    volume.zero_copy_bytes += out.volume.zero_copy_bytes;
+                    volume.staged_bytes += out.volume.staged_bytes;
+                    engine.get_or_insert(out.engine);
+                    returned.extend(out.buffers);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Ok(mut cache) = self.buffers.lock() {
+            cache.extend(returned);
+        }
+        if let Some(err) = first_error {
+            return Err(err);
+        }
+        shards.sort_by_key(|(i, _)| *i);
+        let shards: Vec<ShardInfo> = shards.into_iter().map(|(_, s)| s).collect();
+        let mut weight_map = BTreeMap::new();
+        for (i, tensors) in plan.iter().enumerate() {
+            for t in tensors {
+                weight_map.insert(t.name.clone(), names[i].clone());
+            }
+        }
+        let file_bytes: u64 = shards.iter().map(|s| s.size).sum();
+        let seconds = started.elapsed().as_secs_f64();
+        let report = SaveReport {
+            path: target.to_path_buf(),
+            data_bytes: checkpoint.data_bytes(),
+            file_bytes,
+            shards: shards.len(),
+            tensors: checkpoint.tensors.len(),
+            seconds,
+            commit_seconds: 0.0,
+            throughput_mib_s: mib_per_s(file_bytes, seconds),
+            zero_copy_bytes: volume.zero_copy_bytes,
+            staged_bytes: volume.staged_bytes,
+            engine: engine.unwrap_or_else(|| empty_report(&self.config)),
+            write_latency: stats.percentiles_us(),
+            writes: stats.ops,
+            submit_calls: stats.submits,
+            sqes_submitted: stats.sqes_submitted,
+        };
+        Ok(RankShards { rank, shards, weight_map, data_bytes: checkpoint.data_bytes(), report })
+    }
+}
+
+fn empty_report(config: &Config) -> EngineReport {
+    EngineReport {
+        requested: config.engine,
+        engine: config.engine,
+        direct_io: false,
+        registered_buffers: false,
+        align: 4096,
+        mem_align: 4096,
+        queue_depth: config.queue_depth,
+        fallbacks: Vec::new(),
+    }
+}
+
+struct WorkerOutcome {
+    shards: Vec<(usize, ShardInfo)>,
+    stats: IoStats,
+    volume: ShardVolume,
+    engine: EngineReport,
+    buffers: Vec<AlignedBuf>,
+}
+
+/// One writer thread: takes the next unwritten shard until none is left.
+fn run_worker<'a>(
+    config: &Config,
+    dir: &Path,
+    buffers: Vec<AlignedBuf>,
+    plan: &[Vec<&TensorView<'a>>],
+    names: &[String],
+    next: &AtomicUsize,
+    metadata: &BTreeMap<String, String>,
+) -> Result<WorkerOutcome> {
+    let mut writer = io::open_writer(config, dir, buffers)?;
+    let mut shards = Vec::new();
+    let mut volume = ShardVolume::default();
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= plan.len() {
+            break;
+        }
+        let path = dir.join(&names[i]);
+        let (info, shard_volume) = write_shard(writer.as_mut(), &path, &names[i], &plan[i], metadata)?;
+        volume.zero_copy_bytes += shard_volume.zero_copy_bytes;
+        volume.staged_bytes += shard_volume.staged_bytes;
+        shards.push((i, info));
+    }
+    let stats = writer.stats().clone();
+    let engine = writer.report().clone();
+    Ok(WorkerOutcome { shards, stats, volume, engine, buffers: writer.into_buffers() })
+}
+
+/// Each of `workers` writers gets an equal part of the staging pool (at least two chunks).
+fn worker_config(config: &Config, workers: usize) -> Config {
+    let mut per = config.clone();
+    let share = (config.staging_pool_size / workers.max(1) as u64).max(2 * config.chunk_size);
+    per.staging_pool_size = share - share % config.chunk_size;
+    per
+}
+
+/// `shard-r00000-00001.safetensors`: rank, then index within the rank.
+fn shard_file_name(rank: u32, index: usize) -> String {
+    format!("shard-r{rank:05}-{index:05}.safetensors")
+}
+
+fn validate_save_id(save_id: &str) -> Result<()> {
+    let ok = !save_id.is_empty()
+        && save_id.len() <= 128
+        && save_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidCheckpoint(format!("save id {save_id:?} must be 1-128 of [A-Za-z0-9_-]")))
+    }
+}
+
+impl CheckpointIO for UringCheckpointIO {
+    fn save_checkpoint(&self, checkpoint: &Checkpoint<'_>, path: &Path) -> Result<SaveReport> {
+        let started = Instant::now();
+        let replace = self.config.replace_existing;
+        let tmp = TempCheckpointDir::create(path, replace)?;
+        let rank = self.write_shards(checkpoint, path, tmp.path(), 0)?;
+        let commit_started = Instant::now();
+        let manifest =
+            Manifest::new(rank.shards, rank.weight_map, rank.data_bytes, checkpoint.metadata.clone());
+        tmp.commit(&manifest, replace)?;
+        let mut report = rank.report;
+        report.commit_seconds = commit_started.elapsed().as_secs_f64();
+        report.seconds = started.elapsed().as_secs_f64();
+        report.throughput_mib_s = mib_per_s(report.file_bytes, report.seconds);
+        log::info!(
+            "saved {} ({} tensors, {} shards, {} bytes) in {:.3}s, {:.0} MiB/s with {}",
+            path.display(),
+            report.tensors,
+            report.shards,
+            report.file_bytes,
+            report.seconds,
+            report.throughput_mib_s,
+            report.engine.engine
+        );
+        Ok(report)
+    }
+
+    fn load_checkpoint(&self, path: &Path, options: &LoadOptions) -> Result<LoadedCheckpoint> {
+        load::load(&self.config, path, options)
+    }
+
+    fn remove_checkpoint(&self, path: &Path) -> Result<()> {
+        remove_checkpoint_dir(path)
+    }
+}
+
+/// Deletes a committed checkpoint directory: renamed away first (so it disappears at once
+/// and a crash never leaves half a checkpoint under its name), then deleted.
+pub fn remove_checkpoint_dir(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if !path.join(MANIFEST_FILE).is_file() {
+        return Err(Error::NotACheckpoint {
+            path: path.to_path_buf(),
+            reason: format!("no {MANIFEST_FILE}; refusing to delete it"),
+        });
+    }
+    let (parent, name) = crate::commit::split_target(path)?;
+    let doomed: PathBuf =
+        parent.join(format!(".{name}{}removing-{}", crate::commit::TMP_MARKER, std::process::id()));
+    fs::rename(path, &doomed).map_err(|e| Error::io("rename", path, e))?;
+    crate::commit::fsync_dir(&parent)?;
+    fs::remove_dir_all(&doomed).map_err(|e| Error::io("remove", &doomed, e))
+}

@@ -1,0 +1,182 @@
+//! The commit protocol: nothing half-written is ever a checkpoint.
+//!
+//! 1. Everything is written into `<parent>/.<name>.tmp-<unique>/`.
+//! 2. The engines fdatasync every shard after its last write.
+//! 3. `manifest.json` is written and fsynced, then the temporary directory is fsynced.
+//! 4. The directory is renamed to `<parent>/<name>` with `RENAME_NOREPLACE` (or, when
+//!    replacing was asked for, atomically exchanged with the old checkpoint, which is then
+//!    deleted), and `<parent>` is fsynced. That rename is the commit.
+//! 5. On any failure the temporary directory is removed and nothing else is touched; a
+//!    failed fsync is never retried.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::format::{Manifest, MANIFEST_FILE};
+use crate::{Error, Result};
+
+/// Marker in the names of temporary directories; loaders skip names that contain it.
+pub const TMP_MARKER: &str = ".tmp-";
+
+/// Whether a directory entry name is a temporary (uncommitted) checkpoint directory.
+pub fn is_temporary_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(TMP_MARKER)
+}
+
+/// A temporary checkpoint directory; removed on drop unless committed.
+#[derive(Debug)]
+pub struct TempCheckpointDir {
+    tmp: PathBuf,
+    target: PathBuf,
+    parent: PathBuf,
+    committed: bool,
+}
+
+/// Splits a checkpoint path into its parent directory and name.
+pub(crate) fn split_target(target: &Path) -> Result<(PathBuf, String)> {
+    let name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .ok_or_else(|| {
+            Error::InvalidCheckpoint(format!("{} has no usable directory name", target.display()))
+        })?;
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((parent, name.to_owned()))
+}
+
+impl TempCheckpointDir {
+    /// Creates `<parent>/.<name>.tmp-<unique>/` (and `<parent>` if missing). Fails early if
+    /// `target` exists and `replace` is false.
+    pub fn create(target: &Path, replace: bool) -> Result<Self> {
+        Self::create_named(target, replace, &unique_suffix())
+    }
+
+    /// Like [`TempCheckpointDir::create`] with a caller-chosen suffix, so that several
+    /// ranks of one save find the same directory. Reuses the directory if it exists.
+    pub fn create_named(target: &Path, replace: bool, suffix: &str) -> Result<Self> {
+        let (parent, name) = split_target(target)?;
+        if !replace && target.exists() {
+            return Err(Error::AlreadyExists(target.to_path_buf()));
+        }
+        fs::create_dir_all(&parent).map_err(|e| Error::io("create directory", &parent, e))?;
+        let tmp = parent.join(format!(".{name}{TMP_MARKER}{suffix}"));
+        match fs::create_dir(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tmp.is_dir() => {}
+            Err(e) => return Err(Error::io("create directory", &tmp, e)),
+        }
+        Ok(TempCheckpointDir { tmp, target: target.to_path_buf(), parent, committed: false })
+    }
+
+    /// The temporary directory the shards go into.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Steps 3 and 4: writes and fsyncs the manifest and the directory, renames it into
+    /// place, fsyncs the parent.
+    pub fn commit(mut self, manifest: &Manifest, replace: bool) -> Result<()> {
+        let manifest_path = self.tmp.join(MANIFEST_FILE);
+        let mut file = File::create(&manifest_path).map_err(|e| Error::io("create", &manifest_path, e))?;
+        file.write_all(&manifest.to_json()).map_err(|e| Error::io("write", &manifest_path, e))?;
+        file.sync_all().map_err(|e| Error::io("fsync", &manifest_path, e))?;
+        drop(file);
+        fsync_dir(&self.tmp)?;
+        if replace {
+            exchange_or_rename(&self.tmp, &self.target)?;
+        } else {
+            rename_noreplace(&self.tmp, &self.target)?;
+        }
+        self.committed = true;
+        fsync_dir(&self.parent)?;
+        // After an exchange the old checkpoint sits under the temporary name: delete it.
+        if self.tmp.exists() {
+            remove_dir_all_logged(&self.tmp);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempCheckpointDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            remove_dir_all_logged(&self.tmp);
+        }
+    }
+}
+
+fn remove_dir_all_logged(path: &Path) {
+    if let Err(e) = fs::remove_dir_all(path) {
+        if e.kind() != io::ErrorKind::NotFound {
+            log::warn!("could not remove {}: {e}", path.display());
+        }
+    }
+}
+
+fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{}-{nanos:x}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// fsyncs a directory so that entries created or renamed in it are durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let handle = File::open(dir).map_err(|e| Error::io("open directory", dir, e))?;
+    handle.sync_all().map_err(|e| Error::io("fsync directory", dir, e))
+}
+
+fn c_path(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::InvalidCheckpoint(format!("{} contains a NUL byte", path.display())))
+}
+
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
+    let (from_c, to_c) = (c_path(from).map_err(io::Error::other)?, c_path(to).map_err(io::Error::other)?);
+    // SAFETY: both are valid NUL-terminated paths; renameat2 does not keep the pointers.
+    let rc =
+        unsafe { libc::renameat2(libc::AT_FDCWD, from_c.as_ptr(), libc::AT_FDCWD, to_c.as_ptr(), flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Renames without ever replacing an existing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+    match renameat2(from, to, libc::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Err(Error::AlreadyExists(to.to_path_buf())),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOSYS) => {
+            // The file system has no RENAME_NOREPLACE: check, then rename (a small window).
+            if to.exists() {
+                return Err(Error::AlreadyExists(to.to_path_buf()));
+            }
+            fs::rename(from, to).map_err(|e| Error::io("rename", from, e))
+        }
+        Err(e) => Err(Error::io("rename", from, e)),
+    }
+}
+
+/// Puts `from` at `to` atomically; an existing `to` ends up at `from`.
+fn exchange_or_rename(from: &Path, to: &Path) -> Result<()> {
+    if !to.exists() {
+        return rename_noreplace(from, to);
+    }
+    if !to.join(MANIFEST_FILE).is_file() {
+        return Err(Error::NotACheckpoint {
+            path: to.to_path_buf(),
+            reason: "refusing to replace a directory that is not a checkpoint".into(),
+        });
+    }
+    renameat2(from, to, libc::RENAME_EXCHANGE).map_err(|e| Error::io("rename (exchange)", from, e))
+}

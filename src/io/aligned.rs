@@ -1,0 +1,205 @@
+//! `AlignedBuf`: an owned, zero-initialised heap buffer whose start address and capacity are
+//! multiples of a run-time alignment, as O_DIRECT requires. The only owner of its memory.
+
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+
+/// An owned buffer aligned for direct I/O.
+///
+/// The capacity is fixed at allocation; `len` marks how much of it holds data. Memory is
+/// zeroed on allocation so that a padded O_DIRECT tail never leaks stale heap bytes.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf uniquely owns its allocation (like Vec<u8>), so moving it to another
+// thread or sharing `&AlignedBuf` is as safe as for Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: see above; shared references only permit reads.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Allocates `capacity` zeroed bytes aligned to `align`; the capacity is rounded up to a
+    /// multiple of `align`. `align` must be a power of two.
+    ///
+    /// # Panics
+    /// Panics if `align` is not a power of two or the size overflows, and aborts on
+    /// allocation failure, like `Vec`.
+    pub fn zeroed(capacity: usize, align: usize) -> AlignedBuf {
+        assert!(align.is_power_of_two(), "alignment {align} is not a power of two");
+        let size = round_up(capacity.max(1), align);
+        let layout = Layout::from_size_align(size, align).expect("aligned buffer layout overflows");
+        // SAFETY: layout has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
+        AlignedBuf { ptr, layout, len: 0 }
+    }
+
+    /// Bytes this buffer can hold (a multiple of its alignment).
+    pub fn capacity(&self) -> usize {
+        self.layout.size()
+    }
+
+    /// The alignment of the start address and capacity.
+    pub fn align(&self) -> usize {
+        self.layout.align()
+    }
+
+    /// Bytes currently holding data.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no bytes hold data.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sets how many bytes hold data.
+    ///
+    /// # Panics
+    /// Panics if `len` exceeds the capacity.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.capacity(), "len {len} exceeds capacity {}", self.capacity());
+        self.len = len;
+    }
+
+    /// Marks the buffer empty (capacity and contents unchanged).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Bytes free after `len`.
+    pub fn remaining(&self) -> usize {
+        self.capacity() - self.len
+    }
+
+    /// Appends as much of `src` as fits; returns how many bytes were taken.
+    pub fn extend_from_slice(&mut self, src: &[u8]) -> usize {
+        let n = src.len().min(self.remaining());
+        let start = self.len;
+        self.as_full_mut_slice()[start..start + n].copy_from_slice(&src[..n]);
+        self.len += n;
+        n
+    }
+
+    /// Zeroes the bytes from `len` up to the next multiple of `align` and sets `len` there.
+    /// Returns the padded length. Used for the O_DIRECT tail.
+    pub fn pad_to(&mut self, align: usize) -> usize {
+        let padded = round_up(self.len, align).min(self.capacity());
+        let start = self.len;
+        self.as_full_mut_slice()[start..padded].fill(0);
+        self.len = padded;
+        padded
+    }
+
+    /// The whole capacity as a slice (for reads into the buffer).
+    pub fn as_full_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid for capacity() bytes, zero-initialised at allocation, and
+        // uniquely borrowed through &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.capacity()) }
+    }
+
+    /// Start address (for io_uring SQEs and `iovec`s).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Mutable start address (for reads).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid and initialised for capacity() >= len bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid and initialised for capacity() >= len bytes, uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: ptr was allocated with exactly this layout and is freed once.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .field("capacity", &self.capacity())
+            .field("align", &self.align())
+            .finish()
+    }
+}
+
+/// Rounds `n` up to a multiple of `align` (a power of two).
+pub fn round_up(n: usize, align: usize) -> usize {
+    (n + align - 1) & !(align - 1)
+}
+
+/// Rounds `n` up to a multiple of `align` (a power of two), for file offsets.
+pub fn round_up_u64(n: u64, align: u64) -> u64 {
+    (n + align - 1) & !(align - 1)
+}
+
+/// Rounds `n` down to a multiple of `align` (a power of two), for file offsets.
+pub fn round_down_u64(n: u64, align: u64) -> u64 {
+    n & !(align - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_is_aligned_zeroed_and_rounded() {
+        for align in [512, 4096, 65536] {
+            let buf = AlignedBuf::zeroed(1000, align);
+            assert_eq!(buf.as_ptr() as usize % align, 0);
+            assert_eq!(buf.capacity(), align.max(1024).next_multiple_of(align));
+            assert!(buf.is_empty());
+        }
+        let mut buf = AlignedBuf::zeroed(8192, 4096);
+        assert!(buf.as_full_mut_slice().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn extend_and_pad() {
+        let mut buf = AlignedBuf::zeroed(8192, 4096);
+        buf.as_full_mut_slice().fill(0xAA);
+        assert_eq!(buf.extend_from_slice(&[1, 2, 3]), 3);
+        assert_eq!(&buf[..], &[1, 2, 3]);
+        assert_eq!(buf.pad_to(4096), 4096);
+        assert!(buf[3..].iter().all(|&b| b == 0), "padding must be zeroed");
+        let big = vec![7u8; 10_000];
+        assert_eq!(buf.extend_from_slice(&big), 4096);
+        assert_eq!(buf.remaining(), 0);
+    }
+
+    #[test]
+    fn rounding() {
+        assert_eq!(round_up(0, 4096), 0);
+        assert_eq!(round_up(1, 4096), 4096);
+        assert_eq!(round_up_u64(4097, 512), 4608);
+        assert_eq!(round_down_u64(4097, 4096), 4096);
+    }
+}

@@ -1,0 +1,182 @@
+//! Lays one shard's tensors into a file through a [`Writer`]: the data region is one stream
+//! cut into aligned chunks. Each tensor is either written straight from its memory (when
+//! address, file offset and length allow it) or copied into a staging buffer, with its
+//! CRC-32 computed in the same pass. The header goes last, into space reserved at the start,
+//! once every CRC is known; then the padded tail is truncated away and the file synced.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::checkpoint::TensorView;
+use crate::format::{encode_header, ShardInfo, ShardLayout, TensorSpec};
+use crate::io::aligned::round_down_u64;
+use crate::io::{FileId, Payload, StagingBuf, Writer};
+use crate::Result;
+
+/// Tensors at least this large may be written without a staging copy.
+const ZERO_COPY_MIN: usize = 256 * 1024;
+
+/// The CRC pass follows the copy in pieces this size, so it reads from cache.
+const COPY_CRC_PIECE: usize = 64 * 1024;
+
+/// Counts of how the bytes of one shard travelled.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ShardVolume {
+    pub zero_copy_bytes: u64,
+    pub staged_bytes: u64,
+}
+
+/// Writes one complete shard file at `path` and returns its manifest entry.
+pub(crate) fn write_shard<'a>(
+    writer: &mut dyn Writer<'a>,
+    path: &Path,
+    file_name: &str,
+    tensors: &[&TensorView<'a>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(ShardInfo, ShardVolume)> {
+    let specs = tensors
+        .iter()
+        .map(|t| TensorSpec { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() })
+        .collect();
+    let layout =
+        ShardLayout::new(specs).map_err(|source| crate::Error::Format { path: path.into(), source })?;
+    let report = writer.report();
+    let (align, mem_align) = if report.direct_io { (report.align as u64, report.mem_align) } else { (1, 1) };
+    let header_align = report.align as u64;
+    let format_err = |source| crate::Error::Format { path: path.into(), source };
+    let prefix_len = encode_header(&layout, None, metadata, header_align).map_err(format_err)?.len() as u64;
+
+    let chunk = stream_chunk(writer)?;
+    let file = writer.create(path)?;
+    let mut stream = Stream {
+        file,
+        pos: prefix_len,
+        cur: None,
+        cur_offset: prefix_len,
+        chunk,
+        align,
+        mem_align,
+        volume: ShardVolume::default(),
+    };
+    let mut crcs = Vec::with_capacity(tensors.len());
+    for tensor in tensors {
+        crcs.push(stream.append(writer, tensor.data)?);
+    }
+    stream.flush(writer)?;
+    let file_len = prefix_len + layout.data_len;
+    debug_assert_eq!(stream.pos, file_len);
+
+    let header = encode_header(&layout, Some(&crcs), metadata, header_align).map_err(format_err)?;
+    debug_assert_eq!(header.len() as u64, prefix_len, "placeholder header has the final length");
+    let mut offset = 0u64;
+    for piece in header.chunks(chunk) {
+        let mut buf = writer.take_buffer()?;
+        buf.extend_from_slice(piece);
+        buf.pad_to(align as usize);
+        writer.write(file, Payload::Staged(buf), offset)?;
+        offset += piece.len() as u64;
+    }
+    writer.finish(file, file_len)?;
+    let info = ShardInfo {
+        file: file_name.to_owned(),
+        size: file_len,
+        header_len: prefix_len,
+        header_crc32: crc32fast::hash(&header),
+        tensor_count: tensors.len() as u64,
+    };
+    Ok((info, stream.volume))
+}
+
+/// Capacity of the writer's staging buffers.
+fn stream_chunk(writer: &mut dyn Writer<'_>) -> Result<usize> {
+    let buf = writer.take_buffer()?;
+    let capacity = buf.capacity();
+    writer.return_buffer(buf);
+    Ok(capacity)
+}
+
+struct Stream {
+    file: FileId,
+    /// File offset of the next byte of the stream.
+    pos: u64,
+    /// The staging buffer being filled, which starts at `cur_offset`.
+    cur: Option<StagingBuf>,
+    cur_offset: u64,
+    /// Capacity of a staging buffer.
+    chunk: usize,
+    align: u64,
+    mem_align: usize,
+    volume: ShardVolume,
+}
+
+impl Stream {
+    /// Appends one tensor's bytes; returns their CRC-32.
+    fn append<'a>(&mut self, writer: &mut dyn Writer<'a>, data: &'a [u8]) -> Result<u32> {
+        let mut hasher = crc32fast::Hasher::new();
+        let mut rest = data;
+        while !rest.is_empty() {
+            if let Some(n) = self.zero_copy_len(rest) {
+                // The stream position is aligned, so whatever is staged fills whole blocks.
+                self.send_current(writer)?;
+                let (head, tail) = rest.split_at(n);
+                hasher.update(head);
+                writer.write(self.file, Payload::Borrowed(head), self.pos)?;
+                self.pos += n as u64;
+                self.volume.zero_copy_bytes += n as u64;
+                rest = tail;
+                continue;
+            }
+            let buf = match &mut self.cur {
+                Some(buf) => buf,
+                None => {
+                    self.cur_offset = self.pos;
+                    self.cur.insert(writer.take_buffer()?)
+                }
+            };
+            let n = rest.len().min(buf.remaining());
+            let (head, tail) = rest.split_at(n);
+            copy_with_crc(buf, head, &mut hasher);
+            self.pos += n as u64;
+            self.volume.staged_bytes += n as u64;
+            rest = tail;
+            if buf.remaining() == 0 {
+                self.send_current(writer)?;
+            }
+        }
+        Ok(hasher.finalize())
+    }
+
+    /// How many bytes of `rest` can go to disk without a copy: a whole number of blocks, at
+    /// most one staging buffer's worth, when file position and address are aligned.
+    fn zero_copy_len(&self, rest: &[u8]) -> Option<usize> {
+        let n = round_down_u64(rest.len() as u64, self.align) as usize;
+        let aligned = self.pos % self.align == 0 && (rest.as_ptr() as usize) % self.mem_align == 0;
+        (aligned && n >= ZERO_COPY_MIN).then(|| n.min(self.chunk))
+    }
+
+    /// Queues the staging buffer being filled, if any.
+    fn send_current(&mut self, writer: &mut dyn Writer<'_>) -> Result<()> {
+        if let Some(buf) = self.cur.take() {
+            writer.write(self.file, Payload::Staged(buf), self.cur_offset)?;
+        }
+        Ok(())
+    }
+
+    /// Pads the last block with zeros (the file is truncated to its exact length later)
+    /// and queues it.
+    fn flush(&mut self, writer: &mut dyn Writer<'_>) -> Result<()> {
+        if let Some(buf) = self.cur.as_mut() {
+            buf.pad_to(self.align as usize);
+        }
+        self.send_current(writer)
+    }
+}
+
+/// Copies `src` to the end of `buf` and feeds the same bytes, still in cache, to `hasher`.
+fn copy_with_crc(buf: &mut StagingBuf, src: &[u8], hasher: &mut crc32fast::Hasher) {
+    for piece in src.chunks(COPY_CRC_PIECE) {
+        let start = buf.len();
+        buf.extend_from_slice(piece);
+        hasher.update(&buf[start..]);
+    }
+}
