@@ -6,6 +6,7 @@
 pub mod config;
 pub mod error;
 pub mod format;
+pub mod inspect;
 
 pub use error::{Error, Result};
 pub mod checkpoint;

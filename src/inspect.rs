@@ -1,0 +1,146 @@
+//! Looking at a checkpoint without loading it: `inspect` (manifest and shard headers) and
+//! `verify` (structure plus every tensor's CRC-32, one shard in memory at a time).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::checkpoint::mib_per_s;
+use crate::config::Config;
+use crate::format::{Dtype, Manifest};
+use crate::io::open_reader;
+use crate::load::{open_shard, read_manifest};
+use crate::{Error, Result};
+
+/// One tensor as a shard header describes it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TensorInfo {
+    /// Name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Dimensions.
+    pub shape: Vec<u64>,
+    /// Bytes.
+    pub bytes: u64,
+    /// Shard file holding it.
+    pub shard: String,
+    /// Stored CRC-32, if any.
+    pub crc32: Option<u32>,
+}
+
+/// What `inspect` finds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckpointInfo {
+    /// The checkpoint directory.
+    pub path: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Every tensor, shard by shard in file order.
+    pub tensors: Vec<TensorInfo>,
+}
+
+/// Reads the manifest and every shard header (checking sizes and header CRCs).
+pub fn inspect(config: &Config, dir: &Path) -> Result<CheckpointInfo> {
+    let manifest = read_manifest(dir)?;
+    let mut reader = open_reader(config, dir)?;
+    let mut tensors = Vec::new();
+    for info in &manifest.shards {
+        let shard = open_shard(reader.as_mut(), dir, info, false)?;
+        for (entry, crc) in shard.header.tensors.iter().zip(&shard.header.crcs) {
+            tensors.push(TensorInfo {
+                name: entry.name.clone(),
+                dtype: entry.dtype,
+                shape: entry.shape.clone(),
+                bytes: entry.len(),
+                shard: info.file.clone(),
+                crc32: *crc,
+            });
+        }
+        reader.close(shard.file);
+    }
+    Ok(CheckpointInfo { path: dir.to_path_buf(), manifest, tensors })
+}
+
+/// What `verify` checked.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerifyReport {
+    /// Shards read.
+    pub shards: usize,
+    /// Tensors whose CRC matched.
+    pub tensors: usize,
+    /// Tensors without a stored CRC (files not written by uring-ckpt).
+    pub tensors_without_crc: usize,
+    /// Bytes read.
+    pub bytes: u64,
+    /// Seconds taken.
+    pub seconds: f64,
+    /// MiB/s.
+    pub throughput_mib_s: f64,
+}
+
+/// Checks the manifest, every shard's size, header and header CRC, the weight map, and
+/// every tensor's CRC. Stops at the first problem, which the error names. `progress` is
+/// called with the bytes read so far after each shard.
+pub fn verify(config: &Config, dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport> {
+    let started = Instant::now();
+    let manifest = read_manifest(dir)?;
+    let total: u64 = manifest.shards.iter().map(|s| s.size).sum();
+    let mut reader = open_reader(config, dir)?;
+    let mut report = VerifyReport {
+        shards: 0,
+        tensors: 0,
+        tensors_without_crc: 0,
+        bytes: 0,
+        seconds: 0.0,
+        throughput_mib_s: 0.0,
+    };
+    let mut seen = 0usize;
+    for info in &manifest.shards {
+        let shard = open_shard(reader.as_mut(), dir, info, true)?;
+        let whole = shard.whole.as_ref().expect("opened whole");
+        for (entry, crc) in shard.header.tensors.iter().zip(&shard.header.crcs) {
+            if manifest.weight_map.get(&entry.name) != Some(&info.file) {
+                return Err(Error::NotACheckpoint {
+                    path: dir.to_path_buf(),
+                    reason: format!(
+                        "tensor {:?} in {} is not in the manifest's weight map",
+                        entry.name, info.file
+                    ),
+                });
+            }
+            let begin = (shard.header.data_start + entry.data_offsets.0) as usize;
+            let end = (shard.header.data_start + entry.data_offsets.1) as usize;
+            let Some(expected) = *crc else {
+                report.tensors_without_crc += 1;
+                continue;
+            };
+            let actual = crc32fast::hash(&whole[begin..end]);
+            if actual != expected {
+                return Err(Error::Crc {
+                    path: shard.path.clone(),
+                    tensor: entry.name.clone(),
+                    expected,
+                    actual,
+                });
+            }
+            report.tensors += 1;
+        }
+        seen += shard.header.tensors.len();
+        report.shards += 1;
+        report.bytes += info.size;
+        reader.close(shard.file);
+        progress(report.bytes, total);
+    }
+    if seen != manifest.weight_map.len() {
+        return Err(Error::NotACheckpoint {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "the manifest maps {} tensors, the shards hold {seen}",
+                manifest.weight_map.len()
+            ),
+        });
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report.throughput_mib_s = mib_per_s(report.bytes, report.seconds);
+    Ok(report)
+}
