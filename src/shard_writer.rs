@@ -13,7 +13,8 @@ use crate::io::aligned::round_down_u64;
 use crate::io::{FileId, Payload, StagingBuf, Writer};
 use crate::Result;
 
-/// Tensors at least this large may be written without a staging copy.
+/// Tensors at least this large may be written without a staging copy (smaller ones are
+/// cheaper to batch into a staging buffer than to send as writes of their own).
 const ZERO_COPY_MIN: usize = 256 * 1024;
 
 /// The CRC pass follows the copy in pieces this size, so it reads from cache.
@@ -114,8 +115,9 @@ impl Stream {
     fn append<'a>(&mut self, writer: &mut dyn Writer<'a>, data: &'a [u8]) -> Result<u32> {
         let mut hasher = crc32fast::Hasher::new();
         let mut rest = data;
+        let large = data.len() >= ZERO_COPY_MIN;
         while !rest.is_empty() {
-            if let Some(n) = self.zero_copy_len(rest) {
+            if let Some(n) = self.zero_copy_len(rest).filter(|_| large) {
                 // The stream position is aligned, so whatever is staged fills whole blocks.
                 self.send_current(writer)?;
                 let (head, tail) = rest.split_at(n);
@@ -151,7 +153,7 @@ impl Stream {
     fn zero_copy_len(&self, rest: &[u8]) -> Option<usize> {
         let n = round_down_u64(rest.len() as u64, self.align) as usize;
         let aligned = self.pos % self.align == 0 && (rest.as_ptr() as usize) % self.mem_align == 0;
-        (aligned && n >= ZERO_COPY_MIN).then(|| n.min(self.chunk))
+        (aligned && n > 0).then(|| n.min(self.chunk))
     }
 
     /// Queues the staging buffer being filled, if any.

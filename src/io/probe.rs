@@ -88,7 +88,9 @@ pub fn plan(config: &Config, dir: &Path) -> Result<EngineReport> {
     if report.engine == EngineKind::Buffered {
         return Ok(report);
     }
-    let probe_path = dir.join(format!(".uring-ckpt-probe-{}", std::process::id()));
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe_path = dir.join(format!(".uring-ckpt-probe-{}-{n}", std::process::id()));
     let outcome = probe_direct_write(config, &probe_path);
     let _ = fs::remove_file(&probe_path);
     match outcome {
