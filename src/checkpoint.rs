@@ -9,10 +9,11 @@ use bytes::Bytes;
 use crate::format::Dtype;
 use crate::io::stats::LatencySummary;
 use crate::io::EngineReport;
+use crate::staging::TensorSource;
 use crate::{Error, Result};
 
-/// One tensor to save: its name, dtype, shape and host bytes (borrowed, not copied).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One tensor to save: its name, dtype, shape and where its bytes are (borrowed, not copied).
+#[derive(Clone)]
 pub struct TensorView<'a> {
     /// Unique name, e.g. `"model.layers.0.attn.q_proj.weight"`.
     pub name: String,
@@ -21,7 +22,51 @@ pub struct TensorView<'a> {
     /// Dimensions; empty for a scalar.
     pub shape: Vec<u64>,
     /// The tensor's bytes in row-major order, exactly `dtype` x `shape` long.
-    pub data: &'a [u8],
+    pub data: TensorData<'a>,
+}
+
+/// Where a tensor's bytes are.
+#[derive(Clone, Copy)]
+pub enum TensorData<'a> {
+    /// Host memory, readable at any time: may go to disk without a copy.
+    Host(&'a [u8]),
+    /// Any other memory (a device), copied range by range into staging buffers.
+    Source(&'a dyn TensorSource),
+}
+
+impl<'a> TensorData<'a> {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            TensorData::Host(bytes) => bytes.len(),
+            TensorData::Source(source) => source.len(),
+        }
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, when they are host memory.
+    pub fn host_bytes(&self) -> Option<&'a [u8]> {
+        match self {
+            TensorData::Host(bytes) => Some(bytes),
+            TensorData::Source(source) => source.host_bytes(),
+        }
+    }
+}
+
+impl std::fmt::Debug for TensorView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TensorView")
+            .field("name", &self.name)
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .field("bytes", &self.data.len())
+            .field("host", &self.data.host_bytes().is_some())
+            .finish()
+    }
 }
 
 /// A set of tensors and metadata to save.
@@ -47,6 +92,18 @@ impl<'a> Checkpoint<'a> {
         dtype: Dtype,
         shape: &[u64],
         data: &'a [u8],
+    ) -> Result<&mut Self> {
+        self.add_source(name, dtype, shape, TensorData::Host(data))
+    }
+
+    /// Adds a tensor whose bytes are [`TensorData`] (a device [`TensorSource`], say), with the
+    /// same checks as [`Checkpoint::add`].
+    pub fn add_source(
+        &mut self,
+        name: impl Into<String>,
+        dtype: Dtype,
+        shape: &[u64],
+        data: TensorData<'a>,
     ) -> Result<&mut Self> {
         let name = name.into();
         let expected = dtype.byte_len(shape).ok_or_else(|| {

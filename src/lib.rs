@@ -15,6 +15,7 @@ pub mod commit;
 pub mod io;
 pub mod load;
 mod shard_writer;
+pub mod staging;
 
 pub use checkpoint::{Checkpoint, LoadReport, LoadedCheckpoint, LoadedTensor, SaveReport, TensorView};
 pub use checkpoint_io::{CheckpointIO, LoadOptions, RankShards, UringCheckpointIO};

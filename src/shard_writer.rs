@@ -7,10 +7,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::checkpoint::TensorView;
+use crate::checkpoint::{TensorData, TensorView};
 use crate::format::{encode_header, ShardInfo, ShardLayout, TensorSpec};
 use crate::io::aligned::round_down_u64;
 use crate::io::{FileId, Payload, StagingBuf, Writer};
+use crate::staging::TensorSource;
 use crate::Result;
 
 /// Tensors at least this large may be written without a staging copy (smaller ones are
@@ -61,7 +62,14 @@ pub(crate) fn write_shard<'a>(
     };
     let mut crcs = Vec::with_capacity(tensors.len());
     for tensor in tensors {
-        crcs.push(stream.append(writer, tensor.data)?);
+        let crc = match tensor.data {
+            TensorData::Host(bytes) => stream.append(writer, bytes)?,
+            TensorData::Source(source) => match source.host_bytes() {
+                Some(bytes) => stream.append(writer, bytes)?,
+                None => stream.append_copied(writer, source)?,
+            },
+        };
+        crcs.push(crc);
     }
     stream.flush(writer)?;
     let file_len = prefix_len + layout.data_len;
@@ -141,6 +149,36 @@ impl Stream {
             self.pos += n as u64;
             self.volume.staged_bytes += n as u64;
             rest = tail;
+            if buf.remaining() == 0 {
+                self.send_current(writer)?;
+            }
+        }
+        Ok(hasher.finalize())
+    }
+
+    /// Appends a tensor that is not in host memory: each range is copied by the source
+    /// straight into a staging buffer, then hashed while still in cache. Disk writes of
+    /// earlier buffers run while the source copies the next one.
+    fn append_copied(&mut self, writer: &mut dyn Writer<'_>, source: &dyn TensorSource) -> Result<u32> {
+        let mut hasher = crc32fast::Hasher::new();
+        let mut offset = 0usize;
+        let total = source.len();
+        while offset < total {
+            let buf = match &mut self.cur {
+                Some(buf) => buf,
+                None => {
+                    self.cur_offset = self.pos;
+                    self.cur.insert(writer.take_buffer()?)
+                }
+            };
+            let n = (total - offset).min(buf.remaining());
+            let start = buf.len();
+            source.copy_to(offset, &mut buf.as_full_mut_slice()[start..start + n])?;
+            buf.set_len(start + n);
+            hasher.update(&buf[start..]);
+            offset += n;
+            self.pos += n as u64;
+            self.volume.staged_bytes += n as u64;
             if buf.remaining() == 0 {
                 self.send_current(writer)?;
             }

@@ -9,14 +9,17 @@ use std::fs;
 use std::path::Path;
 
 use common::{bytes, scratch, small_config, ENGINES};
+use uring_ckpt::checkpoint::TensorData;
 use uring_ckpt::config::EngineKind;
 use uring_ckpt::format::Dtype;
 use uring_ckpt::io::AlignedBuf;
 use uring_ckpt::{Checkpoint, CheckpointIO, Error, LoadOptions, TensorView, UringCheckpointIO};
 
 fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> =
-        fs::read_dir(dir).expect("list").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     names
 }
@@ -62,7 +65,12 @@ fn failed_save_leaves_no_trace_and_keeps_the_previous_checkpoint() {
     // A checkpoint whose view lies about its size: the save fails after the temp dir exists.
     let data = bytes(4, 100);
     let mut bad = Checkpoint::new();
-    bad.tensors.push(TensorView { name: "w".into(), dtype: Dtype::F32, shape: vec![1000], data: &data });
+    bad.tensors.push(TensorView {
+        name: "w".into(),
+        dtype: Dtype::F32,
+        shape: vec![1000],
+        data: TensorData::Host(&data),
+    });
     let err = io.save_checkpoint(&bad, &path).expect_err("invalid checkpoint");
     assert!(matches!(err, Error::InvalidCheckpoint(_)), "{err}");
     assert_eq!(entries(dir.path()), vec!["ckpt"]);

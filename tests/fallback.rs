@@ -106,14 +106,20 @@ fn each_fallback_writes_identical_files_and_reports_why() {
 
 #[test]
 fn config_from_env_forces_each_engine() {
-    for (value, engine) in [("uring", EngineKind::Uring), ("pwrite", EngineKind::Pwrite), ("buffered", EngineKind::Buffered)] {
+    for (value, engine) in
+        [("uring", EngineKind::Uring), ("pwrite", EngineKind::Pwrite), ("buffered", EngineKind::Buffered)]
+    {
         let config = Config::default().with_env_from([("URING_CKPT_ENGINE", value)]).expect("env config");
         assert_eq!(config.engine, engine);
     }
     let config = Config::default()
         .with_env_from([("URING_CKPT_SIMULATE", "uring-eperm,direct-einval,register-enomem")])
         .expect("env config");
-    assert!(config.simulate.uring_setup_eperm && config.simulate.direct_io_einval && config.simulate.register_enomem);
+    assert!(
+        config.simulate.uring_setup_eperm
+            && config.simulate.direct_io_einval
+            && config.simulate.register_enomem
+    );
 }
 
 #[test]

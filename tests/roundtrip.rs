@@ -190,3 +190,52 @@ fn assert_identical_files(dir: &std::path::Path, names: &[String]) {
         }
     }
 }
+
+/// A source that is not host memory: every byte must come through `copy_to`.
+struct CopyOnly(Vec<u8>);
+
+impl uring_ckpt::staging::TensorSource for CopyOnly {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn host_bytes(&self) -> Option<&[u8]> {
+        None
+    }
+    fn copy_to(&self, offset: usize, dst: &mut [u8]) -> uring_ckpt::Result<()> {
+        dst.copy_from_slice(&self.0[offset..offset + dst.len()]);
+        Ok(())
+    }
+}
+
+#[test]
+fn non_host_sources_go_through_staging_and_match_host_files() {
+    use uring_ckpt::checkpoint::TensorData;
+    let dir = scratch();
+    let sizes = [0usize, 1, 4095, 4097, 300_000, (1 << 20) + 3];
+    let host: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| bytes(i as u64 + 70, n)).collect();
+    let devices: Vec<CopyOnly> = host.iter().map(|b| CopyOnly(b.clone())).collect();
+    for engine in ENGINES {
+        let io = UringCheckpointIO::new(small_config(engine)).expect("config");
+        let mut from_host = Checkpoint::new();
+        let mut from_device = Checkpoint::new();
+        for (i, (h, d)) in host.iter().zip(&devices).enumerate() {
+            from_host.add(format!("t{i}"), Dtype::U8, &[h.len() as u64], h).expect("tensor");
+            from_device
+                .add_source(format!("t{i}"), Dtype::U8, &[h.len() as u64], TensorData::Source(d))
+                .expect("tensor");
+        }
+        let a = dir.path().join(format!("{}-host", engine.as_str()));
+        let b = dir.path().join(format!("{}-device", engine.as_str()));
+        io.save_checkpoint(&from_host, &a).expect("save host");
+        let report = io.save_checkpoint(&from_device, &b).expect("save device");
+        assert_eq!(report.zero_copy_bytes, 0);
+        assert_eq!(report.staged_bytes, sizes.iter().sum::<usize>() as u64);
+        for file in fs::read_dir(&a).expect("list") {
+            let name = file.expect("entry").file_name();
+            assert!(
+                fs::read(a.join(&name)).expect("read") == fs::read(b.join(&name)).expect("read"),
+                "{name:?}"
+            );
+        }
+    }
+}

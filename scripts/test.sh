@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, the Python interop venv, a short benchmark on each
+# engine (so the main command cannot silently break), then every Rust test and doctest.
+# README's test command and .ci/run both call this.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "toolchain"
+cargo --version
+rustup component list --installed 2>/dev/null | grep -E '^(rustfmt|clippy)' || true
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+step "python venv for the interop tests (numpy, safetensors)"
+bash scripts/python-env.sh
+
+step "bench smoke run on each engine"
+cargo build --release --quiet
+for engine in uring pwrite buffered; do
+  ./target/release/uring-ckpt bench --size 16MiB --repeat 1 --engine "$engine" --json "target/bench-smoke-$engine.json"
+done
+
+step "cargo test"
+cargo test --all-targets
+cargo test --doc
