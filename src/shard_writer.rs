@@ -18,9 +18,6 @@ use crate::Result;
 /// cheaper to batch into a staging buffer than to send as writes of their own).
 const ZERO_COPY_MIN: usize = 256 * 1024;
 
-/// The CRC pass follows the copy in pieces this size, so it reads from cache.
-const COPY_CRC_PIECE: usize = 64 * 1024;
-
 /// Counts of how the bytes of one shard travelled.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct ShardVolume {
@@ -145,7 +142,7 @@ impl Stream {
             };
             let n = rest.len().min(buf.remaining());
             let (head, tail) = rest.split_at(n);
-            copy_with_crc(buf, head, &mut hasher);
+            buf.extend_hashing(head, &mut hasher);
             self.pos += n as u64;
             self.volume.staged_bytes += n as u64;
             rest = tail;
@@ -209,14 +206,5 @@ impl Stream {
             buf.pad_to(self.align as usize);
         }
         self.send_current(writer)
-    }
-}
-
-/// Copies `src` to the end of `buf` and feeds the same bytes, still in cache, to `hasher`.
-fn copy_with_crc(buf: &mut StagingBuf, src: &[u8], hasher: &mut crc32fast::Hasher) {
-    for piece in src.chunks(COPY_CRC_PIECE) {
-        let start = buf.len();
-        buf.extend_from_slice(piece);
-        hasher.update(&buf[start..]);
     }
 }

@@ -85,6 +85,20 @@ impl AlignedBuf {
         n
     }
 
+    /// Appends as much of `src` as fits, feeding the copied bytes to `hasher` in the same
+    /// pass (piece by piece, while they are still in cache). Returns how many were taken.
+    pub fn extend_hashing(&mut self, src: &[u8], hasher: &mut crc32fast::Hasher) -> usize {
+        /// The CRC follows the copy in pieces this size, so it reads from L1/L2.
+        const PIECE: usize = 64 * 1024;
+        let take = src.len().min(self.remaining());
+        for piece in src[..take].chunks(PIECE) {
+            let start = self.len;
+            self.extend_from_slice(piece);
+            hasher.update(&self[start..]);
+        }
+        take
+    }
+
     /// Zeroes the bytes from `len` up to the next multiple of `align` and sets `len` there.
     /// Returns the padded length. Used for the O_DIRECT tail.
     pub fn pad_to(&mut self, align: usize) -> usize {
