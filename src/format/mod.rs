@@ -85,14 +85,14 @@ pub enum FormatError {
         tensor: String,
     },
     /// A tensor's bit count is not a whole number of bytes (an odd number of `F4`, ...).
-    #[error("tensor {tensor:?}: {dtype} x {elements_bits} bits is not a whole number of bytes")]
+    #[error("tensor {tensor:?}: {bits} bits of {dtype} is not a whole number of bytes")]
     PartialByte {
         /// The tensor.
         tensor: String,
         /// Its dtype.
         dtype: Dtype,
         /// Its total size in bits.
-        elements_bits: u64,
+        bits: u64,
     },
     /// A tensor's `data_offsets` has begin after end.
     #[error("tensor {tensor:?}: data_offsets [{begin}, {end}] end before they begin")]
