@@ -131,7 +131,7 @@ fn tensor_size(name: &str, dtype: Dtype, shape: &[u64]) -> Result<u64, FormatErr
         return Err(FormatError::PartialByte {
             tensor: name.to_owned(),
             dtype,
-            bits: bits,
+            bits,
         });
     }
     Ok(bits / 8)
