@@ -38,38 +38,16 @@ fn bad_headers() {
         cases.push((name, prefix, file_len, err));
     };
 
-    add(
-        "control character in a key",
-        "{\"a\u{1}\": 1}",
-        0,
-        FormatError::Json(String::new()),
-    );
-    add(
-        "leading space before the object",
-        " {}",
-        0,
-        FormatError::NotJsonObject,
-    );
+    add("control character in a key", "{\"a\u{1}\": 1}", 0, FormatError::Json(String::new()));
+    add("leading space before the object", " {}", 0, FormatError::NotJsonObject);
     add("JSON array", r#"[{"a":1}]"#, 0, FormatError::NotJsonObject);
     add("JSON string", r#""{}""#, 0, FormatError::NotJsonObject);
-    add(
-        "unterminated object",
-        "{  ",
-        0,
-        FormatError::Json(String::new()),
-    );
-    add(
-        "garbage after the object",
-        "{}x",
-        0,
-        FormatError::Json(String::new()),
-    );
+    add("unterminated object", "{  ", 0, FormatError::Json(String::new()));
+    add("garbage after the object", "{}x", 0, FormatError::Json(String::new()));
     add("two objects", "{}{}", 0, FormatError::Json(String::new()));
     add(
         "duplicate tensor keys",
-        &format!(
-            r#"{{"a":{{{TWO_F32},"data_offsets":[0,8]}},"a":{{{TWO_F32},"data_offsets":[8,16]}}}}"#
-        ),
+        &format!(r#"{{"a":{{{TWO_F32},"data_offsets":[0,8]}},"a":{{{TWO_F32},"data_offsets":[8,16]}}}}"#),
         16,
         FormatError::DuplicateKey(s("a")),
     );
@@ -89,19 +67,13 @@ fn bad_headers() {
         "unknown dtype",
         r#"{"a":{"dtype":"F128","shape":[1],"data_offsets":[0,16]}}"#,
         16,
-        FormatError::UnknownDtype {
-            tensor: s("a"),
-            dtype: s("F128"),
-        },
+        FormatError::UnknownDtype { tensor: s("a"), dtype: s("F128") },
     );
     add(
         "lowercase dtype",
         r#"{"a":{"dtype":"f32","shape":[1],"data_offsets":[0,4]}}"#,
         4,
-        FormatError::UnknownDtype {
-            tensor: s("a"),
-            dtype: s("f32"),
-        },
+        FormatError::UnknownDtype { tensor: s("a"), dtype: s("f32") },
     );
     add(
         "shape overflow",
@@ -119,87 +91,49 @@ fn bad_headers() {
         "odd number of F4",
         r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}"#,
         2,
-        FormatError::PartialByte {
-            tensor: s("a"),
-            dtype: Dtype::F4,
-            bits: 12,
-        },
+        FormatError::PartialByte { tensor: s("a"), dtype: Dtype::F4, bits: 12 },
     );
     add(
         "wrong byte count",
         r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,7]}}"#,
         7,
-        FormatError::ByteCountMismatch {
-            tensor: s("a"),
-            expected: 8,
-            actual: 7,
-        },
+        FormatError::ByteCountMismatch { tensor: s("a"), expected: 8, actual: 7 },
     );
     add(
         "overlapping offsets",
-        &format!(
-            r#"{{"a":{{{TWO_F32},"data_offsets":[0,8]}},"b":{{{TWO_F32},"data_offsets":[4,12]}}}}"#
-        ),
+        &format!(r#"{{"a":{{{TWO_F32},"data_offsets":[0,8]}},"b":{{{TWO_F32},"data_offsets":[4,12]}}}}"#),
         12,
-        FormatError::NotContiguous {
-            tensor: s("b"),
-            expected_start: 8,
-            actual_start: 4,
-        },
+        FormatError::NotContiguous { tensor: s("b"), expected_start: 8, actual_start: 4 },
     );
     add(
         "same offsets twice",
-        &format!(
-            r#"{{"a":{{{TWO_F32},"data_offsets":[0,8]}},"b":{{{TWO_F32},"data_offsets":[0,8]}}}}"#
-        ),
+        &format!(r#"{{"a":{{{TWO_F32},"data_offsets":[0,8]}},"b":{{{TWO_F32},"data_offsets":[0,8]}}}}"#),
         8,
-        FormatError::NotContiguous {
-            tensor: s("b"),
-            expected_start: 8,
-            actual_start: 0,
-        },
+        FormatError::NotContiguous { tensor: s("b"), expected_start: 8, actual_start: 0 },
     );
     add(
         "gap",
-        &format!(
-            r#"{{"a":{{{TWO_F32},"data_offsets":[0,8]}},"b":{{{TWO_F32},"data_offsets":[12,20]}}}}"#
-        ),
+        &format!(r#"{{"a":{{{TWO_F32},"data_offsets":[0,8]}},"b":{{{TWO_F32},"data_offsets":[12,20]}}}}"#),
         20,
-        FormatError::NotContiguous {
-            tensor: s("b"),
-            expected_start: 8,
-            actual_start: 12,
-        },
+        FormatError::NotContiguous { tensor: s("b"), expected_start: 8, actual_start: 12 },
     );
     add(
         "not starting at 0",
         &format!(r#"{{"a":{{{TWO_F32},"data_offsets":[4,12]}}}}"#),
         12,
-        FormatError::NotContiguous {
-            tensor: s("a"),
-            expected_start: 0,
-            actual_start: 4,
-        },
+        FormatError::NotContiguous { tensor: s("a"), expected_start: 0, actual_start: 4 },
     );
     add(
         "begin > end",
         r#"{"a":{"dtype":"U8","shape":[0],"data_offsets":[8,0]}}"#,
         8,
-        FormatError::BadOffsets {
-            tensor: s("a"),
-            begin: 8,
-            end: 0,
-        },
+        FormatError::BadOffsets { tensor: s("a"), begin: 8, end: 0 },
     );
     add(
         "out of range",
         r#"{"a":{"dtype":"U8","shape":[1099511627776],"data_offsets":[0,1099511627776]}}"#,
         16,
-        FormatError::OutOfRange {
-            tensor: s("a"),
-            end: 1 << 40,
-            data_len: 16,
-        },
+        FormatError::OutOfRange { tensor: s("a"), end: 1 << 40, data_len: 16 },
     );
     let one = format!(r#"{{"a":{{{TWO_F32},"data_offsets":[0,8]}}}}"#);
     let n = one.len() as u64;
@@ -207,20 +141,13 @@ fn bad_headers() {
         "trailing bytes (file longer than header + data)",
         &one,
         9,
-        FormatError::FileLength {
-            expected: 8 + n + 8,
-            actual: 8 + n + 9,
-        },
+        FormatError::FileLength { expected: 8 + n + 8, actual: 8 + n + 9 },
     );
     add(
         "truncated file",
         &format!(r#"{{"a":{{{TWO_F32},"data_offsets":[0,8]}}}}"#),
         7,
-        FormatError::OutOfRange {
-            tensor: s("a"),
-            end: 8,
-            data_len: 7,
-        },
+        FormatError::OutOfRange { tensor: s("a"), end: 8, data_len: 7 },
     );
     for (name, value) in [
         ("bad crc: not hex", "xyz"),
@@ -232,21 +159,14 @@ fn bad_headers() {
     ] {
         add(
             name,
-            &format!(
-                r#"{{"__metadata__":{{"crc32:a":"{value}"}},"a":{{{TWO_F32},"data_offsets":[0,8]}}}}"#
-            ),
+            &format!(r#"{{"__metadata__":{{"crc32:a":"{value}"}},"a":{{{TWO_F32},"data_offsets":[0,8]}}}}"#),
             8,
-            FormatError::BadCrc {
-                tensor: s("a"),
-                value: s(value),
-            },
+            FormatError::BadCrc { tensor: s("a"), value: s(value) },
         );
     }
     add(
         "crc for unknown tensor",
-        &format!(
-            r#"{{"__metadata__":{{"crc32:b":"00000000"}},"a":{{{TWO_F32},"data_offsets":[0,8]}}}}"#
-        ),
+        &format!(r#"{{"__metadata__":{{"crc32:b":"00000000"}},"a":{{{TWO_F32},"data_offsets":[0,8]}}}}"#),
         8,
         FormatError::CrcForUnknownTensor(s("b")),
     );
@@ -268,18 +188,8 @@ fn bad_headers() {
         0,
         FormatError::MetadataNotString { key: s("crc32:a") },
     );
-    add(
-        "metadata not an object",
-        r#"{"__metadata__":["a","b"]}"#,
-        0,
-        FormatError::MetadataNotObject,
-    );
-    add(
-        "metadata a string",
-        r#"{"__metadata__":"a"}"#,
-        0,
-        FormatError::MetadataNotObject,
-    );
+    add("metadata not an object", r#"{"__metadata__":["a","b"]}"#, 0, FormatError::MetadataNotObject);
+    add("metadata a string", r#"{"__metadata__":"a"}"#, 0, FormatError::MetadataNotObject);
     add(
         "empty tensor name",
         r#"{"":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
@@ -292,12 +202,7 @@ fn bad_headers() {
         1,
         FormatError::Json(String::new()),
     );
-    add(
-        "missing data_offsets",
-        r#"{"a":{"dtype":"U8","shape":[1]}}"#,
-        1,
-        FormatError::Json(String::new()),
-    );
+    add("missing data_offsets", r#"{"a":{"dtype":"U8","shape":[1]}}"#, 1, FormatError::Json(String::new()));
     add(
         "three data_offsets",
         r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1,2]}}"#,
@@ -322,35 +227,15 @@ fn bad_headers() {
         1,
         FormatError::Json(String::new()),
     );
-    add(
-        "tensor entry not an object",
-        r#"{"a":[1,2,3]}"#,
-        0,
-        FormatError::Json(String::new()),
-    );
+    add("tensor entry not an object", r#"{"a":[1,2,3]}"#, 0, FormatError::Json(String::new()));
 
     // Cases built from raw bytes.
     let mut raw = |name: &'static str, prefix: Vec<u8>, file_len: u64, err: FormatError| {
         cases.push((name, prefix, file_len, err));
     };
-    raw(
-        "too short (5 bytes)",
-        vec![2, 0, 0, 0, 0],
-        100,
-        FormatError::PrefixTooShort { len: 5, need: 8 },
-    );
-    raw(
-        "empty buffer",
-        Vec::new(),
-        0,
-        FormatError::PrefixTooShort { len: 0, need: 8 },
-    );
-    raw(
-        "header length 0",
-        0u64.to_le_bytes().to_vec(),
-        8,
-        FormatError::HeaderTooShort { len: 0 },
-    );
+    raw("too short (5 bytes)", vec![2, 0, 0, 0, 0], 100, FormatError::PrefixTooShort { len: 5, need: 8 });
+    raw("empty buffer", Vec::new(), 0, FormatError::PrefixTooShort { len: 0, need: 8 });
+    raw("header length 0", 0u64.to_le_bytes().to_vec(), 8, FormatError::HeaderTooShort { len: 0 });
     raw(
         "header length 1",
         [&1u64.to_le_bytes()[..], b"{"].concat(),
@@ -361,28 +246,19 @@ fn bad_headers() {
         "header length u64::MAX",
         u64::MAX.to_le_bytes().to_vec(),
         u64::MAX,
-        FormatError::HeaderTooLarge {
-            len: u64::MAX,
-            max: MAX_HEADER_LEN,
-        },
+        FormatError::HeaderTooLarge { len: u64::MAX, max: MAX_HEADER_LEN },
     );
     raw(
         "header length just over the cap",
         (MAX_HEADER_LEN + 1).to_le_bytes().to_vec(),
         u64::MAX,
-        FormatError::HeaderTooLarge {
-            len: MAX_HEADER_LEN + 1,
-            max: MAX_HEADER_LEN,
-        },
+        FormatError::HeaderTooLarge { len: MAX_HEADER_LEN + 1, max: MAX_HEADER_LEN },
     );
     raw(
         "header longer than the file",
         [&100u64.to_le_bytes()[..], &[b' '; 100]].concat(),
         50,
-        FormatError::HeaderBeyondFile {
-            header_end: 108,
-            file_len: 50,
-        },
+        FormatError::HeaderBeyondFile { header_end: 108, file_len: 50 },
     );
     raw(
         "buffer shorter than the header",
@@ -428,13 +304,10 @@ fn bad_headers() {
 #[test]
 fn tricky_but_valid_headers() {
     // Reversed order in the JSON is fine: entries are sorted by offset.
-    let json = format!(
-        r#"{{"b":{{{TWO_F32},"data_offsets":[8,16]}},"a":{{{TWO_F32},"data_offsets":[0,8]}}}}"#
-    );
+    let json =
+        format!(r#"{{"b":{{{TWO_F32},"data_offsets":[8,16]}},"a":{{{TWO_F32},"data_offsets":[0,8]}}}}"#);
     let parsed = parse(&json, 16);
-    let Ok(parsed) = parsed else {
-        panic!("{parsed:?}")
-    };
+    let Ok(parsed) = parsed else { panic!("{parsed:?}") };
     let names: Vec<_> = parsed.tensors.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["a", "b"]);
     assert_eq!(parsed.crcs, [None, None], "a foreign file has no CRCs");
@@ -444,44 +317,28 @@ fn tricky_but_valid_headers() {
     // Zero-size tensors may share an offset with each other and with their neighbour.
     let json = r#"{"z2":{"dtype":"F32","shape":[0],"data_offsets":[4,4]},"a":{"dtype":"F32","shape":[],"data_offsets":[0,4]},"z1":{"dtype":"U8","shape":[3,0],"data_offsets":[4,4]},"e":{"dtype":"BOOL","shape":[0],"data_offsets":[0,0]}}"#;
     let parsed = parse(json, 4);
-    let Ok(parsed) = parsed else {
-        panic!("{parsed:?}")
-    };
+    let Ok(parsed) = parsed else { panic!("{parsed:?}") };
     let names: Vec<_> = parsed.tensors.iter().map(|t| t.name.as_str()).collect();
-    assert_eq!(
-        names,
-        ["e", "a", "z2", "z1"],
-        "sorted by (begin, end), ties in header order"
-    );
+    assert_eq!(names, ["e", "a", "z2", "z1"], "sorted by (begin, end), ties in header order");
 
     // Only zero-size tensors, no data at all.
-    let parsed = parse(
-        r#"{"e":{"dtype":"F16","shape":[0],"data_offsets":[0,0]}}"#,
-        0,
-    );
+    let parsed = parse(r#"{"e":{"dtype":"F16","shape":[0],"data_offsets":[0,0]}}"#, 0);
     assert!(parsed.is_ok(), "{parsed:?}");
 
     // Trailing whitespace after the object, null metadata, uppercase CRC digits, escapes.
     let json = "{\"__metadata__\":null,\"a\\u00e9\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}} \n\t\r ";
     let parsed = parse(json, 1);
-    let Ok(parsed) = parsed else {
-        panic!("{parsed:?}")
-    };
+    let Ok(parsed) = parsed else { panic!("{parsed:?}") };
     assert_eq!(parsed.tensors[0].name, "aé");
     assert!(parsed.metadata.is_empty());
     let json = r#"{"__metadata__":{"crc32:a":"DEADBEEF","note":"x"},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
     let parsed = parse(json, 1);
-    let Ok(parsed) = parsed else {
-        panic!("{parsed:?}")
-    };
+    let Ok(parsed) = parsed else { panic!("{parsed:?}") };
     assert_eq!(parsed.crcs, [Some(0xdead_beef)]);
     assert_eq!(parsed.metadata, BTreeMap::from([(s("note"), s("x"))]));
 
     // Bytes after the header in the buffer are ignored.
-    let (mut prefix, file_len) = file(
-        r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#,
-        2,
-    );
+    let (mut prefix, file_len) = file(r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#, 2);
     prefix.extend_from_slice(b"\xff\xff");
     assert!(parse_header(&prefix, file_len).is_ok());
 }
@@ -489,24 +346,12 @@ fn tricky_but_valid_headers() {
 #[test]
 fn encoded_headers_match_upstream_expectations() {
     let specs = vec![
-        TensorSpec {
-            name: s("w"),
-            dtype: Dtype::BF16,
-            shape: vec![3, 5],
-        },
-        TensorSpec {
-            name: s("b"),
-            dtype: Dtype::F32,
-            shape: vec![5],
-        },
+        TensorSpec { name: s("w"), dtype: Dtype::BF16, shape: vec![3, 5] },
+        TensorSpec { name: s("b"), dtype: Dtype::F32, shape: vec![5] },
     ];
-    let Ok(layout) = ShardLayout::new(specs) else {
-        panic!()
-    };
+    let Ok(layout) = ShardLayout::new(specs) else { panic!() };
     let meta = BTreeMap::from([(s("step"), s("7"))]);
-    let Ok(prefix) = encode_header(&layout, Some(&[1, 0xffff_ffff]), &meta, 512) else {
-        panic!()
-    };
+    let Ok(prefix) = encode_header(&layout, Some(&[1, 0xffff_ffff]), &meta, 512) else { panic!() };
     assert_eq!(prefix.len(), 4096);
     let n = u64::from_le_bytes(prefix[..8].try_into().unwrap_or_default());
     assert_eq!(n, 4088);
@@ -567,12 +412,7 @@ fn good_manifest_parses() {
     assert_eq!(m.shards[0].header_crc32, 0x0a1b_2c3d);
     assert_eq!(m.total_size, 104);
     assert_eq!(Manifest::parse(&m.to_json()), Ok(m.clone()));
-    let rebuilt = Manifest::new(
-        m.shards.clone(),
-        m.weight_map.clone(),
-        m.total_size,
-        m.metadata.clone(),
-    );
+    let rebuilt = Manifest::new(m.shards.clone(), m.weight_map.clone(), m.total_size, m.metadata.clone());
     assert_eq!(rebuilt, m);
 }
 
@@ -721,13 +561,8 @@ fn bad_manifests() {
 fn manifest_with_no_shards_is_valid() {
     let m = Manifest::new(Vec::new(), BTreeMap::new(), 0, BTreeMap::new());
     assert_eq!(Manifest::parse(&m.to_json()), Ok(m));
-    let shard = ShardInfo {
-        file: s("a.safetensors"),
-        size: 10,
-        header_len: 10,
-        header_crc32: 0,
-        tensor_count: 0,
-    };
+    let shard =
+        ShardInfo { file: s("a.safetensors"), size: 10, header_len: 10, header_crc32: 0, tensor_count: 0 };
     let m = Manifest::new(vec![shard], BTreeMap::new(), 0, BTreeMap::new());
     assert_eq!(Manifest::parse(&m.to_json()), Ok(m));
 }

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use proptest::prelude::*;
 use uring_ckpt::format::{
-    encode_header, header_prefix_len, parse_header, Dtype, Manifest, ShardInfo, ShardLayout,
-    TensorSpec, CRC_KEY_PREFIX, DATA_ALIGN,
+    encode_header, header_prefix_len, parse_header, Dtype, Manifest, ShardInfo, ShardLayout, TensorSpec,
+    CRC_KEY_PREFIX, DATA_ALIGN,
 };
 
 /// Names with unicode, quotes, backslashes, control characters, colons and dots.
@@ -50,11 +50,7 @@ fn align() -> impl Strategy<Value = u64> {
 
 /// A valid header with no padding, for mutation tests that should hit the JSON.
 fn compact(prefix: &[u8]) -> Vec<u8> {
-    let end = prefix
-        .iter()
-        .rposition(|&b| b != b' ')
-        .map_or(8, |i| i + 1)
-        .max(8);
+    let end = prefix.iter().rposition(|&b| b != b' ').map_or(8, |i| i + 1).max(8);
     let json = &prefix[8..end];
     let mut out = (json.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(json);
@@ -77,8 +73,7 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         any::<prop::sample::Index>().prop_map(Mutation::Remove),
         (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
         any::<prop::sample::Index>().prop_map(Mutation::Truncate),
-        (any::<prop::sample::Index>(), any::<prop::sample::Index>())
-            .prop_map(|(i, j)| Mutation::Punct(i, j)),
+        (any::<prop::sample::Index>(), any::<prop::sample::Index>()).prop_map(|(i, j)| Mutation::Punct(i, j)),
     ]
 }
 
@@ -114,11 +109,7 @@ fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
 fn layout_of(ts: &[(String, Dtype, Vec<u64>, u32)]) -> ShardLayout {
     let specs = ts
         .iter()
-        .map(|(name, dtype, shape, _)| TensorSpec {
-            name: name.clone(),
-            dtype: *dtype,
-            shape: shape.clone(),
-        })
+        .map(|(name, dtype, shape, _)| TensorSpec { name: name.clone(), dtype: *dtype, shape: shape.clone() })
         .collect();
     match ShardLayout::new(specs) {
         Ok(layout) => layout,
@@ -288,14 +279,8 @@ fn manifest() -> impl Strategy<Value = Manifest> {
         } else {
             prop::collection::btree_map(name(), 0..n, 0..20).boxed()
         };
-        (
-            Just(names),
-            shards,
-            tensors,
-            Just(meta),
-            any::<prop::sample::Index>(),
-        )
-            .prop_map(|(names, shards, tensors, meta, frac)| {
+        (Just(names), shards, tensors, Just(meta), any::<prop::sample::Index>()).prop_map(
+            |(names, shards, tensors, meta, frac)| {
                 let mut counts = vec![0u64; names.len()];
                 let mut weight_map = BTreeMap::new();
                 for (tensor, shard) in tensors {
@@ -315,12 +300,9 @@ fn manifest() -> impl Strategy<Value = Manifest> {
                     })
                     .collect();
                 let data: u64 = infos.iter().map(|s| s.size - s.header_len).sum();
-                let total_size = if data == 0 {
-                    0
-                } else {
-                    frac.index(data as usize + 1) as u64
-                };
+                let total_size = if data == 0 { 0 } else { frac.index(data as usize + 1) as u64 };
                 Manifest::new(infos, weight_map, total_size, meta)
-            })
+            },
+        )
     })
 }

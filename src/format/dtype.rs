@@ -112,9 +112,7 @@ impl Dtype {
         match self {
             Dtype::F4 => 4,
             Dtype::F6E2M3 | Dtype::F6E3M2 => 6,
-            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E5M2 | Dtype::F8E4M3 | Dtype::F8E8M0 => {
-                8
-            }
+            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E5M2 | Dtype::F8E4M3 | Dtype::F8E8M0 => 8,
             Dtype::I16 | Dtype::U16 | Dtype::F16 | Dtype::BF16 => 16,
             Dtype::I32 | Dtype::U32 | Dtype::F32 => 32,
             Dtype::C64 | Dtype::F64 | Dtype::I64 | Dtype::U64 => 64,
@@ -127,10 +125,7 @@ impl Dtype {
     /// checks, as upstream safetensors computes it, so `[u64::MAX, 2, 0]` overflows (and is
     /// refused by upstream too) although it has no elements. An empty shape is a scalar.
     pub(crate) fn bit_len(self, shape: &[u64]) -> Option<u64> {
-        shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))?
-            .checked_mul(self.bits())
+        shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))?.checked_mul(self.bits())
     }
 
     /// Bytes of a tensor of this dtype and `shape`.
@@ -264,18 +259,10 @@ mod tests {
     #[test]
     fn overflow_is_none() {
         assert_eq!(Dtype::U8.byte_len(&[u64::MAX / 8]), Some(u64::MAX / 8));
-        assert_eq!(
-            Dtype::U8.byte_len(&[u64::MAX]),
-            None,
-            "the bit count overflows"
-        );
+        assert_eq!(Dtype::U8.byte_len(&[u64::MAX]), None, "the bit count overflows");
         assert_eq!(Dtype::U16.byte_len(&[u64::MAX]), None);
         assert_eq!(Dtype::U8.byte_len(&[u64::MAX, 2]), None);
-        assert_eq!(
-            Dtype::U8.byte_len(&[u64::MAX, 2, 0]),
-            None,
-            "upstream overflows first"
-        );
+        assert_eq!(Dtype::U8.byte_len(&[u64::MAX, 2, 0]), None, "upstream overflows first");
         assert_eq!(Dtype::U8.byte_len(&[0, u64::MAX, 2]), Some(0));
         assert_eq!(Dtype::F64.byte_len(&[1 << 58]), None, "2^64 bits");
         assert_eq!(Dtype::F64.byte_len(&[1 << 57]), Some(1 << 60));

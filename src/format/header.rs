@@ -95,18 +95,10 @@ impl ShardLayout {
             let Some(end) = offset.checked_add(size) else {
                 return Err(FormatError::ShapeOverflow { tensor: name });
             };
-            tensors.push(TensorEntry {
-                name,
-                dtype,
-                shape,
-                data_offsets: (offset, end),
-            });
+            tensors.push(TensorEntry { name, dtype, shape, data_offsets: (offset, end) });
             offset = end;
         }
-        Ok(ShardLayout {
-            tensors,
-            data_len: offset,
-        })
+        Ok(ShardLayout { tensors, data_len: offset })
     }
 }
 
@@ -123,16 +115,10 @@ fn check_name(name: &str) -> Result<(), FormatError> {
 /// Byte size of a tensor, with typed errors.
 fn tensor_size(name: &str, dtype: Dtype, shape: &[u64]) -> Result<u64, FormatError> {
     let Some(bits) = dtype.bit_len(shape) else {
-        return Err(FormatError::ShapeOverflow {
-            tensor: name.to_owned(),
-        });
+        return Err(FormatError::ShapeOverflow { tensor: name.to_owned() });
     };
     if bits % 8 != 0 {
-        return Err(FormatError::PartialByte {
-            tensor: name.to_owned(),
-            dtype,
-            bits,
-        });
+        return Err(FormatError::PartialByte { tensor: name.to_owned(), dtype, bits });
     }
     Ok(bits / 8)
 }
@@ -141,11 +127,7 @@ fn tensor_size(name: &str, dtype: Dtype, shape: &[u64]) -> Result<u64, FormatErr
 fn check_entry(entry: &TensorEntry) -> Result<(), FormatError> {
     let (begin, end) = entry.data_offsets;
     if begin > end {
-        return Err(FormatError::BadOffsets {
-            tensor: entry.name.clone(),
-            begin,
-            end,
-        });
+        return Err(FormatError::BadOffsets { tensor: entry.name.clone(), begin, end });
     }
     let size = tensor_size(&entry.name, entry.dtype, &entry.shape)?;
     if end - begin != size {
@@ -178,10 +160,7 @@ fn check_layout(layout: &ShardLayout) -> Result<(), FormatError> {
         expected_start = entry.data_offsets.1;
     }
     if layout.data_len != expected_start {
-        return Err(FormatError::FileLength {
-            expected: expected_start,
-            actual: layout.data_len,
-        });
+        return Err(FormatError::FileLength { expected: expected_start, actual: layout.data_len });
     }
     Ok(())
 }
@@ -236,10 +215,7 @@ pub fn encode_header(
     }
     if let Some(crcs) = crcs {
         if crcs.len() != layout.tensors.len() {
-            return Err(FormatError::CrcCount {
-                expected: layout.tensors.len(),
-                actual: crcs.len(),
-            });
+            return Err(FormatError::CrcCount { expected: layout.tensors.len(), actual: crcs.len() });
         }
     }
     check_layout(layout)?;
@@ -284,18 +260,13 @@ pub fn encode_header(
     json.push('}');
 
     let unit = align.max(DATA_ALIGN); // lcm of two powers of two
-    let too_large = |len: u64| FormatError::HeaderTooLarge {
-        len,
-        max: MAX_HEADER_LEN,
-    };
+    let too_large = |len: u64| FormatError::HeaderTooLarge { len, max: MAX_HEADER_LEN };
     let json_len = json.len() as u64;
     if json_len > MAX_HEADER_LEN {
         return Err(too_large(json_len));
     }
     // Both terms are small here: json_len <= MAX_HEADER_LEN and unit <= 2^63.
-    let total = (LEN_FIELD + json_len)
-        .checked_next_multiple_of(unit)
-        .ok_or_else(|| too_large(json_len))?;
+    let total = (LEN_FIELD + json_len).checked_next_multiple_of(unit).ok_or_else(|| too_large(json_len))?;
     let n = total - LEN_FIELD;
     if n > MAX_HEADER_LEN {
         return Err(too_large(n));
@@ -313,10 +284,7 @@ pub fn encode_header(
 /// Errors: fewer than 8 bytes, `n < 2`, or `n > MAX_HEADER_LEN`.
 pub fn header_prefix_len(first8: &[u8]) -> Result<u64, FormatError> {
     let Some(len_bytes) = first8.get(..8) else {
-        return Err(FormatError::PrefixTooShort {
-            len: first8.len() as u64,
-            need: LEN_FIELD,
-        });
+        return Err(FormatError::PrefixTooShort { len: first8.len() as u64, need: LEN_FIELD });
     };
     let mut buf = [0u8; 8];
     buf.copy_from_slice(len_bytes);
@@ -325,10 +293,7 @@ pub fn header_prefix_len(first8: &[u8]) -> Result<u64, FormatError> {
         return Err(FormatError::HeaderTooShort { len: n });
     }
     if n > MAX_HEADER_LEN {
-        return Err(FormatError::HeaderTooLarge {
-            len: n,
-            max: MAX_HEADER_LEN,
-        });
+        return Err(FormatError::HeaderTooLarge { len: n, max: MAX_HEADER_LEN });
     }
     Ok(LEN_FIELD + n)
 }
@@ -364,20 +329,13 @@ pub struct ParsedHeader {
 pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<ParsedHeader, FormatError> {
     let data_start = header_prefix_len(prefix)?;
     if data_start > file_len {
-        return Err(FormatError::HeaderBeyondFile {
-            header_end: data_start,
-            file_len,
-        });
+        return Err(FormatError::HeaderBeyondFile { header_end: data_start, file_len });
     }
-    let short = || FormatError::PrefixTooShort {
-        len: prefix.len() as u64,
-        need: data_start,
-    };
+    let short = || FormatError::PrefixTooShort { len: prefix.len() as u64, need: data_start };
     let end = usize::try_from(data_start).map_err(|_| short())?;
     let json_bytes = prefix.get(LEN_FIELD as usize..end).ok_or_else(short)?;
-    let text = std::str::from_utf8(json_bytes).map_err(|e| FormatError::NotUtf8 {
-        valid_up_to: e.valid_up_to(),
-    })?;
+    let text =
+        std::str::from_utf8(json_bytes).map_err(|e| FormatError::NotUtf8 { valid_up_to: e.valid_up_to() })?;
     if !text.starts_with('{') {
         return Err(FormatError::NotJsonObject);
     }
@@ -426,10 +384,7 @@ pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<ParsedHeader, Format
                     return Err(FormatError::EmptyName);
                 }
                 let Some(dtype) = Dtype::parse(&t.dtype) else {
-                    return Err(FormatError::UnknownDtype {
-                        tensor: key.clone(),
-                        dtype: t.dtype.clone(),
-                    });
+                    return Err(FormatError::UnknownDtype { tensor: key.clone(), dtype: t.dtype.clone() });
                 };
                 let entry = TensorEntry {
                     name: key.clone(),
@@ -459,27 +414,16 @@ pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<ParsedHeader, Format
             });
         }
         if end > available {
-            return Err(FormatError::OutOfRange {
-                tensor: t.name.clone(),
-                end,
-                data_len: available,
-            });
+            return Err(FormatError::OutOfRange { tensor: t.name.clone(), end, data_len: available });
         }
         data_len = end;
     }
     if data_len != available {
-        return Err(FormatError::FileLength {
-            expected: data_start + data_len,
-            actual: file_len,
-        });
+        return Err(FormatError::FileLength { expected: data_start + data_len, actual: file_len });
     }
 
     // CRCs: each names a tensor and is 8 hex digits.
-    let index: HashMap<&str, usize> = tensors
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.as_str(), i))
-        .collect();
+    let index: HashMap<&str, usize> = tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
     let mut crcs = vec![None; tensors.len()];
     for (tensor, value) in crc_values {
         let Some(&i) = index.get(tensor.as_str()) else {
@@ -493,13 +437,7 @@ pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<ParsedHeader, Format
         }
     }
 
-    Ok(ParsedHeader {
-        tensors,
-        crcs,
-        metadata,
-        data_start,
-        data_len,
-    })
+    Ok(ParsedHeader { tensors, crcs, metadata, data_start, data_len })
 }
 
 /// Exactly 8 hex digits (no sign, no prefix).
@@ -664,11 +602,7 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, dtype: Dtype, shape: &[u64]) -> TensorSpec {
-        TensorSpec {
-            name: name.to_owned(),
-            dtype,
-            shape: shape.to_vec(),
-        }
+        TensorSpec { name: name.to_owned(), dtype, shape: shape.to_vec() }
     }
 
     #[test]
@@ -678,9 +612,7 @@ mod tests {
             spec("empty", Dtype::F16, &[0, 5]),
             spec("b", Dtype::U8, &[]),
         ]);
-        let Ok(layout) = layout else {
-            panic!("{layout:?}")
-        };
+        let Ok(layout) = layout else { panic!("{layout:?}") };
         let offsets: Vec<_> = layout.tensors.iter().map(|t| t.data_offsets).collect();
         assert_eq!(offsets, vec![(0, 24), (24, 24), (24, 25)]);
         assert_eq!(layout.data_len, 25);
@@ -692,10 +624,7 @@ mod tests {
     fn layout_rejects_bad_specs() {
         let dup = ShardLayout::new(vec![spec("a", Dtype::U8, &[1]), spec("a", Dtype::U8, &[1])]);
         assert_eq!(dup, Err(FormatError::DuplicateTensor("a".into())));
-        assert_eq!(
-            ShardLayout::new(vec![spec("", Dtype::U8, &[1])]),
-            Err(FormatError::EmptyName)
-        );
+        assert_eq!(ShardLayout::new(vec![spec("", Dtype::U8, &[1])]), Err(FormatError::EmptyName));
         assert_eq!(
             ShardLayout::new(vec![spec("__metadata__", Dtype::U8, &[1])]),
             Err(FormatError::ReservedTensorName("__metadata__".into()))
@@ -709,26 +638,15 @@ mod tests {
             Err(FormatError::PartialByte { .. })
         ));
         // Each fits (the bit count of a U8 tensor caps it at u64::MAX / 8), nine do not.
-        let specs = (0..9)
-            .map(|i| spec(&format!("t{i}"), Dtype::U8, &[u64::MAX / 8]))
-            .collect();
-        assert_eq!(
-            ShardLayout::new(specs),
-            Err(FormatError::ShapeOverflow {
-                tensor: "t8".into()
-            })
-        );
+        let specs = (0..9).map(|i| spec(&format!("t{i}"), Dtype::U8, &[u64::MAX / 8])).collect();
+        assert_eq!(ShardLayout::new(specs), Err(FormatError::ShapeOverflow { tensor: "t8".into() }));
     }
 
     #[test]
     fn encode_small_header_exactly() {
-        let Ok(layout) = ShardLayout::new(vec![spec("w\"\\\n", Dtype::BF16, &[2])]) else {
-            panic!()
-        };
+        let Ok(layout) = ShardLayout::new(vec![spec("w\"\\\n", Dtype::BF16, &[2])]) else { panic!() };
         let meta = BTreeMap::from([("k".to_owned(), "v".to_owned())]);
-        let Ok(prefix) = encode_header(&layout, Some(&[0xdead_beef]), &meta, 1) else {
-            panic!()
-        };
+        let Ok(prefix) = encode_header(&layout, Some(&[0xdead_beef]), &meta, 1) else { panic!() };
         assert_eq!(prefix.len(), 4096);
         let json = r#"{"__metadata__":{"k":"v","crc32:w\"\\\n":"deadbeef"},"w\"\\\n":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}"#;
         assert_eq!(&prefix[..8], &4088u64.to_le_bytes());
@@ -740,24 +658,13 @@ mod tests {
 
     #[test]
     fn encode_rejects_bad_input() {
-        let Ok(layout) = ShardLayout::new(vec![spec("a", Dtype::U8, &[3])]) else {
-            panic!()
-        };
+        let Ok(layout) = ShardLayout::new(vec![spec("a", Dtype::U8, &[3])]) else { panic!() };
         let none = BTreeMap::new();
-        assert_eq!(
-            encode_header(&layout, None, &none, 0),
-            Err(FormatError::BadAlign(0))
-        );
-        assert_eq!(
-            encode_header(&layout, None, &none, 3000),
-            Err(FormatError::BadAlign(3000))
-        );
+        assert_eq!(encode_header(&layout, None, &none, 0), Err(FormatError::BadAlign(0)));
+        assert_eq!(encode_header(&layout, None, &none, 3000), Err(FormatError::BadAlign(3000)));
         assert_eq!(
             encode_header(&layout, Some(&[]), &none, 1),
-            Err(FormatError::CrcCount {
-                expected: 1,
-                actual: 0
-            })
+            Err(FormatError::CrcCount { expected: 1, actual: 0 })
         );
         let reserved = BTreeMap::from([("crc32:a".to_owned(), "00000000".to_owned())]);
         assert_eq!(
@@ -767,35 +674,23 @@ mod tests {
         let mut holey = layout.clone();
         holey.tensors[0].data_offsets = (1, 4);
         holey.data_len = 4;
-        assert!(matches!(
-            encode_header(&holey, None, &none, 1),
-            Err(FormatError::NotContiguous { .. })
-        ));
+        assert!(matches!(encode_header(&holey, None, &none, 1), Err(FormatError::NotContiguous { .. })));
         let mut wrong_len = layout;
         wrong_len.data_len = 7;
         assert_eq!(
             encode_header(&wrong_len, None, &none, 1),
-            Err(FormatError::FileLength {
-                expected: 3,
-                actual: 7
-            })
+            Err(FormatError::FileLength { expected: 3, actual: 7 })
         );
     }
 
     #[test]
     fn large_alignment_and_empty_shard() {
-        let Ok(layout) = ShardLayout::new(Vec::new()) else {
-            panic!()
-        };
+        let Ok(layout) = ShardLayout::new(Vec::new()) else { panic!() };
         let none = BTreeMap::new();
-        let Ok(prefix) = encode_header(&layout, None, &none, 1 << 16) else {
-            panic!()
-        };
+        let Ok(prefix) = encode_header(&layout, None, &none, 1 << 16) else { panic!() };
         assert_eq!(prefix.len(), 1 << 16);
         let parsed = parse_header(&prefix, prefix.len() as u64);
-        let Ok(parsed) = parsed else {
-            panic!("{parsed:?}")
-        };
+        let Ok(parsed) = parsed else { panic!("{parsed:?}") };
         assert!(parsed.tensors.is_empty());
         assert_eq!(parsed.data_start, 1 << 16);
         assert_eq!(parsed.data_len, 0);
@@ -804,21 +699,12 @@ mod tests {
     #[test]
     fn prefix_len_limits() {
         assert_eq!(header_prefix_len(&2u64.to_le_bytes()), Ok(10));
-        assert_eq!(
-            header_prefix_len(&1u64.to_le_bytes()),
-            Err(FormatError::HeaderTooShort { len: 1 })
-        );
+        assert_eq!(header_prefix_len(&1u64.to_le_bytes()), Err(FormatError::HeaderTooShort { len: 1 }));
         assert_eq!(
             header_prefix_len(&(MAX_HEADER_LEN + 1).to_le_bytes()),
-            Err(FormatError::HeaderTooLarge {
-                len: MAX_HEADER_LEN + 1,
-                max: MAX_HEADER_LEN
-            })
+            Err(FormatError::HeaderTooLarge { len: MAX_HEADER_LEN + 1, max: MAX_HEADER_LEN })
         );
-        assert_eq!(
-            header_prefix_len(&[0; 7]),
-            Err(FormatError::PrefixTooShort { len: 7, need: 8 })
-        );
+        assert_eq!(header_prefix_len(&[0; 7]), Err(FormatError::PrefixTooShort { len: 7, need: 8 }));
     }
 
     #[test]

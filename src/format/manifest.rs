@@ -102,14 +102,10 @@ impl Manifest {
     pub fn parse(bytes: &[u8]) -> Result<Manifest, FormatError> {
         let len = bytes.len() as u64;
         if len > MAX_MANIFEST_LEN {
-            return Err(FormatError::ManifestTooLarge {
-                len,
-                max: MAX_MANIFEST_LEN,
-            });
+            return Err(FormatError::ManifestTooLarge { len, max: MAX_MANIFEST_LEN });
         }
-        let text = std::str::from_utf8(bytes).map_err(|e| FormatError::NotUtf8 {
-            valid_up_to: e.valid_up_to(),
-        })?;
+        let text =
+            std::str::from_utf8(bytes).map_err(|e| FormatError::NotUtf8 { valid_up_to: e.valid_up_to() })?;
         if text.trim().is_empty() {
             return Err(FormatError::BadManifest("empty manifest".to_owned()));
         }
@@ -126,12 +122,7 @@ impl Manifest {
         }
         match probe.version.as_ref().and_then(serde_json::Value::as_u64) {
             Some(v) if v == u64::from(FORMAT_VERSION) => {}
-            Some(found) => {
-                return Err(FormatError::UnsupportedVersion {
-                    found,
-                    supported: FORMAT_VERSION,
-                })
-            }
+            Some(found) => return Err(FormatError::UnsupportedVersion { found, supported: FORMAT_VERSION }),
             None => {
                 return Err(FormatError::BadManifest(
                     "\"version\" is missing or not an unsigned integer".to_owned(),
@@ -165,10 +156,7 @@ impl Manifest {
                 return Err(FormatError::EmptyName);
             }
             let Some(count) = per_shard.get_mut(file.as_str()) else {
-                return Err(FormatError::UnknownShard {
-                    tensor: tensor.clone(),
-                    file: file.clone(),
-                });
+                return Err(FormatError::UnknownShard { tensor: tensor.clone(), file: file.clone() });
             };
             *count += 1;
         }
@@ -198,9 +186,7 @@ fn check_shard_name(name: &str) -> Result<(), FormatError> {
         && name.len() <= MAX_SHARD_NAME_LEN
         && !name.starts_with('.')
         && name.ends_with(".safetensors")
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == '\\' || c.is_control());
+        && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
     if safe {
         Ok(())
     } else {
@@ -294,18 +280,9 @@ mod tests {
             },
         ];
         let weight_map = BTreeMap::from([
-            (
-                "a".to_owned(),
-                "model-00001-of-00002.safetensors".to_owned(),
-            ),
-            (
-                "b".to_owned(),
-                "model-00001-of-00002.safetensors".to_owned(),
-            ),
-            (
-                "c".to_owned(),
-                "model-00002-of-00002.safetensors".to_owned(),
-            ),
+            ("a".to_owned(), "model-00001-of-00002.safetensors".to_owned()),
+            ("b".to_owned(), "model-00001-of-00002.safetensors".to_owned()),
+            ("c".to_owned(), "model-00002-of-00002.safetensors".to_owned()),
         ]);
         let metadata = BTreeMap::from([("step".to_owned(), "1000".to_owned())]);
         Manifest::new(shards, weight_map, 100, metadata)
@@ -324,11 +301,7 @@ mod tests {
 
     #[test]
     fn shard_names() {
-        for good in [
-            "a.safetensors",
-            "model-00001-of-00002.safetensors",
-            "é.safetensors",
-        ] {
+        for good in ["a.safetensors", "model-00001-of-00002.safetensors", "é.safetensors"] {
             assert_eq!(check_shard_name(good), Ok(()), "{good}");
         }
         for bad in [
@@ -346,11 +319,7 @@ mod tests {
             "a.bin",
             "a.safetensors/",
         ] {
-            assert_eq!(
-                check_shard_name(bad),
-                Err(FormatError::UnsafeShardName(bad.into())),
-                "{bad:?}"
-            );
+            assert_eq!(check_shard_name(bad), Err(FormatError::UnsafeShardName(bad.into())), "{bad:?}");
         }
         let long = format!("{}.safetensors", "x".repeat(250));
         assert!(check_shard_name(&long).is_err());
@@ -370,16 +339,10 @@ mod tests {
         );
         let mut m = sample();
         m.shards[1].header_len = m.shards[1].size + 1;
-        assert!(matches!(
-            Manifest::parse(&m.to_json()),
-            Err(FormatError::BadManifest(_))
-        ));
+        assert!(matches!(Manifest::parse(&m.to_json()), Err(FormatError::BadManifest(_))));
         let mut m = sample();
         m.total_size = 101;
-        assert!(matches!(
-            Manifest::parse(&m.to_json()),
-            Err(FormatError::BadManifest(_))
-        ));
+        assert!(matches!(Manifest::parse(&m.to_json()), Err(FormatError::BadManifest(_))));
         let mut m = sample();
         m.weight_map.insert(String::new(), m.shards[0].file.clone());
         m.shards[0].tensor_count += 1;
@@ -391,10 +354,7 @@ mod tests {
         let big = vec![b' '; MAX_MANIFEST_LEN as usize + 1];
         assert_eq!(
             Manifest::parse(&big),
-            Err(FormatError::ManifestTooLarge {
-                len: MAX_MANIFEST_LEN + 1,
-                max: MAX_MANIFEST_LEN
-            })
+            Err(FormatError::ManifestTooLarge { len: MAX_MANIFEST_LEN + 1, max: MAX_MANIFEST_LEN })
         );
     }
 }

@@ -14,12 +14,10 @@ pub mod manifest;
 
 pub use dtype::{Dtype, ParseDtypeError};
 pub use header::{
-    encode_header, header_prefix_len, parse_header, ParsedHeader, ShardLayout, TensorEntry,
-    TensorSpec, CRC_KEY_PREFIX, DATA_ALIGN, MAX_HEADER_LEN,
+    encode_header, header_prefix_len, parse_header, ParsedHeader, ShardLayout, TensorEntry, TensorSpec,
+    CRC_KEY_PREFIX, DATA_ALIGN, MAX_HEADER_LEN,
 };
-pub use manifest::{
-    Manifest, ShardInfo, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, MAX_MANIFEST_LEN,
-};
+pub use manifest::{Manifest, ShardInfo, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, MAX_MANIFEST_LEN};
 
 /// Why a header or manifest is invalid (or why a layout cannot be encoded).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,9 +103,7 @@ pub enum FormatError {
         end: u64,
     },
     /// A tensor's `data_offsets` span differs from its shape x dtype size.
-    #[error(
-        "tensor {tensor:?}: shape and dtype need {expected} bytes, data_offsets span {actual}"
-    )]
+    #[error("tensor {tensor:?}: shape and dtype need {expected} bytes, data_offsets span {actual}")]
     ByteCountMismatch {
         /// The tensor.
         tensor: String,
@@ -117,9 +113,7 @@ pub enum FormatError {
         actual: u64,
     },
     /// Tensors sorted by offset leave a gap or overlap (or a layout is out of order).
-    #[error(
-        "tensor {tensor:?} starts at {actual_start}, expected {expected_start} (gap or overlap)"
-    )]
+    #[error("tensor {tensor:?} starts at {actual_start}, expected {expected_start} (gap or overlap)")]
     NotContiguous {
         /// The tensor.
         tensor: String,
