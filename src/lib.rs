@@ -21,3 +21,7 @@ pub use checkpoint::{Checkpoint, LoadReport, LoadedCheckpoint, LoadedTensor, Sav
 pub use checkpoint_io::{CheckpointIO, LoadOptions, RankShards, UringCheckpointIO};
 pub use config::{Config, EngineKind, FsyncPolicy};
 pub use format::Dtype;
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
