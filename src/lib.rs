@@ -19,5 +19,5 @@ pub mod staging;
 
 pub use checkpoint::{Checkpoint, LoadReport, LoadedCheckpoint, LoadedTensor, SaveReport, TensorView};
 pub use checkpoint_io::{CheckpointIO, LoadOptions, RankShards, UringCheckpointIO};
-pub use config::{Config, EngineKind, FsyncPolicy};
+pub use config::{AsyncMode, Config, EngineKind, FsyncPolicy};
 pub use format::Dtype;
