@@ -148,6 +148,29 @@ impl UringCheckpointIO {
         &self.config
     }
 
+    /// Allocates the staging pool now (saves reuse it) and hands each buffer to `register`,
+    /// e.g. `staging::cuda::CudaStaging::register` (feature `cuda`) to page-lock it for device copies.
+    /// A buffer that `register` refuses stays usable (pageable); the first refusal is
+    /// logged. Returns how many buffers were registered.
+    pub fn prepare_staging(&self, mut register: impl FnMut(&AlignedBuf) -> Result<()>) -> usize {
+        let Ok(mut pool) = self.buffers.lock() else { return 0 };
+        let existing = std::mem::take(&mut *pool);
+        *pool = io::probe::fill_pool(existing, &self.config, 4096);
+        let mut registered = 0;
+        let mut refused = false;
+        for buf in pool.iter() {
+            match register(buf) {
+                Ok(()) => registered += 1,
+                Err(e) if !refused => {
+                    refused = true;
+                    log::warn!("staging buffer registration refused ({e}); copies use pageable memory");
+                }
+                Err(_) => {}
+            }
+        }
+        registered
+    }
+
     /// Writes this rank's tensors as shards into the shared temporary directory of `path`
     /// (named after `save_id`, which every rank of one save must share). The checkpoint is
     /// not committed until [`UringCheckpointIO::commit_ranks`] runs, after all ranks returned.

@@ -10,7 +10,8 @@
 //!   device's copy thread at a configured bandwidth, for tests and benchmarks of overlap;
 //! - CUDA device memory (`cuda` feature): `cuda::CudaTensorSource`, copied with
 //!   `cuMemcpyDtoHAsync` on its own stream into the staging buffers, which
-//!   `cuda::CudaStaging` page-locks with `cuMemHostRegister`.
+//!   `cuda::CudaStaging` page-locks with `cuMemHostRegister` (through
+//!   [`crate::UringCheckpointIO::prepare_staging`]).
 //!
 //! # The staging ring is the shard writer's buffer pool
 //!
@@ -31,6 +32,8 @@
 //! [`crate::AsyncCheckpointIO`]) turns zero-copy off, so that once the last chunk is in the
 //! ring no write reads the sources.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod host;
 pub mod simulated;
 pub mod source;
