@@ -16,6 +16,7 @@ pub mod io;
 pub mod load;
 mod shard_writer;
 pub mod staging;
+pub mod synthetic;
 
 pub use checkpoint::{Checkpoint, LoadReport, LoadedCheckpoint, LoadedTensor, SaveReport, TensorView};
 pub use checkpoint_io::{CheckpointIO, LoadOptions, RankShards, UringCheckpointIO};
