@@ -219,13 +219,16 @@ fn to_usize(n: u64) -> Result<usize> {
     })
 }
 
+/// A tensor's name and shape.
+type Spec = (String, Vec<u64>);
+
 /// Shapes of a model family at full size, and how it scales.
 struct Family {
     hidden: u64,
     vocab: u64,
     ffn: u64,
     ctx: u64,
-    specs: fn(&Dims) -> Vec<(String, Vec<u64>)>,
+    specs: fn(&Dims) -> Vec<Spec>,
 }
 
 /// Dimensions of one scaled model.
@@ -241,7 +244,7 @@ struct Dims {
 const GPT2: Family = Family { hidden: 768, vocab: 50257, ffn: 3072, ctx: 1024, specs: gpt2_specs };
 const LLAMA: Family = Family { hidden: 4096, vocab: 32000, ffn: 11008, ctx: 0, specs: llama_specs };
 
-fn gpt2_specs(d: &Dims) -> Vec<(String, Vec<u64>)> {
+fn gpt2_specs(d: &Dims) -> Vec<Spec> {
     let h = d.hidden;
     let mut out = vec![
         ("transformer.wte.weight".to_owned(), vec![d.vocab, h]),
@@ -269,7 +272,7 @@ fn gpt2_specs(d: &Dims) -> Vec<(String, Vec<u64>)> {
     out
 }
 
-fn llama_specs(d: &Dims) -> Vec<(String, Vec<u64>)> {
+fn llama_specs(d: &Dims) -> Vec<Spec> {
     let h = d.hidden;
     let mut out = vec![("model.embed_tokens.weight".to_owned(), vec![d.vocab, h])];
     for i in 0..d.layers {
@@ -291,7 +294,7 @@ fn llama_specs(d: &Dims) -> Vec<(String, Vec<u64>)> {
     out
 }
 
-fn elements(specs: &[(String, Vec<u64>)]) -> u64 {
+fn elements(specs: &[Spec]) -> u64 {
     specs.iter().map(|(_, s)| s.iter().product::<u64>()).sum()
 }
 
@@ -305,7 +308,7 @@ fn scale(family: &Family, hidden: u64, layers: u64) -> Dims {
 /// Chooses hidden size and layer count so that the model has close to `target` elements:
 /// the widest hidden size (multiples of 32, down to 8) that lands within 2% of the target,
 /// else the closest fit. Large targets keep the full hidden size and add layers.
-fn scaled_specs(family: &Family, target: u64) -> Vec<(String, Vec<u64>)> {
+fn scaled_specs(family: &Family, target: u64) -> Vec<Spec> {
     let mut hiddens: Vec<u64> = (1..=family.hidden / 32).rev().map(|k| k * 32).collect();
     hiddens.extend([16, 8]);
     let mut best: Option<(f64, Dims)> = None;
@@ -332,11 +335,11 @@ fn scaled_specs(family: &Family, target: u64) -> Vec<(String, Vec<u64>)> {
 }
 
 /// The `mixed` layout for `target` elements.
-fn mixed_specs(target: u64) -> Vec<(String, Vec<u64>)> {
+fn mixed_specs(target: u64) -> Vec<Spec> {
     // Width of the large matrices: 4096 for large checkpoints, narrower for small ones.
     let width = (1u64 << ((target / 16).max(1).ilog2() / 2)).clamp(64, 4096);
     let groups = (target / (8 << 20)).clamp(2, 32);
-    let mut planned: Vec<(String, Vec<u64>)> = Vec::new();
+    let mut planned: Vec<Spec> = Vec::new();
     // A scalar (a step counter, a loss scale) and an empty tensor come first.
     planned.push(("optimizer.step".to_owned(), vec![]));
     planned.push(("buffers.empty".to_owned(), vec![0]));
@@ -385,7 +388,7 @@ fn fill(buf: &mut [u8], seed: u64, dtype: Dtype) {
         Dtype::F32 => (0x80FF_FFFF_80FF_FFFFu64, 0x3C00_0000_3C00_0000u64),
         _ => (0x80FF_80FF_80FF_80FFu64, 0x3C00_3C00_3C00_3C00u64),
     };
-    let base = splitmix64(seed ^ 0x5EED_0F_C4EC_4B01);
+    let base = splitmix64(seed ^ 0x5EED_C4EC_4B01_0F00);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
     let words = buf.len() / 8;
     let per_thread = words.div_ceil(threads).max(1 << 16) * 8;
@@ -425,7 +428,7 @@ mod tests {
 
     const LAYOUTS: [Layout; 3] = [Layout::Mixed, Layout::Gpt2, Layout::Llama];
 
-    fn plan(layout: Layout, bytes: u64, elem: u64) -> Vec<(String, Vec<u64>)> {
+    fn plan(layout: Layout, bytes: u64, elem: u64) -> Vec<Spec> {
         let target = (bytes / elem).max(1);
         match layout {
             Layout::Mixed => mixed_specs(target),
