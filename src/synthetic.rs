@@ -219,6 +219,9 @@ fn to_usize(n: u64) -> Result<usize> {
     })
 }
 
+/// Fewest layers a scaled model should keep when the size allows.
+const MIN_LAYERS: u64 = 4;
+
 /// A tensor's name and shape.
 type Spec = (String, Vec<u64>);
 
@@ -306,12 +309,13 @@ fn scale(family: &Family, hidden: u64, layers: u64) -> Dims {
 }
 
 /// Chooses hidden size and layer count so that the model has close to `target` elements:
-/// the widest hidden size (multiples of 32, down to 8) that lands within 2% of the target,
-/// else the closest fit. Large targets keep the full hidden size and add layers.
+/// the widest hidden size (multiples of 32, down to 8) that lands within 2% of the target
+/// with at least [`MIN_LAYERS`] layers, else the widest within 2%, else the closest fit. Large targets keep the full hidden size and add layers.
 fn scaled_specs(family: &Family, target: u64) -> Vec<Spec> {
     let mut hiddens: Vec<u64> = (1..=family.hidden / 32).rev().map(|k| k * 32).collect();
     hiddens.extend([16, 8]);
     let mut best: Option<(f64, Dims)> = None;
+    let mut close: Option<Dims> = None;
     for hidden in hiddens {
         let fixed = elements(&(family.specs)(&scale(family, hidden, 0)));
         let per_layer = elements(&(family.specs)(&scale(family, hidden, 1))) - fixed;
@@ -323,14 +327,17 @@ fn scaled_specs(family: &Family, target: u64) -> Vec<Spec> {
         let total = fixed + layers * per_layer;
         let error = (total as f64 - target as f64).abs() / target as f64;
         let dims = scale(family, hidden, layers);
-        if error <= 0.02 {
+        if error <= 0.02 && layers >= MIN_LAYERS {
             return (family.specs)(&dims);
+        }
+        if error <= 0.02 && close.is_none() {
+            close = Some(dims);
         }
         if best.is_none_or(|(e, _)| error < e) {
             best = Some((error, dims));
         }
     }
-    let dims = best.map_or_else(|| scale(family, 8, 1), |(_, d)| d);
+    let dims = close.or(best.map(|(_, d)| d)).unwrap_or_else(|| scale(family, 8, 1));
     (family.specs)(&dims)
 }
 
