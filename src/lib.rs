@@ -17,6 +17,7 @@ pub mod io;
 pub mod load;
 mod shard_writer;
 pub mod staging;
+pub mod synthetic;
 
 pub use async_io::{
     AsyncCheckpointIO, AsyncOptions, Durable, OwnedCheckpoint, OwnedTensor, SaveHandle, Staged,
