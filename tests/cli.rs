@@ -176,3 +176,15 @@ fn tune_writes_a_config_with_a_swept_setting() {
     assert_eq!(left, vec![std::ffi::OsString::from("tuned.toml")], "tune left files behind");
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn load_json_reports_throughput() {
+    let dir = scratch("load-json");
+    assert_ok(&run(&dir, &["save", "--synthetic", "2MiB", "--out", "ck"]));
+    let stdout = assert_ok(&run(&dir, &["load", "ck", "--json"]));
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("load --json prints JSON");
+    assert!(report["read_bytes"].as_u64().expect("read_bytes") > 2 << 20, "{report}");
+    assert!(report["throughput_mib_s"].as_f64().expect("throughput") > 0.0, "{report}");
+    assert_eq!(report["verified"], serde_json::Value::Bool(true));
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -19,6 +19,9 @@ pub struct LoadArgs {
     /// Skip the CRC-32 check of each tensor.
     #[arg(long)]
     no_verify: bool,
+    /// Print the load report as JSON instead of the summary.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn run(global: &GlobalOpts, args: LoadArgs) -> Result<()> {
@@ -27,6 +30,12 @@ pub fn run(global: &GlobalOpts, args: LoadArgs) -> Result<()> {
     let options = LoadOptions { names: args.names, verify: args.no_verify.then_some(false) };
     let loaded = io.load_checkpoint(&args.dir, &options)?;
     let r = &loaded.report;
+    if args.json {
+        let json = serde_json::to_string_pretty(r)
+            .map_err(|e| super::CliError::msg(format!("cannot encode the report as JSON: {e}")))?;
+        println!("{json}");
+        return Ok(());
+    }
     println!("loaded {}", args.dir.display());
     println!("  tensors      {}", loaded.tensors.len());
     println!("  bytes        {} tensor bytes, {} read ({})", r.data_bytes, r.read_bytes, mib(r.read_bytes));
