@@ -188,3 +188,24 @@ fn load_json_reports_throughput() {
     assert_eq!(report["verified"], serde_json::Value::Bool(true));
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bench_measures_async_stalls() {
+    let dir = scratch("bench-async");
+    let json = dir.join("async.json");
+    let json_arg = json.to_str().expect("utf-8 path");
+    let args =
+        ["--engine", "uring", "bench", "--size", "8MiB", "--repeat", "2", "--phases", "save,snapshot,stream"];
+    let stdout = assert_ok(&run(&dir, &[&args[..], &["--json", json_arg]].concat()));
+    assert!(stdout.contains("async-snapshot") && stdout.contains("async-stream"), "{stdout}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&json).expect("json")).expect("parse");
+    let rows = doc["results"].as_array().expect("results");
+    for phase in ["save", "snapshot", "stream"] {
+        let row =
+            rows.iter().find(|r| r["phase"] == phase).unwrap_or_else(|| panic!("no {phase} row: {doc}"));
+        assert!(row["mib_s_median"].as_f64().expect("mib/s") > 0.0, "{row}");
+        assert!(row["seconds_median"].as_f64().expect("stall") > 0.0, "{row}");
+    }
+    let _ = fs::remove_dir_all(&dir);
+}

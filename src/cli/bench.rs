@@ -4,11 +4,15 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
+use uring_ckpt::async_io::{AsyncCheckpointIO, AsyncOptions, OwnedCheckpoint};
+use uring_ckpt::config::AsyncMode;
 use uring_ckpt::config::{format_size, Config, EngineKind};
 use uring_ckpt::io::stats::LatencySummary;
+use uring_ckpt::staging::HostPtrSource;
 use uring_ckpt::synthetic::{Layout, SyntheticCheckpoint};
 use uring_ckpt::{Checkpoint, CheckpointIO, LoadOptions, UringCheckpointIO};
 
@@ -35,8 +39,10 @@ pub struct BenchArgs {
     /// Element type.
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: DtypeArg,
-    /// Phases to measure: save, load or both (a load always needs a save first).
-    #[arg(long, default_value = "save,load", value_name = "save,load")]
+    /// Phases to measure: save, load (a load always needs a save first), and the async
+    /// saves `snapshot` and `stream` (for those rows `s` is the caller's stall until the
+    /// tensors may change again, and MiB/s is to durable).
+    #[arg(long, default_value = "save,load", value_name = "save,load,snapshot,stream")]
     phases: String,
     /// Runs per engine and setting; the table shows the median (and min-max of MiB/s).
     #[arg(long, default_value_t = 3, value_name = "N")]
@@ -61,6 +67,10 @@ pub struct BenchArgs {
 pub(super) enum Phase {
     Save,
     Load,
+    /// An async save in snapshot mode: `s` is the caller's stall, MiB/s is to durable.
+    Snapshot,
+    /// An async save in stream mode: `s` is the caller's stall, MiB/s is to durable.
+    Stream,
 }
 
 impl Phase {
@@ -68,6 +78,16 @@ impl Phase {
         match self {
             Phase::Save => "save",
             Phase::Load => "load",
+            Phase::Snapshot => "async-snapshot",
+            Phase::Stream => "async-stream",
+        }
+    }
+
+    fn async_mode(self) -> Option<AsyncMode> {
+        match self {
+            Phase::Snapshot => Some(AsyncMode::Snapshot),
+            Phase::Stream => Some(AsyncMode::Stream),
+            Phase::Save | Phase::Load => None,
         }
     }
 }
@@ -257,8 +277,9 @@ pub fn run(global: &GlobalOpts, args: BenchArgs) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
 
+    let async_phases = phases.iter().filter(|p| p.async_mode().is_some()).count() as u64;
     let bar = progress_bar(
-        (settings.len() as u64) * u64::from(args.repeat),
+        (settings.len() as u64) * u64::from(args.repeat) * (1 + async_phases),
         "{prefix} [{bar:30}] {pos}/{len} runs, {elapsed} {msg}",
     );
     let mut rows = Vec::new();
@@ -273,6 +294,10 @@ pub fn run(global: &GlobalOpts, args: BenchArgs) -> Result<()> {
         }
         if phases.contains(&Phase::Load) {
             rows.push(Row::new(setting, Phase::Load, load));
+        }
+        for phase in phases.iter().copied().filter(|p| p.async_mode().is_some()) {
+            let samples = measure_async(setting, &ckpt, &workspace, phase, args.repeat, || bar.inc(1))?;
+            rows.push(Row::new(setting, phase, samples));
         }
     }
     bar.finish_and_clear();
@@ -335,6 +360,13 @@ fn print_notes(rows: &[Row], rss_per_run: bool) {
         }
         _ => {}
     }
+    if rows.iter().any(|r| r.phase.async_mode().is_some()) {
+        println!(
+            "async rows: s is the caller's stall (call until the tensors may change again), MiB/s is to \
+             durable; a snapshot copies the checkpoint to reused host memory first, a stream stages it \
+             through the staging pool."
+        );
+    }
     let mut seen = Vec::new();
     for row in rows {
         for sample in &row.runs {
@@ -360,7 +392,9 @@ fn parse_phases(s: &str) -> Result<Vec<Phase>> {
     let phases = parse_list(s, "--phases", |p| match p.to_ascii_lowercase().as_str() {
         "save" => Ok(Phase::Save),
         "load" => Ok(Phase::Load),
-        _ => Err(CliError::msg(format!("unknown phase {p:?}; expected save or load"))),
+        "snapshot" | "async-snapshot" => Ok(Phase::Snapshot),
+        "stream" | "async-stream" => Ok(Phase::Stream),
+        _ => Err(CliError::msg(format!("unknown phase {p:?}; expected save, load, snapshot or stream"))),
     })?;
     let mut out = Vec::new();
     for p in phases {
@@ -465,6 +499,61 @@ pub(super) fn measure(
         tick();
     }
     Ok((saves, loads, rss_reset))
+}
+
+/// Runs `repeat` async saves in `phase`'s mode through one `AsyncCheckpointIO` (so later
+/// runs reuse its staging memory, as a training loop would) and records the stall of each.
+fn measure_async(
+    setting: &Setting,
+    ckpt: &Checkpoint<'_>,
+    workspace: &Workspace,
+    phase: Phase,
+    repeat: u32,
+    mut tick: impl FnMut(),
+) -> Result<Vec<Sample>> {
+    let Some(mode) = phase.async_mode() else { return Ok(Vec::new()) };
+    let inner = UringCheckpointIO::new(setting.config.clone())?;
+    let io = AsyncCheckpointIO::new(inner, AsyncOptions { mode, max_saves_in_flight: 1 })?;
+    let mut samples = Vec::new();
+    for _ in 0..repeat {
+        if interrupted() {
+            return Err(CliError::msg("interrupted"));
+        }
+        let mut owned = OwnedCheckpoint::new();
+        for tensor in &ckpt.tensors {
+            let bytes =
+                tensor.data.host_bytes().ok_or_else(|| CliError::msg("synthetic tensors are host memory"))?;
+            // SAFETY: the synthetic checkpoint outlives this function and is never modified;
+            // every save is waited for (durable) before the next one starts or we return.
+            let source = unsafe { HostPtrSource::new(bytes.as_ptr(), bytes.len()) };
+            owned.add(tensor.name.clone(), tensor.dtype, &tensor.shape, Arc::new(source))?;
+        }
+        let path = workspace.next_path();
+        reset_peak_rss();
+        let before = cpu_seconds();
+        let started = Instant::now();
+        let handle = io.save_checkpoint(owned, &path)?;
+        handle.staged().wait();
+        let stall = started.elapsed().as_secs_f64();
+        let report = handle.wait()?;
+        let cpu = cpu_seconds() - before;
+        samples.push(Sample {
+            mib_s: report.throughput_mib_s,
+            seconds: stall,
+            bytes: report.file_bytes,
+            cpu_seconds: cpu,
+            latency: report.write_latency,
+            ops: report.writes,
+            peak_rss_bytes: peak_rss(),
+            engine_used: report.engine.engine,
+            fallbacks: fallbacks(&report.engine),
+            zero_copy_bytes: report.zero_copy_bytes,
+            staged_bytes: report.staged_bytes,
+        });
+        io.remove_checkpoint(&path)?;
+        tick();
+    }
+    Ok(samples)
 }
 
 fn fallbacks(report: &uring_ckpt::io::EngineReport) -> Vec<String> {
