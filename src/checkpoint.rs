@@ -246,6 +246,24 @@ pub struct SaveReport {
     pub seconds: f64,
     /// Seconds spent in the commit step (manifest, fsyncs, rename).
     pub commit_seconds: f64,
+    /// Seconds the caller had to keep the sources unchanged: from the call until every byte
+    /// was staged (copied out of the sources, or written where it went to disk without a
+    /// copy). A synchronous save stalls for all of `seconds`; an asynchronous one
+    /// ([`crate::AsyncCheckpointIO`]) only until its `staged()` completion.
+    pub stall_seconds: f64,
+    /// Wall-clock seconds during which at least one copy out of a source was running: the
+    /// staging copies of the shard writers (host memcpy with CRC, or
+    /// [`crate::staging::TensorSource::copy_to`] of a device), and in `snapshot` mode the
+    /// copy of the whole checkpoint into host memory. Copies on several threads at once
+    /// count once.
+    pub copy_seconds: f64,
+    /// Wall-clock seconds during which at least one write was in flight in an engine (from
+    /// submission until its completion was seen; fsyncs not included).
+    pub write_seconds: f64,
+    /// How much copying and writing overlapped: `(copy + write - busy) / min(copy, write)`
+    /// where `busy` is the time either was running: 1 when the shorter one was entirely
+    /// hidden behind the other, 0 when they ran one after the other (or either is zero).
+    pub overlap_ratio: f64,
     /// `file_bytes / seconds`, MiB/s.
     pub throughput_mib_s: f64,
     /// Bytes written straight from tensor memory (no staging copy).

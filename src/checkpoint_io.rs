@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -13,9 +13,10 @@ use crate::checkpoint::{mib_per_s, Checkpoint, LoadedCheckpoint, SaveReport, Ten
 use crate::commit::TempCheckpointDir;
 use crate::config::Config;
 use crate::format::{Manifest, ShardInfo, MANIFEST_FILE};
+use crate::io::stats::overlap_ratio;
 use crate::io::{self, AlignedBuf, EngineReport, IoStats};
 use crate::load;
-use crate::shard_writer::{write_shard, ShardVolume};
+use crate::shard_writer::{write_shard, ShardOptions, ShardVolume};
 use crate::{Error, Result};
 
 /// What to load.
@@ -32,6 +33,23 @@ pub trait CheckpointIO: Send + Sync {
     /// Writes `checkpoint` as a committed checkpoint directory at `path`; returns once it is
     /// durable. On error nothing is committed and an earlier checkpoint at `path` is intact.
     fn save_checkpoint(&self, checkpoint: &Checkpoint<'_>, path: &Path) -> Result<SaveReport>;
+    /// Like [`save_checkpoint`](CheckpointIO::save_checkpoint), and calls `on_staged` exactly
+    /// once, as soon as the save no longer reads the checkpoint's tensor memory (every byte
+    /// is staged or written), which may be long before the save returns. `on_staged` is
+    /// called on failure too (then once nothing reads the sources any more), always before
+    /// this method returns.
+    ///
+    /// The provided implementation calls it after `save_checkpoint` returns.
+    fn save_checkpoint_staged(
+        &self,
+        checkpoint: &Checkpoint<'_>,
+        path: &Path,
+        on_staged: &(dyn Fn() + Sync),
+    ) -> Result<SaveReport> {
+        let result = self.save_checkpoint(checkpoint, path);
+        on_staged();
+        result
+    }
     /// Reads the checkpoint at `path`.
     fn load_checkpoint(&self, path: &Path, options: &LoadOptions) -> Result<LoadedCheckpoint>;
     /// Deletes the checkpoint at `path` (atomically: it disappears as a whole). A missing
@@ -56,9 +74,66 @@ pub struct RankShards {
 
 /// The default [`CheckpointIO`]: io_uring + O_DIRECT (with fallbacks), sharded, atomic.
 /// Staging buffers are allocated once and reused by later saves.
+///
+/// [`save_checkpoint_staged`](CheckpointIO::save_checkpoint_staged) reports "staged" once
+/// every shard writer has copied its last tensor byte into a staging buffer. To make that
+/// point come before the writes complete, such a save turns zero-copy off: every byte is
+/// copied (with its CRC, in the same pass) into the staging ring, so no write in flight
+/// still reads tensor memory. [`save_checkpoint`](CheckpointIO::save_checkpoint) keeps
+/// zero-copy for large aligned host tensors.
 pub struct UringCheckpointIO {
     config: Config,
     buffers: Mutex<Vec<AlignedBuf>>,
+}
+
+/// Calls a save's `on_staged` once: when the last shard has been appended, or at the end.
+struct StagedSignal<'h> {
+    remaining: AtomicUsize,
+    fired: AtomicBool,
+    callback: Option<&'h (dyn Fn() + Sync)>,
+    started: Instant,
+    at: Mutex<Option<f64>>,
+}
+
+impl<'h> StagedSignal<'h> {
+    fn new(callback: Option<&'h (dyn Fn() + Sync)>, started: Instant) -> Self {
+        StagedSignal {
+            remaining: AtomicUsize::new(usize::MAX),
+            fired: AtomicBool::new(false),
+            callback,
+            started,
+            at: Mutex::new(None),
+        }
+    }
+
+    /// Sets how many shards must be appended before the signal fires.
+    fn expect(&self, shards: usize) {
+        self.remaining.store(shards, Ordering::SeqCst);
+    }
+
+    fn shard_appended(&self) {
+        if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.fire();
+        }
+    }
+
+    /// Fires (once); later calls do nothing.
+    fn fire(&self) {
+        if self.fired.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Ok(mut at) = self.at.lock() {
+            *at = Some(self.started.elapsed().as_secs_f64());
+        }
+        if let Some(callback) = self.callback {
+            callback();
+        }
+    }
+
+    /// Seconds from the start of the save until the signal fired.
+    fn seconds(&self) -> Option<f64> {
+        self.at.lock().ok().and_then(|at| *at)
+    }
 }
 
 impl UringCheckpointIO {
@@ -73,6 +148,29 @@ impl UringCheckpointIO {
         &self.config
     }
 
+    /// Allocates the staging pool now (saves reuse it) and hands each buffer to `register`,
+    /// e.g. `staging::cuda::CudaStaging::register` (feature `cuda`) to page-lock it for device copies.
+    /// A buffer that `register` refuses stays usable (pageable); the first refusal is
+    /// logged. Returns how many buffers were registered.
+    pub fn prepare_staging(&self, mut register: impl FnMut(&AlignedBuf) -> Result<()>) -> usize {
+        let Ok(mut pool) = self.buffers.lock() else { return 0 };
+        let existing = std::mem::take(&mut *pool);
+        *pool = io::probe::fill_pool(existing, &self.config, 4096);
+        let mut registered = 0;
+        let mut refused = false;
+        for buf in pool.iter() {
+            match register(buf) {
+                Ok(()) => registered += 1,
+                Err(e) if !refused => {
+                    refused = true;
+                    log::warn!("staging buffer registration refused ({e}); copies use pageable memory");
+                }
+                Err(_) => {}
+            }
+        }
+        registered
+    }
+
     /// Writes this rank's tensors as shards into the shared temporary directory of `path`
     /// (named after `save_id`, which every rank of one save must share). The checkpoint is
     /// not committed until [`UringCheckpointIO::commit_ranks`] runs, after all ranks returned.
@@ -85,7 +183,8 @@ impl UringCheckpointIO {
     ) -> Result<RankShards> {
         validate_save_id(save_id)?;
         let tmp = TempCheckpointDir::create_named(path, self.config.replace_existing, save_id)?;
-        let result = self.write_shards(checkpoint, path, tmp.path(), rank);
+        let signal = StagedSignal::new(None, Instant::now());
+        let result = self.write_shards(checkpoint, path, tmp.path(), rank, &signal);
         // The directory belongs to the whole save: keep it even if this rank failed; the
         // commit step (or a later cleanup) decides.
         std::mem::forget(tmp);
@@ -147,10 +246,14 @@ impl UringCheckpointIO {
         target: &Path,
         dir: &Path,
         rank: u32,
+        signal: &StagedSignal<'_>,
     ) -> Result<RankShards> {
         let started = Instant::now();
         checkpoint.validate()?;
         let plan = self.plan_shards(checkpoint);
+        signal.expect(plan.len());
+        let on_appended = || signal.shard_appended();
+        let options = ShardOptions { zero_copy: signal.callback.is_none(), on_appended: Some(&on_appended) };
         let workers = plan.len().min(std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4));
         let per_worker = worker_config(&self.config, workers);
         let mut pool = self.buffers.lock().map(|mut b| std::mem::take(&mut *b)).unwrap_or_default();
@@ -168,7 +271,7 @@ impl UringCheckpointIO {
                     let buffers: Vec<AlignedBuf> = pool.drain(..take).collect();
                     let (plan, names, next, per_worker) = (&plan, &names, &next, &per_worker);
                     scope.spawn(move || {
-                        run_worker(per_worker, dir, buffers, plan, names, next, &checkpoint.metadata)
+                        run_worker(per_worker, dir, buffers, plan, names, next, &checkpoint.metadata, options)
                     })
                 })
                 .collect();
@@ -192,8 +295,7 @@ impl UringCheckpointIO {
                 Ok(out) => {
                     shards.extend(out.shards);
                     stats.merge(&out.stats);
-                    volume.zero_copy_bytes += out.volume.zero_copy_bytes;
-                    volume.staged_bytes += out.volume.staged_bytes;
+                    volume.add(&out.volume);
                     engine.get_or_insert(out.engine);
                     returned.extend(out.buffers);
                 }
@@ -226,6 +328,10 @@ impl UringCheckpointIO {
             tensors: checkpoint.tensors.len(),
             seconds,
             commit_seconds: 0.0,
+            stall_seconds: signal.seconds().unwrap_or(seconds),
+            copy_seconds: volume.copies.busy().as_secs_f64(),
+            write_seconds: stats.busy.busy().as_secs_f64(),
+            overlap_ratio: overlap_ratio(&volume.copies, &stats.busy),
             throughput_mib_s: mib_per_s(file_bytes, seconds),
             zero_copy_bytes: volume.zero_copy_bytes,
             staged_bytes: volume.staged_bytes,
@@ -261,6 +367,7 @@ struct WorkerOutcome {
 }
 
 /// One writer thread: takes the next unwritten shard until none is left.
+#[allow(clippy::too_many_arguments)]
 fn run_worker<'a>(
     config: &Config,
     dir: &Path,
@@ -269,6 +376,7 @@ fn run_worker<'a>(
     names: &[String],
     next: &AtomicUsize,
     metadata: &BTreeMap<String, String>,
+    options: ShardOptions<'_>,
 ) -> Result<WorkerOutcome> {
     let mut writer = io::open_writer(config, dir, buffers)?;
     let mut shards = Vec::new();
@@ -279,9 +387,9 @@ fn run_worker<'a>(
             break;
         }
         let path = dir.join(&names[i]);
-        let (info, shard_volume) = write_shard(writer.as_mut(), &path, &names[i], &plan[i], metadata)?;
-        volume.zero_copy_bytes += shard_volume.zero_copy_bytes;
-        volume.staged_bytes += shard_volume.staged_bytes;
+        let (info, shard_volume) =
+            write_shard(writer.as_mut(), &path, &names[i], &plan[i], metadata, options)?;
+        volume.add(&shard_volume);
         shards.push((i, info));
     }
     let stats = writer.stats().clone();
@@ -313,12 +421,30 @@ fn validate_save_id(save_id: &str) -> Result<()> {
     }
 }
 
-impl CheckpointIO for UringCheckpointIO {
-    fn save_checkpoint(&self, checkpoint: &Checkpoint<'_>, path: &Path) -> Result<SaveReport> {
-        let started = Instant::now();
+impl UringCheckpointIO {
+    /// A whole save; `signal` fires once the sources are no longer read (at the latest when
+    /// this returns).
+    fn save(
+        &self,
+        checkpoint: &Checkpoint<'_>,
+        path: &Path,
+        signal: &StagedSignal<'_>,
+    ) -> Result<SaveReport> {
+        let result = self.save_inner(checkpoint, path, signal);
+        signal.fire();
+        result
+    }
+
+    fn save_inner(
+        &self,
+        checkpoint: &Checkpoint<'_>,
+        path: &Path,
+        signal: &StagedSignal<'_>,
+    ) -> Result<SaveReport> {
+        let started = signal.started;
         let replace = self.config.replace_existing;
         let tmp = TempCheckpointDir::create(path, replace)?;
-        let rank = self.write_shards(checkpoint, path, tmp.path(), 0)?;
+        let rank = self.write_shards(checkpoint, path, tmp.path(), 0, signal)?;
         let commit_started = Instant::now();
         let mut manifest =
             Manifest::new(rank.shards, rank.weight_map, rank.data_bytes, checkpoint.metadata.clone());
@@ -330,6 +456,11 @@ impl CheckpointIO for UringCheckpointIO {
         report.commit_seconds = commit_started.elapsed().as_secs_f64();
         report.seconds = started.elapsed().as_secs_f64();
         report.throughput_mib_s = mib_per_s(report.file_bytes, report.seconds);
+        report.stall_seconds = if signal.callback.is_some() {
+            signal.seconds().unwrap_or(report.seconds)
+        } else {
+            report.seconds // a synchronous save holds its caller until the end
+        };
         log::info!(
             "saved {} ({} tensors, {} shards, {} bytes) in {:.3}s, {:.0} MiB/s with {}",
             path.display(),
@@ -341,6 +472,21 @@ impl CheckpointIO for UringCheckpointIO {
             report.engine.engine
         );
         Ok(report)
+    }
+}
+
+impl CheckpointIO for UringCheckpointIO {
+    fn save_checkpoint(&self, checkpoint: &Checkpoint<'_>, path: &Path) -> Result<SaveReport> {
+        self.save(checkpoint, path, &StagedSignal::new(None, Instant::now()))
+    }
+
+    fn save_checkpoint_staged(
+        &self,
+        checkpoint: &Checkpoint<'_>,
+        path: &Path,
+        on_staged: &(dyn Fn() + Sync),
+    ) -> Result<SaveReport> {
+        self.save(checkpoint, path, &StagedSignal::new(Some(on_staged), Instant::now()))
     }
 
     fn load_checkpoint(&self, path: &Path, options: &LoadOptions) -> Result<LoadedCheckpoint> {

@@ -26,6 +26,8 @@
 //! | `verify_on_load` | `URING_CKPT_VERIFY_ON_LOAD` | bool | `true` | | check every tensor's CRC-32 when loading |
 //! | `replace_existing` | `URING_CKPT_REPLACE_EXISTING` | bool | `false` | | allow a save to replace an existing checkpoint (atomically) |
 //! | `io_threads` | `URING_CKPT_IO_THREADS` | integer | `4` | 1..=256 | threads of the pwrite engine |
+//! | `async_mode` | `URING_CKPT_ASYNC_MODE` | `"stream"`, `"snapshot"` | `"stream"` | | how [`AsyncCheckpointIO`](crate::AsyncCheckpointIO) stages: `stream` through the bounded staging ring (memory = pool; the caller waits until the last chunk is staged), `snapshot` copies the whole checkpoint to host memory first (memory = checkpoint size; shortest wait) |
+//! | `max_saves_in_flight` | `URING_CKPT_MAX_SAVES_IN_FLIGHT` | integer | `1` | 1..=64 | asynchronous saves running at once; a new save waits for a slot |
 //! | `[simulate]` | `URING_CKPT_SIMULATE` | table / comma-separated list | none | `uring-eperm`, `direct-einval`, `register-enomem` | faults to simulate, for testing fallbacks |
 //! | | `URING_CKPT_CONFIG` | path | unset | | the TOML file [`Config::load`] reads when given no path |
 //! | | `URING_CKPT_LOG` | log filter | unset | | log level of the CLI (not read by this module) |
@@ -174,6 +176,53 @@ impl fmt::Display for FsyncPolicy {
     }
 }
 
+/// How [`AsyncCheckpointIO`](crate::AsyncCheckpointIO) takes the bytes from the sources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AsyncMode {
+    /// Through the bounded staging ring: memory is the staging pool, and the sources are
+    /// released ("staged") once their last chunk is in the ring.
+    #[default]
+    Stream,
+    /// Copy the whole checkpoint into (reused) host memory first, release the sources, then
+    /// write from that copy: the shortest stall, memory the size of the checkpoint per save
+    /// in flight (as `torch.distributed.checkpoint.async_save` does).
+    Snapshot,
+}
+
+impl AsyncMode {
+    /// The lowercase name used in TOML, in environment variables and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AsyncMode::Stream => "stream",
+            AsyncMode::Snapshot => "snapshot",
+        }
+    }
+
+    fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "stream" => Ok(AsyncMode::Stream),
+            "snapshot" => Ok(AsyncMode::Snapshot),
+            _ => Err(format!("unknown async mode {s:?}; expected stream or snapshot")),
+        }
+    }
+}
+
+impl FromStr for AsyncMode {
+    type Err = Error;
+
+    /// Parses `stream` or `snapshot`, in any case.
+    fn from_str(s: &str) -> Result<Self> {
+        AsyncMode::parse(s).map_err(Error::Config)
+    }
+}
+
+impl fmt::Display for AsyncMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Faults the engines simulate so that every fallback path can be tested on any machine.
 ///
 /// In TOML this is the `[simulate]` table; in the environment, `URING_CKPT_SIMULATE` is a
@@ -259,6 +308,11 @@ pub struct Config {
     pub replace_existing: bool,
     /// Threads of the pwrite engine's pool. Default `4`, range `1..=256`.
     pub io_threads: u32,
+    /// How asynchronous saves stage the sources. Default [`AsyncMode::Stream`].
+    pub async_mode: AsyncMode,
+    /// Asynchronous saves running at once; a further save waits for one to finish (none is
+    /// ever dropped). Default `1`, range `1..=64`.
+    pub max_saves_in_flight: u32,
     /// Faults to simulate, for testing fallback paths. Default: none.
     pub simulate: SimulatedFaults,
 }
@@ -278,6 +332,8 @@ impl Default for Config {
             verify_on_load: true,
             replace_existing: false,
             io_threads: 4,
+            async_mode: AsyncMode::Stream,
+            max_saves_in_flight: 1,
             simulate: SimulatedFaults::default(),
         }
     }
@@ -306,6 +362,8 @@ impl Config {
     pub const MIN_SHARD_SIZE: u64 = MIB;
     /// Bounds of `io_threads`.
     pub const IO_THREADS_RANGE: std::ops::RangeInclusive<u32> = 1..=256;
+    /// Bounds of `max_saves_in_flight`.
+    pub const MAX_SAVES_IN_FLIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=64;
 
     /// A builder starting from the defaults; `build()` validates.
     pub fn builder() -> ConfigBuilder {
@@ -349,6 +407,9 @@ impl Config {
         }
         if !Self::IO_THREADS_RANGE.contains(&self.io_threads) {
             problems.push(format!("io_threads must be 1..=256, got {}", self.io_threads));
+        }
+        if !Self::MAX_SAVES_IN_FLIGHT_RANGE.contains(&self.max_saves_in_flight) {
+            problems.push(format!("max_saves_in_flight must be 1..=64, got {}", self.max_saves_in_flight));
         }
         if problems.is_empty() {
             Ok(())
@@ -399,6 +460,8 @@ impl Config {
              verify_on_load = {}\n\
              replace_existing = {}\n\
              io_threads = {}\n\
+             async_mode = \"{}\"\n\
+             max_saves_in_flight = {}\n\
              \n\
              [simulate]\n\
              uring_setup_eperm = {}\n\
@@ -416,6 +479,8 @@ impl Config {
             self.verify_on_load,
             self.replace_existing,
             self.io_threads,
+            self.async_mode,
+            self.max_saves_in_flight,
             s.uring_setup_eperm,
             s.direct_io_einval,
             s.register_enomem,
@@ -475,6 +540,8 @@ impl Config {
             "VERIFY_ON_LOAD" => self.verify_on_load = parse_env_bool(value)?,
             "REPLACE_EXISTING" => self.replace_existing = parse_env_bool(value)?,
             "IO_THREADS" => self.io_threads = parse_env_int(value)?,
+            "ASYNC_MODE" => self.async_mode = AsyncMode::parse(value)?,
+            "MAX_SAVES_IN_FLIGHT" => self.max_saves_in_flight = parse_env_int(value)?,
             "SIMULATE" => self.simulate = SimulatedFaults::parse_list(value)?,
             "CONFIG" | "LOG" => {}
             _ => {
@@ -504,7 +571,7 @@ impl Config {
 }
 
 /// Every environment variable [`Config::with_env_from`] understands.
-const ENV_VARS: [&str; 15] = [
+const ENV_VARS: [&str; 17] = [
     "URING_CKPT_ENGINE",
     "URING_CKPT_QUEUE_DEPTH",
     "URING_CKPT_CHUNK_SIZE",
@@ -517,6 +584,8 @@ const ENV_VARS: [&str; 15] = [
     "URING_CKPT_VERIFY_ON_LOAD",
     "URING_CKPT_REPLACE_EXISTING",
     "URING_CKPT_IO_THREADS",
+    "URING_CKPT_ASYNC_MODE",
+    "URING_CKPT_MAX_SAVES_IN_FLIGHT",
     "URING_CKPT_SIMULATE",
     "URING_CKPT_CONFIG",
     "URING_CKPT_LOG",
@@ -592,6 +661,10 @@ impl ConfigBuilder {
         replace_existing: bool;
         /// Sets [`Config::io_threads`] (1..=256).
         io_threads: u32;
+        /// Sets [`Config::async_mode`].
+        async_mode: AsyncMode;
+        /// Sets [`Config::max_saves_in_flight`] (1..=64).
+        max_saves_in_flight: u32;
         /// Sets [`Config::simulate`].
         simulate: SimulatedFaults;
     }

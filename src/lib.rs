@@ -9,6 +9,7 @@ pub mod format;
 pub mod inspect;
 
 pub use error::{Error, Result};
+pub mod async_io;
 pub mod checkpoint;
 pub mod checkpoint_io;
 pub mod commit;
@@ -16,8 +17,16 @@ pub mod io;
 pub mod load;
 mod shard_writer;
 pub mod staging;
+pub mod synthetic;
 
+pub use async_io::{
+    AsyncCheckpointIO, AsyncOptions, Durable, OwnedCheckpoint, OwnedTensor, SaveHandle, Staged,
+};
 pub use checkpoint::{Checkpoint, LoadReport, LoadedCheckpoint, LoadedTensor, SaveReport, TensorView};
 pub use checkpoint_io::{CheckpointIO, LoadOptions, RankShards, UringCheckpointIO};
-pub use config::{Config, EngineKind, FsyncPolicy};
+pub use config::{AsyncMode, Config, EngineKind, FsyncPolicy};
 pub use format::Dtype;
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

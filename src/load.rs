@@ -1,9 +1,14 @@
 //! Reading a committed checkpoint: manifest, shard headers, tensor bytes (as `Bytes` views
 //! of aligned read buffers, no extra copy), CRC checks.
+//!
+//! A whole shard is read in segments into one aligned buffer; a verifier thread computes
+//! the CRCs of segment k while segment k+1 is being read, so checking costs no extra time
+//! when the disk is the bottleneck.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -12,11 +17,18 @@ use crate::checkpoint::{mib_per_s, LoadReport, LoadedCheckpoint, LoadedTensor};
 use crate::checkpoint_io::LoadOptions;
 use crate::config::Config;
 use crate::format::{
-    parse_header, ExtraFileInfo, Manifest, ParsedHeader, ShardInfo, MANIFEST_FILE, MAX_MANIFEST_LEN,
+    parse_header, ExtraFileInfo, Manifest, ParsedHeader, ShardInfo, TensorEntry, MANIFEST_FILE,
+    MAX_MANIFEST_LEN,
 };
-use crate::io::aligned::{round_down_u64, round_up_u64};
+use crate::io::aligned::{round_down_u64, round_up, round_up_u64};
 use crate::io::{open_reader, AlignedBuf, FileId, Reader};
 use crate::{Error, Result};
+
+/// Bytes per read call when loading a whole shard (the verifier hashes one segment while
+/// the next is read): eight chunks, between 1 MiB and 256 MiB; 64 MiB by default.
+pub(crate) fn segment_len(config: &Config) -> usize {
+    (config.chunk_size as usize).saturating_mul(8).clamp(1 << 20, 256 << 20)
+}
 
 /// Reads and checks `dir/manifest.json`.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
@@ -49,13 +61,23 @@ pub(crate) struct OpenShard {
     pub whole: Option<Bytes>,
 }
 
-/// Opens a shard, checks its size against the manifest and parses its header. Reads the
-/// whole file at once when `whole` (one large sequential read), else only the header.
+/// How much of a shard [`open_shard`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShardRead {
+    /// Only the header.
+    Header,
+    /// The whole file; with `verify`, every tensor's CRC is checked on the way.
+    Whole { verify: bool },
+}
+
+/// Opens a shard, checks its size against the manifest and its header against the header
+/// CRC in the manifest, parses the header, and reads as `read` says.
 pub(crate) fn open_shard(
     reader: &mut dyn Reader,
     dir: &Path,
     info: &ShardInfo,
-    whole: bool,
+    read: ShardRead,
+    segment: usize,
 ) -> Result<OpenShard> {
     let path = dir.join(&info.file);
     let (file, len) = reader.open(&path)?;
@@ -65,11 +87,45 @@ pub(crate) fn open_shard(
             reason: format!("shard {} is {len} bytes, the manifest says {}", info.file, info.size),
         });
     }
-    let align = reader.report().align as u64;
-    let read_len = if whole { len } else { info.header_len.min(len) };
-    let mut buf = AlignedBuf::zeroed(round_up_u64(read_len, align) as usize, align as usize);
-    reader.read_at(file, &mut buf, 0, read_len as usize)?;
-    let prefix = &buf[..info.header_len.min(read_len) as usize];
+    if info.header_len > len {
+        return Err(Error::NotACheckpoint {
+            path: dir.to_path_buf(),
+            reason: format!("shard {} is shorter than its header", info.file),
+        });
+    }
+    let report = reader.report();
+    let align = report.align;
+    let buf_align = report.align.max(report.mem_align);
+    let whole = matches!(read, ShardRead::Whole { .. });
+    let buf_len = if whole { len } else { info.header_len };
+    let mut buf = AlignedBuf::zeroed(round_up_u64(buf_len.max(1), align as u64) as usize, buf_align);
+    // The first read covers the header (and, for a whole read, the first segment).
+    let first = if whole {
+        (round_up(info.header_len as usize, align).max(segment) as u64).min(len) as usize
+    } else {
+        info.header_len as usize
+    };
+    reader.read_at(file, buf.as_full_mut_slice(), 0, first)?;
+    let header = check_header(dir, &path, info, &buf.as_full_mut_slice()[..info.header_len as usize], len)?;
+    if let ShardRead::Whole { verify } = read {
+        let verify = verify && header.crcs.iter().any(Option::is_some);
+        read_rest(
+            reader,
+            file,
+            &path,
+            buf.as_full_mut_slice(),
+            (first, segment),
+            len,
+            verify.then_some(&header),
+        )?;
+        buf.set_len(len as usize);
+    }
+    let whole = whole.then(|| Bytes::from_owner(buf));
+    Ok(OpenShard { path, file, header, whole })
+}
+
+/// Checks the header prefix against the manifest entry and parses it.
+fn check_header(dir: &Path, path: &Path, info: &ShardInfo, prefix: &[u8], len: u64) -> Result<ParsedHeader> {
     let actual = crc32fast::hash(prefix);
     if actual != info.header_crc32 {
         return Err(Error::NotACheckpoint {
@@ -80,15 +136,108 @@ pub(crate) fn open_shard(
             ),
         });
     }
-    let header = parse_header(prefix, len).map_err(|source| Error::Format { path: path.clone(), source })?;
+    let header =
+        parse_header(prefix, len).map_err(|source| Error::Format { path: path.to_path_buf(), source })?;
     if header.data_start != info.header_len || header.tensors.len() as u64 != info.tensor_count {
         return Err(Error::NotACheckpoint {
             path: dir.to_path_buf(),
             reason: format!("shard {} does not match its manifest entry", info.file),
         });
     }
-    let whole = whole.then(|| Bytes::from_owner(buf));
-    Ok(OpenShard { path, file, header, whole })
+    Ok(header)
+}
+
+/// Reads `[done, len)` of the file into `buf` segment by segment. With `verify`, a second
+/// thread checks the CRCs of everything read so far while the next segment is read.
+fn read_rest(
+    reader: &mut dyn Reader,
+    file: FileId,
+    path: &Path,
+    buf: &mut [u8],
+    (done, segment): (usize, usize),
+    len: u64,
+    verify: Option<&ParsedHeader>,
+) -> Result<()> {
+    let len = len as usize;
+    let Some(header) = verify else {
+        return if done < len {
+            reader.read_at(file, &mut buf[done..], done as u64, len - done)
+        } else {
+            Ok(())
+        };
+    };
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::channel::<(usize, &[u8])>();
+        let verifier = scope.spawn(move || verify_segments(path, header, rx));
+        let (first, mut rest) = buf.split_at_mut(done.min(buf.len()));
+        let _ = tx.send((0, &first[..done.min(len)]));
+        let mut offset = done;
+        let mut read_result = Ok(());
+        while offset < len {
+            let n = segment.min(len - offset);
+            // The last segment keeps the buffer's padding: direct reads need whole blocks.
+            let take = if offset + n >= len { rest.len() } else { n };
+            let (segment, tail) = rest.split_at_mut(take);
+            if let Err(err) = reader.read_at(file, segment, offset as u64, n) {
+                read_result = Err(err);
+                break;
+            }
+            let segment: &[u8] = segment;
+            if tx.send((offset, &segment[..n])).is_err() {
+                break; // the verifier stopped at a mismatch; it reports it below
+            }
+            offset += n;
+            rest = tail;
+        }
+        drop(tx);
+        let verified = verifier
+            .join()
+            .unwrap_or_else(|_| Err(Error::Unavailable("CRC verifier thread panicked".into())));
+        verified.and(read_result)
+    })
+}
+
+/// Feeds consecutive segments of a shard file to one hasher per tensor; fails on the first
+/// tensor whose CRC differs from the stored one.
+fn verify_segments(
+    path: &Path,
+    header: &ParsedHeader,
+    segments: mpsc::Receiver<(usize, &[u8])>,
+) -> Result<()> {
+    let start = header.data_start as usize;
+    let mut index = 0usize;
+    let mut hasher = crc32fast::Hasher::new();
+    let check = |entry: &TensorEntry, expected: Option<u32>, hasher: crc32fast::Hasher| {
+        let actual = hasher.finalize();
+        match expected {
+            Some(expected) if expected != actual => {
+                Err(Error::Crc { path: path.to_path_buf(), tensor: entry.name.clone(), expected, actual })
+            }
+            _ => Ok(()),
+        }
+    };
+    for (offset, bytes) in segments {
+        let end = offset + bytes.len();
+        while let Some(entry) = header.tensors.get(index) {
+            let (begin, stop) =
+                (start + entry.data_offsets.0 as usize, start + entry.data_offsets.1 as usize);
+            let (from, to) = (begin.max(offset), stop.min(end));
+            if from < to {
+                hasher.update(&bytes[from - offset..to - offset]);
+            }
+            if stop > end {
+                break; // continues in the next segment
+            }
+            check(entry, header.crcs[index], std::mem::take(&mut hasher))?;
+            index += 1;
+        }
+    }
+    // Tensors past the last segment (only empty ones at the very end can be).
+    while let Some(entry) = header.tensors.get(index) {
+        check(entry, header.crcs[index], std::mem::take(&mut hasher))?;
+        index += 1;
+    }
+    Ok(())
 }
 
 /// Loads the checkpoint at `dir`.
@@ -108,53 +257,47 @@ pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<Loaded
     let mut read_bytes = 0u64;
     let mut data_bytes = 0u64;
     for info in &manifest.shards {
-        let needed: Vec<&str> = manifest
-            .weight_map
-            .iter()
-            .filter(|(name, file)| {
-                **file == info.file && wanted.as_ref().is_none_or(|w| w.contains(name.as_str()))
-            })
-            .map(|(name, _)| name.as_str())
-            .collect();
-        if needed.is_empty() && wanted.is_some() {
+        let is_wanted = |name: &str| wanted.as_ref().is_none_or(|w| w.contains(name));
+        if wanted.is_some() && !manifest.weight_map.iter().any(|(n, f)| *f == info.file && is_wanted(n)) {
             continue;
         }
-        let shard = open_shard(reader.as_mut(), dir, info, wanted.is_none())?;
+        let read = if wanted.is_none() { ShardRead::Whole { verify } } else { ShardRead::Header };
+        let shard = open_shard(reader.as_mut(), dir, info, read, segment_len(config))?;
         check_weight_map(dir, &manifest.weight_map, info, &shard.header)?;
         let data_start = shard.header.data_start;
         let align = reader.report().align as u64;
+        let buf_align = reader.report().align.max(reader.report().mem_align);
         for (i, entry) in shard.header.tensors.iter().enumerate() {
-            if let Some(w) = &wanted {
-                if !w.contains(entry.name.as_str()) {
-                    continue;
-                }
+            if !is_wanted(&entry.name) {
+                continue;
             }
             let (begin, end) = (data_start + entry.data_offsets.0, data_start + entry.data_offsets.1);
             let data = match &shard.whole {
                 Some(whole) => whole.slice(begin as usize..end as usize),
                 None => {
-                    let start = round_down_u64(begin, align);
-                    let len = (end - start) as usize;
-                    let mut buf =
-                        AlignedBuf::zeroed(round_up_u64(len as u64, align) as usize, align as usize);
-                    reader.read_at(shard.file, &mut buf, start, len)?;
+                    let first = round_down_u64(begin, align);
+                    let len = (end - first) as usize;
+                    let mut buf = AlignedBuf::zeroed(round_up_u64(len as u64, align) as usize, buf_align);
+                    reader.read_at(shard.file, buf.as_full_mut_slice(), first, len)?;
+                    buf.set_len(len);
                     read_bytes += len as u64;
-                    Bytes::from_owner(buf).slice((begin - start) as usize..)
+                    let data = Bytes::from_owner(buf).slice((begin - first) as usize..);
+                    if verify {
+                        if let Some(expected) = shard.header.crcs[i] {
+                            let actual = crc32fast::hash(&data);
+                            if actual != expected {
+                                return Err(Error::Crc {
+                                    path: shard.path.clone(),
+                                    tensor: entry.name.clone(),
+                                    expected,
+                                    actual,
+                                });
+                            }
+                        }
+                    }
+                    data
                 }
             };
-            if verify {
-                if let Some(expected) = shard.header.crcs[i] {
-                    let actual = crc32fast::hash(&data);
-                    if actual != expected {
-                        return Err(Error::Crc {
-                            path: shard.path.clone(),
-                            tensor: entry.name.clone(),
-                            expected,
-                            actual,
-                        });
-                    }
-                }
-            }
             data_bytes += data.len() as u64;
             tensors.push(LoadedTensor {
                 name: entry.name.clone(),
@@ -163,11 +306,7 @@ pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<Loaded
                 data,
             });
         }
-        if shard.whole.is_some() {
-            read_bytes += info.size;
-        } else {
-            read_bytes += info.header_len;
-        }
+        read_bytes += if shard.whole.is_some() { info.size } else { info.header_len };
         reader.close(shard.file);
     }
     let mut extra_files = Vec::with_capacity(manifest.extra_files.len());
@@ -217,7 +356,7 @@ pub(crate) fn read_extra_file(dir: &Path, info: &ExtraFileInfo) -> Result<Bytes>
 }
 
 /// The tensors in a shard's header must be exactly those the manifest maps to it.
-fn check_weight_map(
+pub(crate) fn check_weight_map(
     dir: &Path,
     weight_map: &BTreeMap<String, String>,
     info: &ShardInfo,

@@ -6,10 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Instant;
 
 use crate::checkpoint::{TensorData, TensorView};
 use crate::format::{encode_header, ShardInfo, ShardLayout, TensorSpec};
 use crate::io::aligned::round_down_u64;
+use crate::io::stats::BusySpans;
 use crate::io::{FileId, Payload, StagingBuf, Writer};
 use crate::staging::TensorSource;
 use crate::Result;
@@ -19,10 +21,37 @@ use crate::Result;
 const ZERO_COPY_MIN: usize = 256 * 1024;
 
 /// Counts of how the bytes of one shard travelled.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct ShardVolume {
     pub zero_copy_bytes: u64,
     pub staged_bytes: u64,
+    /// When staging copies (out of the sources) ran.
+    pub copies: BusySpans,
+}
+
+impl ShardVolume {
+    pub(crate) fn add(&mut self, other: &ShardVolume) {
+        self.zero_copy_bytes += other.zero_copy_bytes;
+        self.staged_bytes += other.staged_bytes;
+        self.copies.merge(&other.copies);
+    }
+}
+
+/// How one shard is written.
+#[derive(Clone, Copy)]
+pub(crate) struct ShardOptions<'h> {
+    /// Let large aligned host tensors go to disk without a staging copy. Off when the
+    /// caller must be told, before the writes complete, that the sources are no longer read.
+    pub zero_copy: bool,
+    /// Called once every tensor byte of the shard is in a staging buffer (or, with
+    /// zero-copy, queued for writing), before the header is written and the file synced.
+    pub on_appended: Option<&'h (dyn Fn() + Sync)>,
+}
+
+impl Default for ShardOptions<'_> {
+    fn default() -> Self {
+        ShardOptions { zero_copy: true, on_appended: None }
+    }
 }
 
 /// Writes one complete shard file at `path` and returns its manifest entry.
@@ -32,6 +61,7 @@ pub(crate) fn write_shard<'a>(
     file_name: &str,
     tensors: &[&TensorView<'a>],
     metadata: &BTreeMap<String, String>,
+    options: ShardOptions<'_>,
 ) -> Result<(ShardInfo, ShardVolume)> {
     let specs = tensors
         .iter()
@@ -55,6 +85,7 @@ pub(crate) fn write_shard<'a>(
         chunk,
         align,
         mem_align,
+        zero_copy: options.zero_copy,
         volume: ShardVolume::default(),
     };
     let mut crcs = Vec::with_capacity(tensors.len());
@@ -69,6 +100,9 @@ pub(crate) fn write_shard<'a>(
         crcs.push(crc);
     }
     stream.flush(writer)?;
+    if let Some(on_appended) = options.on_appended {
+        on_appended();
+    }
     let file_len = prefix_len + layout.data_len;
     debug_assert_eq!(stream.pos, file_len);
 
@@ -112,6 +146,7 @@ struct Stream {
     chunk: usize,
     align: u64,
     mem_align: usize,
+    zero_copy: bool,
     volume: ShardVolume,
 }
 
@@ -120,7 +155,7 @@ impl Stream {
     fn append<'a>(&mut self, writer: &mut dyn Writer<'a>, data: &'a [u8]) -> Result<u32> {
         let mut hasher = crc32fast::Hasher::new();
         let mut rest = data;
-        let large = data.len() >= ZERO_COPY_MIN;
+        let large = self.zero_copy && data.len() >= ZERO_COPY_MIN;
         while !rest.is_empty() {
             if let Some(n) = self.zero_copy_len(rest).filter(|_| large) {
                 // The stream position is aligned, so whatever is staged fills whole blocks.
@@ -142,7 +177,9 @@ impl Stream {
             };
             let n = rest.len().min(buf.remaining());
             let (head, tail) = rest.split_at(n);
+            let started = Instant::now();
             buf.extend_hashing(head, &mut hasher);
+            self.volume.copies.add(started, Instant::now());
             self.pos += n as u64;
             self.volume.staged_bytes += n as u64;
             rest = tail;
@@ -170,9 +207,11 @@ impl Stream {
             };
             let n = (total - offset).min(buf.remaining());
             let start = buf.len();
+            let started = Instant::now();
             source.copy_to(offset, &mut buf.as_full_mut_slice()[start..start + n])?;
             buf.set_len(start + n);
             hasher.update(&buf[start..]);
+            self.volume.copies.add(started, Instant::now());
             offset += n;
             self.pos += n as u64;
             self.volume.staged_bytes += n as u64;

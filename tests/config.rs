@@ -5,7 +5,9 @@
 use std::io::Write;
 
 use proptest::prelude::*;
-use uring_ckpt::config::{format_size, parse_size, Config, EngineKind, FsyncPolicy, SimulatedFaults};
+use uring_ckpt::config::{
+    format_size, parse_size, AsyncMode, Config, EngineKind, FsyncPolicy, SimulatedFaults,
+};
 use uring_ckpt::Error;
 
 const KIB: u64 = 1 << 10;
@@ -36,6 +38,8 @@ fn non_default() -> Config {
         verify_on_load: false,
         replace_existing: true,
         io_threads: 16,
+        async_mode: AsyncMode::Snapshot,
+        max_saves_in_flight: 3,
         simulate: SimulatedFaults { uring_setup_eperm: true, direct_io_einval: true, register_enomem: true },
     }
 }
@@ -56,6 +60,8 @@ fn defaults_are_documented_values_and_validate() {
     assert!(c.verify_on_load);
     assert!(!c.replace_existing);
     assert_eq!(c.io_threads, 4);
+    assert_eq!(c.async_mode, AsyncMode::Stream);
+    assert_eq!(c.max_saves_in_flight, 1);
     assert_eq!(c.simulate, SimulatedFaults::default());
     assert_eq!(c.staging_buffers(), 16);
     assert_eq!(Config::builder().build().expect("valid"), c);
@@ -86,6 +92,8 @@ fn range_violations_name_field_and_value() {
         (Config { max_shard_size: MIB - 1, ..d() }, "max_shard_size must be at least 1MiB, got 1048575"),
         (Config { io_threads: 0, ..d() }, "io_threads must be 1..=256, got 0"),
         (Config { io_threads: 257, ..d() }, "io_threads must be 1..=256, got 257"),
+        (Config { max_saves_in_flight: 0, ..d() }, "max_saves_in_flight must be 1..=64, got 0"),
+        (Config { max_saves_in_flight: 65, ..d() }, "max_saves_in_flight must be 1..=64, got 65"),
     ];
     for (config, expected) in cases {
         let msg = config_err(config.validate());
@@ -105,6 +113,8 @@ fn range_edges_are_accepted() {
         Config::builder().max_shard_size(u64::MAX),
         Config::builder().io_threads(1),
         Config::builder().io_threads(256),
+        Config::builder().max_saves_in_flight(1),
+        Config::builder().max_saves_in_flight(64),
     ];
     for b in ok {
         b.clone().build().unwrap_or_else(|e| panic!("{b:?}: {e}"));
@@ -127,6 +137,8 @@ fn builder_sets_every_field_and_rejects_invalid() {
         .verify_on_load(want.verify_on_load)
         .replace_existing(want.replace_existing)
         .io_threads(want.io_threads)
+        .async_mode(want.async_mode)
+        .max_saves_in_flight(want.max_saves_in_flight)
         .simulate(want.simulate)
         .build()
         .expect("valid");
@@ -158,6 +170,8 @@ fn toml_sizes_as_strings_and_integers() {
         direct_io = false
         fsync = "never"
         io_threads = 8
+        async_mode = "snapshot"
+        max_saves_in_flight = 2
 
         [simulate]
         register_enomem = true
@@ -172,6 +186,8 @@ fn toml_sizes_as_strings_and_integers() {
     assert!(!c.direct_io);
     assert_eq!(c.fsync, FsyncPolicy::Never);
     assert_eq!(c.io_threads, 8);
+    assert_eq!(c.async_mode, AsyncMode::Snapshot);
+    assert_eq!(c.max_saves_in_flight, 2);
     assert_eq!(c.simulate, SimulatedFaults { register_enomem: true, ..SimulatedFaults::default() });
     // Keys not given keep their defaults.
     assert!(c.register_buffers);
@@ -193,6 +209,10 @@ fn toml_errors() {
     assert!(msg.contains("8 parsecs"), "bad size: {msg}");
     let msg = config_err(Config::from_toml_str("chunk_size = -4096"));
     assert!(msg.contains("negative"), "negative size: {msg}");
+    let msg = config_err(Config::from_toml_str("async_mode = \"eager\""));
+    assert!(msg.contains("eager"), "bad async mode: {msg}");
+    let msg = config_err(Config::from_toml_str("max_saves_in_flight = 0"));
+    assert!(msg.contains("max_saves_in_flight must be 1..=64, got 0"), "{msg}");
     let msg = config_err(Config::from_toml_str("engine = \"spdk\""));
     assert!(msg.contains("spdk"), "bad engine: {msg}");
     let msg = config_err(Config::from_toml_str("queue_depth = \"many\""));
@@ -267,6 +287,8 @@ fn env_overrides_every_field() {
         ("URING_CKPT_VERIFY_ON_LOAD", "false"),
         ("URING_CKPT_REPLACE_EXISTING", "TRUE"),
         ("URING_CKPT_IO_THREADS", "16"),
+        ("URING_CKPT_ASYNC_MODE", "Snapshot"),
+        ("URING_CKPT_MAX_SAVES_IN_FLIGHT", "3"),
         ("URING_CKPT_SIMULATE", "uring-eperm, direct-einval,register-enomem"),
         // Allowed and ignored here; other prefixes ignored.
         ("URING_CKPT_CONFIG", "/nonexistent.toml"),
@@ -303,6 +325,8 @@ fn env_rejects_bad_values_naming_variable_and_value() {
         ("URING_CKPT_VERIFY_ON_LOAD", "y"),
         ("URING_CKPT_REPLACE_EXISTING", "nope"),
         ("URING_CKPT_IO_THREADS", "4.5"),
+        ("URING_CKPT_ASYNC_MODE", "lazy"),
+        ("URING_CKPT_MAX_SAVES_IN_FLIGHT", "one"),
         ("URING_CKPT_SIMULATE", "uring-eperm,disk-on-fire"),
     ];
     for (key, value) in bad {
@@ -313,6 +337,8 @@ fn env_rejects_bad_values_naming_variable_and_value() {
     // Parses, but out of range: validated after the overrides.
     let msg = config_err(Config::default().with_env_from([("URING_CKPT_QUEUE_DEPTH", "0")]));
     assert!(msg.contains("queue_depth must be 1..=4096, got 0"), "{msg}");
+    let msg = config_err(Config::default().with_env_from([("URING_CKPT_MAX_SAVES_IN_FLIGHT", "65")]));
+    assert!(msg.contains("max_saves_in_flight must be 1..=64, got 65"), "{msg}");
 }
 
 #[test]
@@ -344,6 +370,11 @@ fn engine_and_fsync_parse_and_display() {
         assert_eq!(f.to_string().parse::<FsyncPolicy>().expect("round trip"), f);
     }
     assert_eq!(FsyncPolicy::Fdatasync.to_string(), "fdatasync");
+    for m in [AsyncMode::Stream, AsyncMode::Snapshot] {
+        assert_eq!(m.to_string().parse::<AsyncMode>().expect("round trip"), m);
+    }
+    assert_eq!("SNAPSHOT".parse::<AsyncMode>().expect("any case"), AsyncMode::Snapshot);
+    assert!(config_err("eager".parse::<AsyncMode>()).contains("eager"));
 }
 
 #[test]

@@ -115,3 +115,25 @@ fn unsafe_or_duplicate_names_are_refused() {
     assert!(!path.exists());
     assert!(!dir.path().join("escape").exists());
 }
+
+#[test]
+fn async_saves_carry_extra_files_in_both_modes() {
+    use uring_ckpt::async_io::{AsyncCheckpointIO, OwnedCheckpoint};
+    use uring_ckpt::config::AsyncMode;
+
+    let dir = scratch();
+    for mode in [AsyncMode::Stream, AsyncMode::Snapshot] {
+        let mut config = small_config(ENGINES[0]);
+        config.async_mode = mode;
+        let io = AsyncCheckpointIO::from_config(config).expect("config");
+        let mut ck = OwnedCheckpoint::new();
+        ck.add_bytes("w", Dtype::U8, &[5000], bytes(5, 5000)).expect("tensor");
+        ck.add_extra_file("extras.pkl", bytes(6, 77)).expect("extra");
+        assert!(ck.add_extra_file("extras.pkl", vec![1u8]).is_err(), "duplicate accepted");
+        let path = ckpt(dir.path(), &format!("{mode:?}"));
+        io.save_checkpoint(ck, &path).expect("start").wait().expect("durable");
+        let loaded = io.load_checkpoint(&path, &LoadOptions::default()).expect("load");
+        assert_eq!(loaded.extra_file("extras.pkl").map(|b| b.to_vec()), Some(bytes(6, 77)));
+        io.teardown().expect("teardown");
+    }
+}

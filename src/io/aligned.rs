@@ -8,11 +8,26 @@ use std::ptr::NonNull;
 ///
 /// The capacity is fixed at allocation; `len` marks how much of it holds data. Memory is
 /// zeroed on allocation so that a padded O_DIRECT tail never leaks stale heap bytes.
+/// Buffers of [`HUGE_PAGE`] bytes or more are mapped directly and advised to use
+/// transparent huge pages, so the kernel pins and faults 2 MiB pages, not 4 KiB ones.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
-    layout: Layout,
+    size: usize,
+    align: usize,
     len: usize,
+    backing: Backing,
 }
+
+/// Where the memory of an [`AlignedBuf`] comes from.
+enum Backing {
+    /// The global allocator, with this layout.
+    Heap(Layout),
+    /// An anonymous mapping starting at `base`, `len` bytes long.
+    Mapped { base: NonNull<u8>, len: usize },
+}
+
+/// Size from which buffers are mapped with huge pages (the x86-64 huge page size).
+pub const HUGE_PAGE: usize = 2 << 20;
 
 // SAFETY: AlignedBuf uniquely owns its allocation (like Vec<u8>), so moving it to another
 // thread or sharing `&AlignedBuf` is as safe as for Vec<u8>.
@@ -30,21 +45,56 @@ impl AlignedBuf {
     pub fn zeroed(capacity: usize, align: usize) -> AlignedBuf {
         assert!(align.is_power_of_two(), "alignment {align} is not a power of two");
         let size = round_up(capacity.max(1), align);
+        if size >= HUGE_PAGE {
+            if let Some(buf) = Self::mapped(size, align) {
+                return buf;
+            }
+        }
         let layout = Layout::from_size_align(size, align).expect("aligned buffer layout overflows");
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
-        AlignedBuf { ptr, layout, len: 0 }
+        AlignedBuf { ptr, size, align, len: 0, backing: Backing::Heap(layout) }
+    }
+
+    /// Maps `size` zeroed bytes aligned to at least `align` and to the huge page size;
+    /// `None` if the mapping is refused (the caller then uses the heap).
+    fn mapped(size: usize, align: usize) -> Option<AlignedBuf> {
+        let page_align = align.max(HUGE_PAGE);
+        let map_len = size.checked_add(page_align)?;
+        // SAFETY: an anonymous private mapping at an address the kernel chooses; no
+        // existing memory is affected.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return None;
+        }
+        let base = NonNull::new(raw.cast::<u8>())?;
+        let offset = round_up(base.as_ptr() as usize, page_align) - base.as_ptr() as usize;
+        // SAFETY: offset < page_align, so base + offset .. + size lies inside the mapping.
+        let ptr = unsafe { NonNull::new_unchecked(base.as_ptr().add(offset)) };
+        // SAFETY: the range lies inside our mapping; the advice is only a hint and its
+        // failure (THP disabled) changes nothing but speed.
+        unsafe { libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_HUGEPAGE) };
+        Some(AlignedBuf { ptr, size, align, len: 0, backing: Backing::Mapped { base, len: map_len } })
     }
 
     /// Bytes this buffer can hold (a multiple of its alignment).
     pub fn capacity(&self) -> usize {
-        self.layout.size()
+        self.size
     }
 
     /// The alignment of the start address and capacity.
     pub fn align(&self) -> usize {
-        self.layout.align()
+        self.align
     }
 
     /// Bytes currently holding data.
@@ -150,8 +200,14 @@ impl AsRef<[u8]> for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: ptr was allocated with exactly this layout and is freed once.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        match self.backing {
+            // SAFETY: ptr was allocated with exactly this layout and is freed once.
+            Backing::Heap(layout) => unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) },
+            Backing::Mapped { base, len } => {
+                // SAFETY: base..base+len is the mapping made in `mapped`, unmapped once.
+                unsafe { libc::munmap(base.as_ptr().cast(), len) };
+            }
+        }
     }
 }
 
@@ -194,6 +250,17 @@ mod tests {
         }
         let mut buf = AlignedBuf::zeroed(8192, 4096);
         assert!(buf.as_full_mut_slice().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn large_buffers_are_mapped_aligned_and_zeroed() {
+        let mut buf = AlignedBuf::zeroed(3 * HUGE_PAGE + 5, 4096);
+        assert_eq!(buf.as_ptr() as usize % HUGE_PAGE, 0);
+        assert_eq!(buf.align(), 4096);
+        assert_eq!(buf.capacity(), (3 * HUGE_PAGE + 5).next_multiple_of(4096));
+        assert!(buf.as_full_mut_slice().iter().all(|&b| b == 0));
+        buf.as_full_mut_slice().fill(7);
+        assert!(buf.as_full_mut_slice().iter().all(|&b| b == 7));
     }
 
     #[test]

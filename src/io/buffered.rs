@@ -125,15 +125,13 @@ impl Reader for BufferedReader {
         Ok((FileId(self.files.len() - 1), len))
     }
 
-    fn read_at(&mut self, file: FileId, dst: &mut AlignedBuf, offset: u64, len: usize) -> Result<()> {
+    fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()> {
         let Some((f, path, file_len)) = self.files.get(file.0).and_then(Option::as_ref) else {
             return Err(Error::io("read", "(closed file)", io::Error::from_raw_os_error(libc::EBADF)));
         };
-        check_read(path, dst, offset, len, len, *file_len)?;
+        check_read(path, dst, offset, len, len, *file_len, 1)?;
         let started = Instant::now();
-        f.read_exact_at(&mut dst.as_full_mut_slice()[..len], offset)
-            .map_err(|e| Error::io_at("read", path, offset, e))?;
-        dst.set_len(len);
+        f.read_exact_at(&mut dst[..len], offset).map_err(|e| Error::io_at("read", path, offset, e))?;
         self.stats.record(len, started.elapsed());
         Ok(())
     }

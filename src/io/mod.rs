@@ -116,10 +116,11 @@ pub trait Reader: Send {
     /// Opens a file; returns its handle and length.
     fn open(&mut self, path: &Path) -> Result<(FileId, u64)>;
     /// Reads `[offset, offset + len)` of `file` into `dst[..len]`, where `offset` is a
-    /// multiple of [`EngineReport::align`] and `dst` is an aligned buffer of at least
+    /// multiple of [`EngineReport::align`], `dst` starts at a multiple of
+    /// [`EngineReport::mem_align`] and is at least
     /// `len` rounded up to the alignment. Bytes past the end of the file read as zero;
     /// reading short of the end of the file is an error.
-    fn read_at(&mut self, file: FileId, dst: &mut AlignedBuf, offset: u64, len: usize) -> Result<()>;
+    fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()>;
     /// Closes a file.
     fn close(&mut self, file: FileId);
     /// Latency and volume of the reads so far.

@@ -403,7 +403,7 @@ impl Reader for PwriteReader {
         Ok((FileId(self.files.len() - 1), len))
     }
 
-    fn read_at(&mut self, file: FileId, dst: &mut AlignedBuf, offset: u64, len: usize) -> Result<()> {
+    fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()> {
         let (fd, path, file_len) = match self.files.get(file.0).and_then(Option::as_ref) {
             Some((f, p, l)) => (f.as_raw_fd(), p.clone(), *l),
             None => {
@@ -411,7 +411,7 @@ impl Reader for PwriteReader {
             }
         };
         let span = if self.report.direct_io { round_up(len, self.report.align) } else { len };
-        check_read(&path, dst, offset, len, span, file_len)?;
+        check_read(&path, dst, offset, len, span, file_len, self.report.mem_align)?;
         let base = dst.as_mut_ptr() as usize;
         let mut wants = Vec::new();
         let mut at = 0usize;
@@ -455,7 +455,6 @@ impl Reader for PwriteReader {
             return Err(err);
         }
         zero_past_eof(dst, offset, span, file_len);
-        dst.set_len(len);
         Ok(())
     }
 

@@ -520,7 +520,7 @@ impl Reader for UringReader {
         Ok((FileId(self.files.len() - 1), len))
     }
 
-    fn read_at(&mut self, file: FileId, dst: &mut AlignedBuf, offset: u64, len: usize) -> Result<()> {
+    fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()> {
         let (fd, path, file_len) = match self.files.get(file.0).and_then(Option::as_ref) {
             Some((f, p, l)) => (types::Fd(f.as_raw_fd()), p.clone(), *l),
             None => {
@@ -528,7 +528,7 @@ impl Reader for UringReader {
             }
         };
         let span = if self.report.direct_io { round_up(len, self.report.align) } else { len };
-        check_read(&path, dst, offset, len, span, file_len)?;
+        check_read(&path, dst, offset, len, span, file_len, self.report.mem_align)?;
         let base = dst.as_mut_ptr();
         let mut pieces: Vec<ReadPiece> = Vec::new();
         let mut at = 0usize;
@@ -616,7 +616,6 @@ impl Reader for UringReader {
             return Err(err);
         }
         zero_past_eof(dst, offset, span, file_len);
-        dst.set_len(len);
         Ok(())
     }
 
@@ -650,15 +649,16 @@ fn drain_ring(ring: &mut IoUring, mut inflight: usize) {
 /// Validates a read request against the destination buffer and the file length.
 pub(crate) fn check_read(
     path: &Path,
-    dst: &AlignedBuf,
+    dst: &[u8],
     offset: u64,
     len: usize,
     span: usize,
     file_len: u64,
+    mem_align: usize,
 ) -> Result<()> {
-    if span > dst.capacity() {
+    if span > dst.len() || (dst.as_ptr() as usize) % mem_align != 0 {
         return Err(Error::io_at(
-            "read (destination too small)",
+            "read (destination too small or unaligned)",
             path,
             offset,
             io::Error::from_raw_os_error(libc::EINVAL),
@@ -672,9 +672,9 @@ pub(crate) fn check_read(
 }
 
 /// Zeroes whatever part of `dst[..span]` lies past the end of the file.
-pub(crate) fn zero_past_eof(dst: &mut AlignedBuf, offset: u64, span: usize, file_len: u64) {
+pub(crate) fn zero_past_eof(dst: &mut [u8], offset: u64, span: usize, file_len: u64) {
     let valid = file_len.saturating_sub(offset).min(span as u64) as usize;
-    dst.as_full_mut_slice()[valid..span].fill(0);
+    dst[valid..span].fill(0);
 }
 
 /// Opens for reading with O_DIRECT if the report says so; on EINVAL reopens without it and
