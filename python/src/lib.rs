@@ -10,7 +10,8 @@
 use std::collections::BTreeMap;
 use std::ffi::{c_int, c_void, CStr};
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use pyo3::buffer::PyBuffer;
@@ -18,7 +19,9 @@ use pyo3::exceptions::{PyBufferError, PyOSError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
+use uring_ckpt::async_io::{AsyncCheckpointIO, Durable, OwnedCheckpoint, Staged};
 use uring_ckpt::checkpoint::TensorData;
+use uring_ckpt::staging::{HostPtrSource, TensorSource};
 use uring_ckpt::{Checkpoint, CheckpointIO, Dtype, Error, LoadOptions, UringCheckpointIO};
 
 /// Converts a crate error into the matching `uring_ckpt` exception (defined in Python, in
@@ -413,6 +416,201 @@ impl Writer {
     }
 }
 
+/// Host memory of a Python object, lent by address to a background save: the object (and,
+/// for a torch tensor, its storage) is held until the save drops the source, which it does
+/// once staged. Dropping a `Py` without the GIL only queues the decref (no GIL is taken).
+struct PyHostSource {
+    memory: HostPtrSource,
+    _owners: Vec<Py<PyAny>>,
+}
+
+impl TensorSource for PyHostSource {
+    fn len(&self) -> usize {
+        self.memory.len()
+    }
+
+    fn host_bytes(&self) -> Option<&[u8]> {
+        self.memory.host_bytes()
+    }
+
+    fn copy_to(&self, offset: usize, dst: &mut [u8]) -> uring_ckpt::Result<()> {
+        self.memory.copy_to(offset, dst)
+    }
+}
+
+/// The address and length of an entry's bytes and the objects that keep them allocated.
+fn lend(py: Python<'_>, kind: &str, obj: &Bound<'_, PyAny>) -> PyResult<PyHostSource> {
+    let (address, len, owners) = match hold(py, kind, obj)? {
+        Held::Torch { _keep: [tensor, storage], address, len } => {
+            (address, len, vec![tensor.unbind(), storage.unbind()])
+        }
+        // The buffer is released at once; the exporting object (a numpy array refuses to
+        // resize while referenced) keeps the memory.
+        Held::Buffer(buf) => (buf.buf_ptr() as usize, buf.len_bytes(), vec![obj.clone().unbind()]),
+    };
+    // SAFETY: `address`/`len` describe the object's bytes (see `Held::bytes`), and the
+    // objects in `owners` keep that memory allocated for as long as this source lives; the
+    // save drops the source once staged, and nothing here writes the memory. Changes made
+    // to the tensor by Python before `staged` race with the copy: the Python side waits
+    // for `staged` before handing control back to the caller.
+    let memory = unsafe { HostPtrSource::new(address as *const u8, len) };
+    Ok(PyHostSource { memory, _owners: owners })
+}
+
+/// A background save: its staged and durable completions.
+#[pyclass(module = "uring_ckpt._uring_ckpt", frozen)]
+struct SaveHandle {
+    path: PathBuf,
+    staged: Staged,
+    durable: Mutex<Option<Durable>>,
+    outcome: Mutex<Option<PyResult<String>>>,
+}
+
+impl SaveHandle {
+    fn stored(&self, py: Python<'_>) -> Option<PyResult<String>> {
+        let outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        outcome.as_ref().map(|r| match r {
+            Ok(report) => Ok(report.clone()),
+            Err(e) => Err(e.clone_ref(py)),
+        })
+    }
+}
+
+#[pymethods]
+impl SaveHandle {
+    /// The checkpoint path.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    /// Waits (GIL released) until the save no longer reads the tensors; False on timeout.
+    #[pyo3(signature = (timeout=None))]
+    fn wait_staged(&self, py: Python<'_>, timeout: Option<f64>) -> bool {
+        py.detach(|| match timeout {
+            Some(t) => self.staged.wait_timeout(Duration::from_secs_f64(t.max(0.0))),
+            None => {
+                self.staged.wait();
+                true
+            }
+        })
+    }
+
+    /// Waits (GIL released) until the checkpoint is committed and returns the save report as
+    /// JSON, or raises the save's error; None on timeout.
+    #[pyo3(signature = (timeout=None))]
+    fn wait_durable(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<String>> {
+        if let Some(stored) = self.stored(py) {
+            return stored.map(Some);
+        }
+        let result = py.detach(|| {
+            let mut slot = self.durable.lock().unwrap_or_else(|e| e.into_inner());
+            let durable = slot.as_ref()?;
+            if let Some(t) = timeout {
+                if !durable.wait_timeout(Duration::from_secs_f64(t.max(0.0))) {
+                    return None;
+                }
+            }
+            slot.take().map(Durable::wait)
+        });
+        let Some(result) = result else {
+            // Timed out, or another thread took the result: it is stored by now or soon.
+            return match self.stored(py) {
+                Some(stored) => stored.map(Some),
+                None => Ok(None),
+            };
+        };
+        let converted = result.map_err(|e| to_py_err(py, e)).and_then(|r| report_json(&r));
+        let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        *outcome = Some(match &converted {
+            Ok(report) => Ok(report.clone()),
+            Err(e) => Err(e.clone_ref(py)),
+        });
+        converted.map(Some)
+    }
+
+    /// Whether the save no longer reads the tensors.
+    fn is_staged(&self) -> bool {
+        self.staged.is_staged()
+    }
+
+    /// Whether the save finished (committed or failed).
+    fn is_done(&self) -> bool {
+        let stored = self.outcome.lock().map(|o| o.is_some()).unwrap_or(true);
+        stored || self.durable.lock().map(|d| d.as_ref().is_none_or(Durable::is_done)).unwrap_or(true)
+    }
+}
+
+/// Background saves ([`AsyncCheckpointIO`]) with this configuration's `async_mode`
+/// (`snapshot`: the tensors are copied into a reused host area, the shortest stall; `stream`:
+/// through the staging ring, no extra memory) and `max_saves_in_flight`.
+#[pyclass(module = "uring_ckpt._uring_ckpt", frozen)]
+struct AsyncWriter {
+    io: Arc<AsyncCheckpointIO<UringCheckpointIO>>,
+}
+
+#[pymethods]
+impl AsyncWriter {
+    #[new]
+    fn new(py: Python<'_>, config: &Config) -> PyResult<Self> {
+        let io = AsyncCheckpointIO::from_config(config.inner.clone()).map_err(|e| to_py_err(py, e))?;
+        Ok(AsyncWriter { io: Arc::new(io) })
+    }
+
+    /// Starts saving (same arguments as `Writer.save`) and returns its `SaveHandle` once the
+    /// save has started (waiting first, GIL released, for a free slot). The tensors must not
+    /// change until `wait_staged()` returns.
+    #[pyo3(signature = (path, tensors, extra_files, metadata))]
+    fn save(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        tensors: &Bound<'_, PyList>,
+        extra_files: &Bound<'_, PyList>,
+        metadata: BTreeMap<String, String>,
+    ) -> PyResult<SaveHandle> {
+        let mut checkpoint = OwnedCheckpoint::new();
+        for entry in tensors.iter() {
+            let entry = entry.cast_into::<PyTuple>()?;
+            let (name, dtype, shape, kind, obj): (String, String, Vec<u64>, String, Bound<'_, PyAny>) =
+                entry.extract()?;
+            let source = lend(py, &kind, &obj)?;
+            checkpoint
+                .add(name, parse_dtype(&dtype)?, &shape, Arc::new(source))
+                .map_err(|e| to_py_err(py, e))?;
+        }
+        let extras: Vec<(String, Bound<'_, PyBytes>)> = extra_files.extract()?;
+        for (name, bytes) in &extras {
+            checkpoint
+                .add_extra_file(name.clone(), Bytes::copy_from_slice(bytes.as_bytes()))
+                .map_err(|e| to_py_err(py, e))?;
+        }
+        checkpoint.metadata = metadata;
+        let io = self.io.clone();
+        let started = py.detach(|| io.save_checkpoint(checkpoint, &path));
+        let handle = started.map_err(|e| to_py_err(py, e))?;
+        let staged = handle.staged();
+        Ok(SaveHandle {
+            path: handle.path().to_path_buf(),
+            staged,
+            durable: Mutex::new(Some(handle.durable())),
+            outcome: Mutex::new(None),
+        })
+    }
+
+    /// Saves running or waiting.
+    fn in_flight(&self) -> usize {
+        self.io.in_flight()
+    }
+
+    /// Waits (GIL released) for every save, then raises the first error of a save whose
+    /// handle was dropped without its result being looked at.
+    fn teardown(&self, py: Python<'_>) -> PyResult<()> {
+        let io = self.io.clone();
+        py.detach(|| io.teardown()).map_err(|e| to_py_err(py, e))
+    }
+}
+
 /// Every safetensors dtype this build knows, as spelled in shard headers.
 #[pyfunction]
 fn dtypes() -> Vec<&'static str> {
@@ -426,6 +624,8 @@ fn _uring_ckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Config>()?;
     m.add_class::<Writer>()?;
     m.add_class::<Buffer>()?;
+    m.add_class::<AsyncWriter>()?;
+    m.add_class::<SaveHandle>()?;
     m.add_function(wrap_pyfunction!(dtypes, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
