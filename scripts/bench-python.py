@@ -18,9 +18,8 @@ import shutil
 import time
 
 import torch
-from safetensors.torch import save_file
-
 import uring_ckpt
+from safetensors.torch import save_file
 
 GIB = 1 << 30
 
@@ -75,7 +74,9 @@ def clean(path: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size-gib", type=float, default=2.0)
     ap.add_argument("--dir", default="bench-out/python")
     ap.add_argument("--repeat", type=int, default=1)
@@ -84,7 +85,9 @@ def main() -> None:
     os.makedirs(args.dir, exist_ok=True)
     state = state_dict(args.size_gib)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    print(f"state dict: {len(state)} tensors, {nbytes / GIB:.2f} GiB (bf16 and f32), dir {args.dir}")
+    print(
+        f"state dict: {len(state)} tensors, {nbytes / GIB:.2f} GiB (bf16 and f32), dir {args.dir}"
+    )
 
     results: dict[str, dict[str, float]] = {}
 
@@ -117,7 +120,12 @@ def main() -> None:
         t0 = time.perf_counter()
         report = uring_ckpt.save(state, path)
         t = time.perf_counter() - t0
-        record("uring_ckpt.save", stall_s=t, durable_s=t, engine_mib_s=report["throughput_mib_s"])
+        record(
+            "uring_ckpt.save",
+            stall_s=t,
+            durable_s=t,
+            engine_mib_s=report["throughput_mib_s"],
+        )
         engine = report["engine"]["engine"]
         clean(path)
 
@@ -134,17 +142,23 @@ def main() -> None:
 
     base = results["torch.save + fsync"]["durable_s"]
     print()
-    print("| method | training stall (s) | durable (s) | GiB/s to durable | vs torch.save |")
+    print(
+        "| method | training stall (s) | durable (s) | GiB/s to durable | vs torch.save |"
+    )
     print("|---|---:|---:|---:|---:|")
     for name, r in results.items():
         print(
             f"| {name} | {r['stall_s']:.2f} | {r['durable_s']:.2f} | {nbytes / GIB / r['durable_s']:.2f} "
             f"| {base / r['durable_s']:.1f}x |"
         )
-    print(f"\nuring_ckpt engine: {engine}; torch {torch.__version__}; {args.repeat} run(s), best of each")
+    print(
+        f"\nuring_ckpt engine: {engine}; torch {torch.__version__}; {args.repeat} run(s), best of each"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"bytes": nbytes, "engine": engine, "results": results}, f, indent=2)
+            json.dump(
+                {"bytes": nbytes, "engine": engine, "results": results}, f, indent=2
+            )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-
 import uring_ckpt
 
 

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 lightning = pytest.importorskip("lightning")
-from lightning.pytorch import LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-import uring_ckpt  # noqa: E402
-from uring_ckpt.lightning import AsyncUringCheckpointIO, UringCheckpointIO  # noqa: E402
+import uring_ckpt
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+from uring_ckpt.lightning import AsyncUringCheckpointIO, UringCheckpointIO
 
 
 class Tiny(LightningModule):
@@ -94,7 +93,13 @@ def test_fit_save_and_resume(tmp_path, plugin_cls):
 
 def test_save_top_k_rotation_removes_old_checkpoints(tmp_path):
     model = Tiny()
-    cb_kwargs = dict(every_n_train_steps=2, save_top_k=2, monitor="step", mode="max", save_last=True)
+    cb_kwargs = {
+        "every_n_train_steps": 2,
+        "save_top_k": 2,
+        "monitor": "step",
+        "mode": "max",
+        "save_last": True,
+    }
     t = trainer(tmp_path, AsyncUringCheckpointIO(), max_steps=8, **cb_kwargs)
     t.fit(model, loader())
     names = sorted(os.listdir(tmp_path / "ckpts"))

@@ -13,9 +13,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 import uring_ckpt
+from safetensors.torch import load_file
 from uring_ckpt import _pytree
 
 
@@ -69,7 +68,12 @@ def lightning_like_checkpoint() -> dict:
         "pytorch-lightning_version": "2.6.6",
         "state_dict": model.state_dict(),
         "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 3, "completed": 2}}}},
-        "callbacks": {"ModelCheckpoint{'monitor': None}": {"best_model_score": None, "kth_value": torch.tensor(float("inf"))}},
+        "callbacks": {
+            "ModelCheckpoint{'monitor': None}": {
+                "best_model_score": None,
+                "kth_value": torch.tensor(float("inf")),
+            }
+        },
         "optimizer_states": [opt.state_dict()],
         "lr_schedulers": [],
         "hparams_name": "kwargs",
@@ -222,7 +226,9 @@ def test_load_names_device_and_verify_flag(tmp_path):
 
 
 def test_weights_only_refuses_arbitrary_globals(tmp_path):
-    uring_ckpt.save({"w": torch.ones(2), "od": collections.OrderedDict(a=1), "dev": torch.device("cpu")}, tmp_path / "ok")
+    uring_ckpt.save(
+        {"w": torch.ones(2), "od": collections.OrderedDict(a=1), "dev": torch.device("cpu")}, tmp_path / "ok"
+    )
     assert uring_ckpt.load(tmp_path / "ok", weights_only=True)["od"] == {"a": 1}
     uring_ckpt.save({"w": torch.ones(2), "f": threading.Event}, tmp_path / "bad")
     import pickle

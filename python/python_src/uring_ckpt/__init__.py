@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from . import _pytree
 from ._async import AsyncSaver, SaveFuture
@@ -42,30 +42,30 @@ PathLike = Union[str, "os.PathLike[str]"]
 ConfigLike = Union[Config, dict, None]
 
 __all__ = [
-    "save",
-    "load",
-    "remove",
-    "verify",
-    "inspect",
-    "Config",
     "AsyncSaver",
-    "SaveFuture",
     "CheckpointError",
-    "NotACheckpointError",
-    "CorruptCheckpointError",
     "CheckpointExistsError",
+    "Config",
     "ConfigError",
+    "CorruptCheckpointError",
     "InvalidCheckpointError",
+    "NotACheckpointError",
+    "SaveFuture",
     "TensorNotFoundError",
     "UnavailableError",
     "__version__",
+    "inspect",
+    "load",
+    "remove",
+    "save",
+    "verify",
 ]
 
 _writers: dict[str, Writer] = {}
 _writers_lock = threading.Lock()
 
 
-def _config(config: ConfigLike, replace: Optional[bool] = None) -> Config:
+def _config(config: ConfigLike, replace: bool | None = None) -> Config:
     """A ``Config`` from a ``Config``, a dict of its TOML keys, or None (the environment:
     ``URING_CKPT_*`` variables and the file named by ``URING_CKPT_CONFIG``)."""
     if config is None:
@@ -81,7 +81,7 @@ def _config(config: ConfigLike, replace: Optional[bool] = None) -> Config:
     return cfg
 
 
-def _writer(config: ConfigLike, replace: Optional[bool] = None) -> Writer:
+def _writer(config: ConfigLike, replace: bool | None = None) -> Writer:
     """A writer for this configuration; writers (and their staging buffers) are reused."""
     cfg = _config(config, replace)
     key = cfg.to_toml()
@@ -94,14 +94,14 @@ def _writer(config: ConfigLike, replace: Optional[bool] = None) -> Writer:
         return writer
 
 
-def _metadata(metadata: Optional[dict[str, str]]) -> dict[str, str]:
+def _metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     out = {str(k): str(v) for k, v in (metadata or {}).items()}
     out[_pytree.FORMAT_KEY] = _pytree.FORMAT_VERSION
     return out
 
 
 def _save_flat(
-    writer: Writer, flat: _pytree.Flattened, path: PathLike, metadata: Optional[dict[str, str]]
+    writer: Writer, flat: _pytree.Flattened, path: PathLike, metadata: dict[str, str] | None
 ) -> dict[str, Any]:
     tensors = [e.as_tuple() for e in flat.tensors]
     report = writer.save(os.fspath(path), tensors, [(_pytree.SIDECAR, flat.sidecar)], _metadata(metadata))
@@ -115,8 +115,8 @@ def save(
     path: PathLike,
     *,
     config: ConfigLike = None,
-    replace: Optional[bool] = None,
-    metadata: Optional[dict[str, str]] = None,
+    replace: bool | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Saves ``state`` (a nested dict/list of tensors and anything picklable, such as a
     Lightning checkpoint dict) as a committed checkpoint directory at ``path``; returns once
@@ -139,7 +139,7 @@ def load(
     path: PathLike,
     *,
     device: Any = "cpu",
-    names: Optional[list[str]] = None,
+    names: list[str] | None = None,
     verify: bool = True,
     weights_only: bool = False,
     config: ConfigLike = None,

@@ -9,7 +9,7 @@ import json
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from . import _pytree
 from ._uring_ckpt import AsyncWriter
@@ -34,11 +34,11 @@ class SaveFuture:
         """Seconds the caller of ``AsyncSaver.save`` waited (flatten, pickle, staging)."""
         self._copied = copied_bytes
 
-    def staged(self, timeout: Optional[float] = None) -> bool:
+    def staged(self, timeout: float | None = None) -> bool:
         """Waits until the tensors are no longer read; False on timeout."""
         return self._handle.wait_staged(timeout)
 
-    def durable(self, timeout: Optional[float] = None) -> dict[str, Any]:
+    def durable(self, timeout: float | None = None) -> dict[str, Any]:
         """Waits until the checkpoint is committed and durable and returns the save report;
         raises the save's error, or ``TimeoutError``."""
         report = self._handle.wait_durable(timeout)
@@ -55,7 +55,7 @@ class SaveFuture:
         """Whether the save finished (committed or failed)."""
         return self._handle.is_done()
 
-    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+    def exception(self, timeout: float | None = None) -> BaseException | None:
         """The save's error once it finished (None if it succeeded)."""
         try:
             self.durable(timeout)
@@ -63,7 +63,7 @@ class SaveFuture:
             if not self.done():
                 raise
             return None  # pragma: no cover - finished between the two checks
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
+        except Exception as e:  # noqa: BLE001 - the save's error, handed to the caller
             return e
         return None
 
@@ -94,7 +94,7 @@ class AsyncSaver:
         state: Any,
         path: PathLike,
         *,
-        metadata: Optional[dict[str, str]] = None,
+        metadata: dict[str, str] | None = None,
     ) -> SaveFuture:
         """Queues the save of ``state`` to ``path``; returns once it is staged."""
         from . import _metadata
@@ -104,7 +104,9 @@ class AsyncSaver:
         started = time.perf_counter()
         flat = _pytree.flatten(state)
         tensors = [e.as_tuple() for e in flat.tensors]
-        handle = self._writer.save(os.fspath(path), tensors, [(_pytree.SIDECAR, flat.sidecar)], _metadata(metadata))
+        handle = self._writer.save(
+            os.fspath(path), tensors, [(_pytree.SIDECAR, flat.sidecar)], _metadata(metadata)
+        )
         handle.wait_staged()
         future = SaveFuture(handle, time.perf_counter() - started, flat.copied_bytes)
         with self._lock:
@@ -117,12 +119,12 @@ class AsyncSaver:
         with self._lock:
             return [f for f in self._futures if not f.done()]
 
-    def wait(self, timeout: Optional[float] = None) -> None:
+    def wait(self, timeout: float | None = None) -> None:
         """Waits for every save started here; raises the first error among them (once: the
         saves waited for are then forgotten)."""
         with self._lock:
             futures, self._futures = self._futures, []
-        first: Optional[BaseException] = None
+        first: BaseException | None = None
         for f in futures:
             error = f.exception(timeout)
             if first is None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
-    "NotACheckpointError",
-    "CorruptCheckpointError",
     "CheckpointExistsError",
     "ConfigError",
+    "CorruptCheckpointError",
     "InvalidCheckpointError",
+    "NotACheckpointError",
     "TensorNotFoundError",
     "UnavailableError",
 ]

@@ -20,7 +20,7 @@ import pickle
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 try:  # numpy and torch are both optional; either may be missing.
     import numpy as np
@@ -197,7 +197,7 @@ class _Flattener(pickle.Pickler):
         self._names.add(name)
         return name
 
-    def persistent_id(self, obj: Any) -> Optional[tuple]:
+    def persistent_id(self, obj: Any) -> tuple | None:
         torch = self.torch
         if torch is not None and isinstance(obj, torch.Tensor):
             return self._torch_pid(obj)
@@ -205,7 +205,7 @@ class _Flattener(pickle.Pickler):
             return self._numpy_pid(obj)
         return None
 
-    def _torch_pid(self, t: Any) -> Optional[tuple]:
+    def _torch_pid(self, t: Any) -> tuple | None:
         torch = self.torch
         if type(t) not in (torch.Tensor, torch.nn.Parameter):
             return None  # a subclass: pickle it as it pickles itself
@@ -245,7 +245,7 @@ class _Flattener(pickle.Pickler):
             self._pids[key] = base
         return (*base, bool(t.requires_grad), isinstance(t, torch.nn.Parameter))
 
-    def _numpy_pid(self, a: Any) -> Optional[tuple]:
+    def _numpy_pid(self, a: Any) -> tuple | None:
         dtype = _NUMPY_DTYPES.get(a.dtype.name)
         if dtype is None or a.dtype.hasobject:
             return None
@@ -290,26 +290,30 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Refuses every global except plain containers, torch dtypes/devices/sizes, numpy
     dtypes/scalars and what ``torch.serialization.add_safe_globals`` allowed."""
 
-    _SAFE = {
-        ("collections", "OrderedDict"),
-        ("collections", "defaultdict"),
-        ("collections", "deque"),
-        ("builtins", "set"),
-        ("builtins", "frozenset"),
-        ("builtins", "slice"),
-        ("builtins", "complex"),
-        ("builtins", "range"),
-        ("builtins", "bytearray"),
-        ("torch", "Size"),
-        ("torch", "device"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-    }
+    _SAFE: frozenset[tuple[str, str]] = frozenset(
+        {
+            ("collections", "OrderedDict"),
+            ("collections", "defaultdict"),
+            ("collections", "deque"),
+            ("builtins", "set"),
+            ("builtins", "frozenset"),
+            ("builtins", "slice"),
+            ("builtins", "complex"),
+            ("builtins", "range"),
+            ("builtins", "bytearray"),
+            ("torch", "Size"),
+            ("torch", "device"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+        }
+    )
 
     def find_class(self, module: str, name: str) -> Any:
         torch = _torch()
-        if (module, name) in self._SAFE or (module == "torch" and torch is not None and _is_torch_dtype(name)):
+        if (module, name) in self._SAFE or (
+            module == "torch" and torch is not None and _is_torch_dtype(name)
+        ):
             return super().find_class(module, name)
         if module.startswith("numpy.dtypes") or module == "numpy" and name.endswith("DType"):
             return super().find_class(module, name)
@@ -340,7 +344,7 @@ class Restorer:
     ) -> None:
         self.buffers = buffers
         self.device = device
-        self.torch = _torch() if prefer_torch else None
+        self.torch: Any = _torch() if prefer_torch else None
         self._base: dict[str, Any] = {}
         self._objs: dict[tuple, Any] = {}
 
@@ -370,7 +374,7 @@ class Restorer:
             return np.empty(shape, dtype=dtype)
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
-    def _to_device(self, t: Any, saved_device: Optional[str]) -> Any:
+    def _to_device(self, t: Any, saved_device: str | None) -> Any:
         device = self.device
         if callable(device) and not isinstance(device, (str, dict)):
             device = "cpu"  # torch.load's map_location callable receives storages: keep CPU
@@ -454,13 +458,13 @@ def unflatten(sidecar: bytes, restorer: Restorer, *, weights_only: bool = False)
 
 
 __all__ = [
-    "SIDECAR",
     "FORMAT_KEY",
     "FORMAT_VERSION",
-    "TensorEntry",
+    "SIDECAR",
     "Flattened",
     "Restorer",
+    "TensorEntry",
     "flatten",
-    "unflatten",
     "torch_dtype_map",
+    "unflatten",
 ]

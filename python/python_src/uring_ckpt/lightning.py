@@ -12,7 +12,7 @@ Works with ``lightning`` (``lightning.pytorch``) or, failing that, ``pytorch_lig
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+from typing import Any
 
 import uring_ckpt
 
@@ -21,9 +21,9 @@ from . import ConfigLike, SaveFuture
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 except ImportError:  # the standalone pytorch_lightning package
-    from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO  # type: ignore[no-redef]
+    from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO  # type: ignore[no-redef,assignment]
 
-__all__ = ["UringCheckpointIO", "AsyncUringCheckpointIO"]
+__all__ = ["AsyncUringCheckpointIO", "UringCheckpointIO"]
 
 
 def _device(map_location: Any) -> Any:
@@ -46,7 +46,9 @@ class UringCheckpointIO(CheckpointIO):
         self.config = uring_ckpt._config(config, replace=True)
         self.verify_on_load = verify_on_load
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(
                 f"{type(self).__name__} does not support storage_options, got {storage_options!r}"
@@ -54,7 +56,7 @@ class UringCheckpointIO(CheckpointIO):
         uring_ckpt.save(checkpoint, path, config=self.config)
 
     def load_checkpoint(
-        self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         state: dict[str, Any] = uring_ckpt.load(
             path,
@@ -79,10 +81,12 @@ class AsyncUringCheckpointIO(UringCheckpointIO):
     ``load_checkpoint``, ``remove_checkpoint`` or ``teardown``. Loads and removes wait for
     the saves in flight first, so ``save_top_k`` never removes a checkpoint being written."""
 
-    def __init__(self, config: ConfigLike = None, *, verify_on_load: bool = True, max_in_flight: int = 1) -> None:
+    def __init__(
+        self, config: ConfigLike = None, *, verify_on_load: bool = True, max_in_flight: int = 1
+    ) -> None:
         super().__init__(config, verify_on_load=verify_on_load)
         self.max_in_flight = max_in_flight
-        self._saver: Optional[uring_ckpt.AsyncSaver] = None
+        self._saver: uring_ckpt.AsyncSaver | None = None
         self._futures: list[SaveFuture] = []
         self._lock = threading.Lock()
 
@@ -98,7 +102,7 @@ class AsyncUringCheckpointIO(UringCheckpointIO):
     def _wait_all(self) -> None:
         with self._lock:
             futures, self._futures = self._futures, []
-        first: Optional[BaseException] = None
+        first: BaseException | None = None
         for f in futures:
             error = f.exception()
             if first is None:
@@ -106,7 +110,9 @@ class AsyncUringCheckpointIO(UringCheckpointIO):
         if first is not None:
             raise first
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(
                 f"{type(self).__name__} does not support storage_options, got {storage_options!r}"
@@ -119,7 +125,7 @@ class AsyncUringCheckpointIO(UringCheckpointIO):
             self._futures.append(future)
 
     def load_checkpoint(
-        self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         self._wait_all()
         return super().load_checkpoint(path, map_location, weights_only)
