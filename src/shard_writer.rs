@@ -76,7 +76,7 @@ pub(crate) fn write_shard<'a>(
     let prefix_len = encode_header(&layout, None, metadata, header_align).map_err(format_err)?.len() as u64;
 
     let chunk = stream_chunk(writer)?;
-    let file = writer.create(path)?;
+    let file = writer.create(path, prefix_len + layout.data_len)?;
     let mut stream = Stream {
         file,
         pos: prefix_len,

@@ -49,7 +49,7 @@ impl<'a> Writer<'a> for BufferedWriter {
         &self.report
     }
 
-    fn create(&mut self, path: &Path) -> Result<FileId> {
+    fn create(&mut self, path: &Path, _len: u64) -> Result<FileId> {
         let file = open_for_write(path, false)?;
         self.files.push(Some((file, path.to_path_buf())));
         Ok(FileId(self.files.len() - 1))

@@ -89,8 +89,11 @@ impl Payload<'_> {
 pub trait Writer<'a>: Send {
     /// What this writer is and which fallbacks led to it.
     fn report(&self) -> &EngineReport;
-    /// Creates (truncating) a file for writing.
-    fn create(&mut self, path: &Path) -> Result<FileId>;
+    /// Creates (truncating) a file for writing, `len` bytes long when finished. Direct-I/O
+    /// engines preallocate it (`fallocate`) so that writes never extend the file: the
+    /// kernel can then issue them without blocking (io_uring need not hand them to its
+    /// worker threads) and the blocks are laid out in one piece.
+    fn create(&mut self, path: &Path, len: u64) -> Result<FileId>;
     /// Takes an empty staging buffer of `chunk_size` bytes, waiting for a write in flight to
     /// complete when the pool is empty.
     fn take_buffer(&mut self) -> Result<StagingBuf>;

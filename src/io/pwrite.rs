@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use super::aligned::round_up;
 use super::uring::{
-    check_direct, check_read, open_for_write, open_with_fallback, truncate_and_sync, zero_past_eof,
+    check_direct, check_read, open_for_write, open_with_fallback, preallocate, truncate_and_sync,
+    zero_past_eof,
 };
 use super::{
     is_transient, poisoned, AlignedBuf, EngineReport, FileId, IoStats, Payload, Reader, StagingBuf, Writer,
@@ -250,9 +251,10 @@ impl<'a> Writer<'a> for PwriteWriter<'a> {
         &self.report
     }
 
-    fn create(&mut self, path: &Path) -> Result<FileId> {
+    fn create(&mut self, path: &Path, len: u64) -> Result<FileId> {
         self.check()?;
         let file = open_for_write(path, self.report.direct_io)?;
+        preallocate(&file, path, len, &self.report);
         self.files.push(Some(OpenFile { file, path: path.to_path_buf(), inflight: 0 }));
         Ok(FileId(self.files.len() - 1))
     }

@@ -47,6 +47,22 @@ pub(crate) fn open_for_write(path: &Path, direct: bool) -> Result<File> {
     options.open(path).map_err(|e| Error::io("create", path, e))
 }
 
+/// Reserves the blocks of a file that will be `len` bytes (rounded up to the direct-I/O
+/// alignment) and sets its size, so that no write extends it. Best effort: a file system
+/// without `fallocate` is written as it is.
+pub(crate) fn preallocate(file: &File, path: &Path, len: u64, report: &EngineReport) {
+    if !report.direct_io || len == 0 {
+        return;
+    }
+    let padded = super::aligned::round_up_u64(len, report.align as u64);
+    let Ok(padded) = libc::off_t::try_from(padded) else { return };
+    // SAFETY: fallocate on an open descriptor we own; no memory is passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, padded) };
+    if rc != 0 {
+        log::debug!("fallocate {} ({padded} bytes): {}", path.display(), io::Error::last_os_error());
+    }
+}
+
 /// Opens `path` for reading, with O_DIRECT when `direct`.
 pub(crate) fn open_for_read(path: &Path, direct: bool) -> Result<(File, u64)> {
     let mut options = OpenOptions::new();
@@ -347,9 +363,10 @@ impl<'a> Writer<'a> for UringWriter<'a> {
         &self.report
     }
 
-    fn create(&mut self, path: &Path) -> Result<FileId> {
+    fn create(&mut self, path: &Path, len: u64) -> Result<FileId> {
         self.check()?;
         let file = open_for_write(path, self.report.direct_io)?;
+        preallocate(&file, path, len, &self.report);
         self.files.push(Some(OpenFile { file, path: path.to_path_buf(), inflight: 0 }));
         Ok(FileId(self.files.len() - 1))
     }
