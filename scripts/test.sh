@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, the Python interop venv, a short benchmark on each
-# engine (so the main command cannot silently break), then every Rust test and doctest.
+# engine (so the main command cannot silently break), every Rust test and doctest, then the
+# Python package (extension build, pytest with torch and Lightning).
 # README's test command and .ci/run both call this.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,3 +31,6 @@ done
 step "cargo test"
 cargo test --all-targets
 cargo test --doc
+
+step "python package (scripts/test-python.sh)"
+bash scripts/test-python.sh

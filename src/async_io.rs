@@ -90,6 +90,9 @@ pub struct OwnedCheckpoint {
     pub tensors: Vec<OwnedTensor>,
     /// String metadata stored in the manifest.
     pub metadata: BTreeMap<String, String>,
+    /// Small non-tensor files (name, bytes), committed with the shards (see
+    /// [`Checkpoint::extra_files`]).
+    pub extra_files: Vec<(String, Bytes)>,
 }
 
 impl OwnedCheckpoint {
@@ -134,6 +137,14 @@ impl OwnedCheckpoint {
         self
     }
 
+    /// Adds a non-tensor file, with the checks of [`Checkpoint::add_extra_file`].
+    pub fn add_extra_file(&mut self, name: impl Into<String>, bytes: impl Into<Bytes>) -> Result<&mut Self> {
+        let (name, bytes) = (name.into(), bytes.into());
+        self.as_checkpoint().add_extra_file(name.clone(), &bytes)?;
+        self.extra_files.push((name, bytes));
+        Ok(self)
+    }
+
     /// Sum of the tensors' byte sizes.
     pub fn data_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.source.len() as u64).sum()
@@ -153,6 +164,7 @@ impl OwnedCheckpoint {
                 })
                 .collect(),
             metadata: self.metadata.clone(),
+            extra_files: self.extra_files.iter().map(|(n, b)| (n.clone(), &b[..])).collect(),
         }
     }
 }
@@ -729,7 +741,7 @@ fn snapshot_save<C: CheckpointIO>(
     let copied = copy_snapshot(&checkpoint, &offsets, &mut area.as_full_mut_slice()[..total]);
     let snapshot_seconds = copy_started.elapsed().as_secs_f64();
     // Nothing reads the sources any more: release them before saying so.
-    let OwnedCheckpoint { tensors, metadata } = checkpoint;
+    let OwnedCheckpoint { tensors, metadata, extra_files } = checkpoint;
     let specs: Vec<(String, Dtype, Vec<u64>, usize)> =
         tensors.into_iter().map(|t| (t.name, t.dtype, t.shape, t.source.len())).collect();
     on_staged();
@@ -747,6 +759,7 @@ fn snapshot_save<C: CheckpointIO>(
                 })
                 .collect(),
             metadata,
+            extra_files: extra_files.iter().map(|(n, b)| (n.clone(), &b[..])).collect(),
         };
         inner.save_checkpoint(&view, path)
     });

@@ -76,6 +76,9 @@ pub struct Checkpoint<'a> {
     pub tensors: Vec<TensorView<'a>>,
     /// String metadata stored in the manifest (and each shard's `__metadata__`).
     pub metadata: BTreeMap<String, String>,
+    /// Small non-tensor files (name, bytes) written into the checkpoint directory before the
+    /// manifest and listed in it with their size and CRC-32: part of the atomic commit.
+    pub extra_files: Vec<(String, &'a [u8])>,
 }
 
 impl<'a> Checkpoint<'a> {
@@ -128,6 +131,15 @@ impl<'a> Checkpoint<'a> {
         self
     }
 
+    /// Adds a non-tensor file, after checking its name (see
+    /// [`check_extra_file_name`](crate::format::check_extra_file_name)) and that it is new.
+    pub fn add_extra_file(&mut self, name: impl Into<String>, bytes: &'a [u8]) -> Result<&mut Self> {
+        let name = name.into();
+        check_extra_name(&name, &self.extra_files[..])?;
+        self.extra_files.push((name, bytes));
+        Ok(self)
+    }
+
     /// Sum of the tensors' byte sizes.
     pub fn data_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.data.len() as u64).sum()
@@ -135,6 +147,9 @@ impl<'a> Checkpoint<'a> {
 
     /// Checks names, sizes and uniqueness (for checkpoints built without [`Checkpoint::add`]).
     pub fn validate(&self) -> Result<()> {
+        for (i, (name, _)) in self.extra_files.iter().enumerate() {
+            check_extra_name(name, &self.extra_files[..i])?;
+        }
         let mut seen = HashSet::with_capacity(self.tensors.len());
         for t in &self.tensors {
             if t.name.is_empty() {
@@ -166,6 +181,16 @@ impl<'a> Checkpoint<'a> {
     }
 }
 
+/// An extra file's name must be safe and not among `earlier`.
+fn check_extra_name(name: &str, earlier: &[(String, &[u8])]) -> Result<()> {
+    crate::format::check_extra_file_name(name)
+        .map_err(|_| Error::InvalidCheckpoint(format!("unsafe extra file name {name:?}")))?;
+    if earlier.iter().any(|(n, _)| n == name) {
+        return Err(Error::InvalidCheckpoint(format!("extra file {name:?} added twice")));
+    }
+    Ok(())
+}
+
 /// A tensor read back from disk. `data` is a view into the aligned read buffer: no copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadedTensor {
@@ -186,6 +211,8 @@ pub struct LoadedCheckpoint {
     pub tensors: Vec<LoadedTensor>,
     /// The user metadata saved with the checkpoint.
     pub metadata: BTreeMap<String, String>,
+    /// The extra files (name, bytes), in manifest order, their sizes and CRCs checked.
+    pub extra_files: Vec<(String, Bytes)>,
     /// How the load went.
     pub report: LoadReport,
 }
@@ -194,6 +221,11 @@ impl LoadedCheckpoint {
     /// The tensor called `name`.
     pub fn get(&self, name: &str) -> Option<&LoadedTensor> {
         self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The bytes of the extra file called `name`.
+    pub fn extra_file(&self, name: &str) -> Option<&Bytes> {
+        self.extra_files.iter().find(|(n, _)| n == name).map(|(_, b)| b)
     }
 }
 

@@ -446,8 +446,11 @@ impl UringCheckpointIO {
         let tmp = TempCheckpointDir::create(path, replace)?;
         let rank = self.write_shards(checkpoint, path, tmp.path(), 0, signal)?;
         let commit_started = Instant::now();
-        let manifest =
+        let mut manifest =
             Manifest::new(rank.shards, rank.weight_map, rank.data_bytes, checkpoint.metadata.clone());
+        for (name, bytes) in &checkpoint.extra_files {
+            manifest.extra_files.push(tmp.write_extra_file(name, bytes)?);
+        }
         tmp.commit(&manifest, replace)?;
         let mut report = rank.report;
         report.commit_seconds = commit_started.elapsed().as_secs_f64();

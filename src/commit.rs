@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::format::{Manifest, MANIFEST_FILE};
+use crate::format::{ExtraFileInfo, Manifest, MANIFEST_FILE};
 use crate::{Error, Result};
 
 /// Marker in the names of temporary directories; loaders skip names that contain it.
@@ -80,6 +80,16 @@ impl TempCheckpointDir {
     /// The temporary directory the shards go into.
     pub fn path(&self) -> &Path {
         &self.tmp
+    }
+
+    /// Writes and fsyncs a small non-tensor file into the temporary directory (before the
+    /// manifest, which lists it with the returned size and CRC-32).
+    pub fn write_extra_file(&self, name: &str, bytes: &[u8]) -> Result<ExtraFileInfo> {
+        let path = self.tmp.join(name);
+        let mut file = File::create(&path).map_err(|e| Error::io("create", &path, e))?;
+        file.write_all(bytes).map_err(|e| Error::io("write", &path, e))?;
+        file.sync_all().map_err(|e| Error::io("fsync", &path, e))?;
+        Ok(ExtraFileInfo { file: name.to_owned(), size: bytes.len() as u64, crc32: crc32fast::hash(bytes) })
     }
 
     /// Steps 3 and 4: writes and fsyncs the manifest and the directory, renames it into

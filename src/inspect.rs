@@ -70,6 +70,8 @@ pub struct VerifyReport {
     pub tensors: usize,
     /// Tensors without a stored CRC (files not written by uring-ckpt).
     pub tensors_without_crc: usize,
+    /// Extra (non-tensor) files whose size and CRC matched.
+    pub extra_files: usize,
     /// Bytes read.
     pub bytes: u64,
     /// Seconds taken.
@@ -90,6 +92,7 @@ pub fn verify(config: &Config, dir: &Path, mut progress: impl FnMut(u64, u64)) -
         shards: 0,
         tensors: 0,
         tensors_without_crc: 0,
+        extra_files: 0,
         bytes: 0,
         seconds: 0.0,
         throughput_mib_s: 0.0,
@@ -117,6 +120,11 @@ pub fn verify(config: &Config, dir: &Path, mut progress: impl FnMut(u64, u64)) -
                 manifest.weight_map.len()
             ),
         });
+    }
+    for info in &manifest.extra_files {
+        crate::load::read_extra_file(dir, info)?;
+        report.extra_files += 1;
+        report.bytes += info.size;
     }
     report.seconds = started.elapsed().as_secs_f64();
     report.throughput_mib_s = mib_per_s(report.bytes, report.seconds);

@@ -17,7 +17,8 @@ use crate::checkpoint::{mib_per_s, LoadReport, LoadedCheckpoint, LoadedTensor};
 use crate::checkpoint_io::LoadOptions;
 use crate::config::Config;
 use crate::format::{
-    parse_header, Manifest, ParsedHeader, ShardInfo, TensorEntry, MANIFEST_FILE, MAX_MANIFEST_LEN,
+    parse_header, ExtraFileInfo, Manifest, ParsedHeader, ShardInfo, TensorEntry, MANIFEST_FILE,
+    MAX_MANIFEST_LEN,
 };
 use crate::io::aligned::{round_down_u64, round_up, round_up_u64};
 use crate::io::{open_reader, AlignedBuf, FileId, Reader};
@@ -308,10 +309,17 @@ pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<Loaded
         read_bytes += if shard.whole.is_some() { info.size } else { info.header_len };
         reader.close(shard.file);
     }
+    let mut extra_files = Vec::with_capacity(manifest.extra_files.len());
+    for info in &manifest.extra_files {
+        let bytes = read_extra_file(dir, info)?;
+        read_bytes += bytes.len() as u64;
+        extra_files.push((info.file.clone(), bytes));
+    }
     let seconds = started.elapsed().as_secs_f64();
     Ok(LoadedCheckpoint {
         tensors,
         metadata: manifest.metadata,
+        extra_files,
         report: LoadReport {
             data_bytes,
             read_bytes,
@@ -322,6 +330,29 @@ pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<Loaded
             read_latency: reader.stats().percentiles_us(),
         },
     })
+}
+
+/// Reads an extra file of the checkpoint at `dir` and checks its size and CRC-32 against the
+/// manifest (always: these files are small).
+pub(crate) fn read_extra_file(dir: &Path, info: &ExtraFileInfo) -> Result<Bytes> {
+    let path = dir.join(&info.file);
+    let bad = |reason: String| Error::NotACheckpoint { path: dir.to_path_buf(), reason };
+    let len = fs::metadata(&path).map_err(|e| Error::io("stat", &path, e))?.len();
+    if len != info.size {
+        return Err(bad(format!("extra file {} is {len} bytes, the manifest says {}", info.file, info.size)));
+    }
+    let bytes = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+    let actual = crc32fast::hash(&bytes);
+    if bytes.len() as u64 != info.size || actual != info.crc32 {
+        return Err(bad(format!(
+            "extra file {} has CRC {actual:08x} ({} bytes), the manifest says {:08x} ({} bytes)",
+            info.file,
+            bytes.len(),
+            info.crc32,
+            info.size
+        )));
+    }
+    Ok(Bytes::from(bytes))
 }
 
 /// The tensors in a shard's header must be exactly those the manifest maps to it.

@@ -184,7 +184,7 @@ impl SyntheticCheckpoint {
                 data: TensorData::Host(&self.arena[s.offset..s.offset + s.len]),
             })
             .collect();
-        let mut ckpt = Checkpoint { tensors, metadata: Default::default() };
+        let mut ckpt = Checkpoint { tensors, ..Default::default() };
         ckpt.set_metadata("synthetic.layout", self.layout.as_str())
             .set_metadata("synthetic.dtype", self.dtype.as_str())
             .set_metadata("synthetic.seed", self.seed.to_string())

@@ -40,6 +40,20 @@ pub struct ShardInfo {
     pub tensor_count: u64,
 }
 
+/// A small non-tensor file of a checkpoint (a pickled training state, say), committed with
+/// the shards and checked by its size and CRC-32.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraFileInfo {
+    /// File name inside the checkpoint directory (see [`check_extra_file_name`]).
+    pub file: String,
+    /// Length of the file in bytes.
+    pub size: u64,
+    /// CRC-32 (IEEE) of the whole file; in JSON, 8 lowercase hex digits.
+    #[serde(with = "hex_u32")]
+    pub crc32: u32,
+}
+
 /// The manifest of a checkpoint directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +72,10 @@ pub struct Manifest {
     /// User metadata.
     #[serde(deserialize_with = "strict_map")]
     pub metadata: BTreeMap<String, String>,
+    /// Non-tensor files of the checkpoint. Absent from the JSON when empty, so manifests
+    /// written before this field existed still parse.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_files: Vec<ExtraFileInfo>,
 }
 
 impl Manifest {
@@ -75,6 +93,7 @@ impl Manifest {
             weight_map,
             total_size,
             metadata,
+            extra_files: Vec::new(),
         }
     }
 
@@ -99,6 +118,7 @@ impl Manifest {
     ///
     /// A safe shard name is 1 to 255 bytes, has no `/`, `\`, NUL or other control character,
     /// does not start with `.` (so neither `.` nor `..`), and ends with `.safetensors`.
+    /// Extra file names follow [`check_extra_file_name`] and must differ from each other.
     pub fn parse(bytes: &[u8]) -> Result<Manifest, FormatError> {
         let len = bytes.len() as u64;
         if len > MAX_MANIFEST_LEN {
@@ -170,6 +190,13 @@ impl Manifest {
                 });
             }
         }
+        let mut extra_names: HashMap<&str, ()> = HashMap::with_capacity(self.extra_files.len());
+        for extra in &self.extra_files {
+            check_extra_file_name(&extra.file)?;
+            if extra_names.insert(&extra.file, ()).is_some() {
+                return Err(FormatError::BadManifest(format!("extra file {:?} listed twice", extra.file)));
+            }
+        }
         if self.total_size > data_total {
             return Err(FormatError::BadManifest(format!(
                 "total_size {} exceeds the {} data bytes of the shards",
@@ -186,6 +213,23 @@ fn check_shard_name(name: &str) -> Result<(), FormatError> {
         && name.len() <= MAX_SHARD_NAME_LEN
         && !name.starts_with('.')
         && name.ends_with(".safetensors")
+        && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
+    if safe {
+        Ok(())
+    } else {
+        Err(FormatError::UnsafeShardName(name.to_owned()))
+    }
+}
+
+/// Whether `name` is a safe name for an extra file: as for a shard (1 to 255 bytes, no `/`,
+/// `\`, NUL or other control character, not starting with `.`), but not ending with
+/// `.safetensors` and not [`MANIFEST_FILE`].
+pub fn check_extra_file_name(name: &str) -> Result<(), FormatError> {
+    let safe = !name.is_empty()
+        && name.len() <= MAX_SHARD_NAME_LEN
+        && !name.starts_with('.')
+        && !name.ends_with(".safetensors")
+        && name != MANIFEST_FILE
         && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
     if safe {
         Ok(())
@@ -347,6 +391,24 @@ mod tests {
         m.weight_map.insert(String::new(), m.shards[0].file.clone());
         m.shards[0].tensor_count += 1;
         assert_eq!(Manifest::parse(&m.to_json()), Err(FormatError::EmptyName));
+    }
+
+    #[test]
+    fn extra_files() {
+        let mut m = sample();
+        assert!(!String::from_utf8_lossy(&m.to_json()).contains("extra_files"));
+        m.extra_files.push(ExtraFileInfo { file: "extras.pkl".into(), size: 10, crc32: 0xdead_beef });
+        let json = m.to_json();
+        assert!(String::from_utf8_lossy(&json).contains("\"crc32\": \"deadbeef\""));
+        assert_eq!(Manifest::parse(&json), Ok(m.clone()));
+        m.extra_files.push(m.extra_files[0].clone());
+        assert!(matches!(Manifest::parse(&m.to_json()), Err(FormatError::BadManifest(_))));
+        for good in ["extras.pkl", "a", "state.json"] {
+            assert_eq!(check_extra_file_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", ".", "..", ".x", "a/b", "../x", "a\\b", "a\0", "x.safetensors", MANIFEST_FILE] {
+            assert!(check_extra_file_name(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -17,7 +17,10 @@ pub use header::{
     encode_header, header_prefix_len, parse_header, ParsedHeader, ShardLayout, TensorEntry, TensorSpec,
     CRC_KEY_PREFIX, DATA_ALIGN, MAX_HEADER_LEN,
 };
-pub use manifest::{Manifest, ShardInfo, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, MAX_MANIFEST_LEN};
+pub use manifest::{
+    check_extra_file_name, ExtraFileInfo, Manifest, ShardInfo, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
+    MAX_MANIFEST_LEN,
+};
 
 /// Why a header or manifest is invalid (or why a layout cannot be encoded).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

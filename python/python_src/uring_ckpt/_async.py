@@ -1,0 +1,147 @@
+"""Asynchronous saves through the Rust ``AsyncCheckpointIO``: the caller waits only until the
+tensors are *staged* (copied into a reused host area in ``snapshot`` mode, or streamed
+through the staging ring in ``stream`` mode); the write, fsync and commit (*durable*) go on
+in the background with the GIL released."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import _pytree
+from ._uring_ckpt import AsyncWriter
+from ._uring_ckpt import SaveHandle as _SaveHandle
+
+if TYPE_CHECKING:
+    from . import ConfigLike, PathLike
+
+
+class SaveFuture:
+    """The two completions of one asynchronous save.
+
+    ``staged()``: the save no longer reads the tensors; the caller may change them.
+    ``durable()``: the checkpoint is committed on disk; returns the save report, or raises
+    the save's error.
+    """
+
+    def __init__(self, handle: _SaveHandle, stall_seconds: float, copied_bytes: int) -> None:
+        self._handle = handle
+        self.path = os.fspath(handle.path)
+        self.stall_seconds = stall_seconds
+        """Seconds the caller of ``AsyncSaver.save`` waited (flatten, pickle, staging)."""
+        self._copied = copied_bytes
+
+    def staged(self, timeout: float | None = None) -> bool:
+        """Waits until the tensors are no longer read; False on timeout."""
+        return self._handle.wait_staged(timeout)
+
+    def durable(self, timeout: float | None = None) -> dict[str, Any]:
+        """Waits until the checkpoint is committed and durable and returns the save report;
+        raises the save's error, or ``TimeoutError``."""
+        report = self._handle.wait_durable(timeout)
+        if report is None:
+            raise TimeoutError(f"save of {self.path} not durable after {timeout}s")
+        out: dict[str, Any] = json.loads(report)
+        out["python_copied_bytes"] = self._copied
+        out["python_stall_seconds"] = self.stall_seconds
+        return out
+
+    result = durable
+
+    def done(self) -> bool:
+        """Whether the save finished (committed or failed)."""
+        return self._handle.is_done()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The save's error once it finished (None if it succeeded)."""
+        try:
+            self.durable(timeout)
+        except TimeoutError:
+            if not self.done():
+                raise
+            return None  # pragma: no cover - finished between the two checks
+        except Exception as e:  # noqa: BLE001 - the save's error, handed to the caller
+            return e
+        return None
+
+
+class AsyncSaver:
+    """Saves in the background, at most ``max_in_flight`` at a time (a further ``save``
+    waits for a slot; a save to a path being written waits for that save).
+
+    ``mode="snapshot"`` (default) copies the tensors into a host area reused across saves,
+    so ``save`` returns after one memory copy; ``"stream"`` stages through the bounded
+    staging ring instead (no extra memory; ``save`` returns only when the last chunk is
+    staged). Use as a context manager, or call :meth:`close`, to wait for the last save.
+    """
+
+    def __init__(self, config: ConfigLike = None, *, max_in_flight: int = 1, mode: str = "snapshot") -> None:
+        from . import _config
+
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.config = _config(config).replace(async_mode=mode, max_saves_in_flight=max_in_flight)
+        self._writer = AsyncWriter(self.config)
+        self._futures: list[SaveFuture] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def save(
+        self,
+        state: Any,
+        path: PathLike,
+        *,
+        metadata: dict[str, str] | None = None,
+    ) -> SaveFuture:
+        """Queues the save of ``state`` to ``path``; returns once it is staged."""
+        from . import _metadata
+
+        if self._closed:
+            raise RuntimeError("AsyncSaver is closed")
+        started = time.perf_counter()
+        flat = _pytree.flatten(state)
+        tensors = [e.as_tuple() for e in flat.tensors]
+        handle = self._writer.save(
+            os.fspath(path), tensors, [(_pytree.SIDECAR, flat.sidecar)], _metadata(metadata)
+        )
+        handle.wait_staged()
+        future = SaveFuture(handle, time.perf_counter() - started, flat.copied_bytes)
+        with self._lock:
+            self._futures = [f for f in self._futures if not f.done()]
+            self._futures.append(future)
+        return future
+
+    def pending(self) -> list[SaveFuture]:
+        """Saves not finished yet."""
+        with self._lock:
+            return [f for f in self._futures if not f.done()]
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Waits for every save started here; raises the first error among them (once: the
+        saves waited for are then forgotten)."""
+        with self._lock:
+            futures, self._futures = self._futures, []
+        first: BaseException | None = None
+        for f in futures:
+            error = f.exception(timeout)
+            if first is None:
+                first = error
+        if first is not None:
+            raise first
+
+    def close(self) -> None:
+        """Waits for every save (raising the first error) and refuses new ones."""
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            self._writer.teardown()
+
+    def __enter__(self) -> AsyncSaver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,52 @@
+"""Exceptions raised by uring_ckpt. I/O failures are plain ``OSError`` (with ``errno``)."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "InvalidCheckpointError",
+    "NotACheckpointError",
+    "TensorNotFoundError",
+    "UnavailableError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every uring_ckpt error except ``OSError`` from the system."""
+
+
+class NotACheckpointError(CheckpointError):
+    """The path is not a committed checkpoint: no ``manifest.json`` (an unfinished save, a
+    foreign directory)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The checkpoint's files do not match its manifest: a CRC mismatch, a truncated or
+    unparsable shard or manifest, a missing or altered sidecar file."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A save would replace an existing checkpoint and replacing was not asked for."""
+
+
+class ConfigError(CheckpointError, ValueError):
+    """A configuration value is out of range or malformed."""
+
+
+class InvalidCheckpointError(CheckpointError, ValueError):
+    """What was handed to a save cannot be saved (duplicate names, wrong byte counts, a path
+    without a usable name)."""
+
+
+class TensorNotFoundError(CheckpointError, KeyError):
+    """A tensor asked for by name is not in the checkpoint."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class UnavailableError(CheckpointError, RuntimeError):
+    """A feature (io_uring, O_DIRECT, CUDA) is not available on this system."""

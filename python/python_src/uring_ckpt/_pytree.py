@@ -1,0 +1,470 @@
+"""Flattening a nested training state into tensor entries plus a pickled sidecar, and back.
+
+The state (dicts, lists, tuples, any picklable object) is pickled with a ``persistent_id``
+hook, as ``torch.save`` does: every torch tensor and numpy array of a safetensors dtype is
+left out of the pickle and replaced by a reference to a named tensor entry; the entries go to
+safetensors shards. Names are the tensor's path in the nested dicts and lists
+(``state_dict/layer.weight``, ``optimizer_states/0/state/3/exp_avg``); a tensor reached only
+through some other object is named ``objects/<n>``.
+
+Tensors that share memory with the same offset, shape, strides and dtype (tied weights, or
+one tensor object reached twice) are stored once, and come back as one tensor object.
+Partially overlapping views are stored separately. Tensors of other dtypes (complex128,
+quantized, sparse) and tensor subclasses stay in the pickle, as ``pickle`` writes them.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+try:  # numpy and torch are both optional; either may be missing.
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy is a dependency of every test setup
+    np = None  # type: ignore[assignment]
+
+
+def _torch() -> Any:
+    """The torch module, or None when it is not installed (imported on first use)."""
+    mod = sys.modules.get("torch")
+    if mod is not None:
+        return mod
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+SIDECAR = "extras.pkl"
+"""File name of the pickled sidecar inside a checkpoint directory."""
+
+FORMAT_KEY = "uring_ckpt.python.format"
+"""Manifest metadata key naming the sidecar format; its value is ``FORMAT_VERSION``."""
+
+FORMAT_VERSION = "1"
+
+PID_TAG = "uring_ckpt.tensor"
+
+# torch dtype attribute name -> safetensors dtype (only those this torch has are used).
+_TORCH_DTYPES = [
+    ("bool", "BOOL"),
+    ("uint8", "U8"),
+    ("int8", "I8"),
+    ("int16", "I16"),
+    ("uint16", "U16"),
+    ("float16", "F16"),
+    ("bfloat16", "BF16"),
+    ("int32", "I32"),
+    ("uint32", "U32"),
+    ("float32", "F32"),
+    ("complex64", "C64"),
+    ("float64", "F64"),
+    ("int64", "I64"),
+    ("uint64", "U64"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e8m0fnu", "F8_E8M0"),
+]
+
+# numpy dtype name -> safetensors dtype.
+_NUMPY_DTYPES = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "int16": "I16",
+    "uint16": "U16",
+    "float16": "F16",
+    "int32": "I32",
+    "uint32": "U32",
+    "float32": "F32",
+    "complex64": "C64",
+    "float64": "F64",
+    "int64": "I64",
+    "uint64": "U64",
+}
+_NUMPY_FROM_SAFETENSORS = {v: k for k, v in _NUMPY_DTYPES.items()}
+
+
+def torch_dtype_map() -> dict[Any, str]:
+    """torch dtype -> safetensors dtype, for the dtypes the installed torch has."""
+    torch = _torch()
+    if torch is None:
+        return {}
+    return {getattr(torch, n): s for n, s in _TORCH_DTYPES if hasattr(torch, n)}
+
+
+def torch_dtype_from_safetensors(dtype: str) -> Any:
+    torch = _torch()
+    for n, s in _TORCH_DTYPES:
+        if s == dtype and hasattr(torch, n):
+            return getattr(torch, n)
+    raise TypeError(f"safetensors dtype {dtype} has no torch dtype in this torch version")
+
+
+@dataclass
+class TensorEntry:
+    """One tensor to save: its bytes are ``obj`` (a contiguous CPU torch tensor when ``kind``
+    is ``"torch"``, a C-contiguous uint8 numpy view when it is ``"buffer"``)."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    kind: str
+    obj: Any
+
+    def as_tuple(self) -> tuple[str, str, list[int], str, Any]:
+        return (self.name, self.dtype, self.shape, self.kind, self.obj)
+
+
+@dataclass
+class Flattened:
+    """A state split into tensor entries and the pickled rest."""
+
+    tensors: list[TensorEntry]
+    sidecar: bytes
+    copied_bytes: int
+    """Bytes copied to make tensors contiguous, move them to the CPU or snapshot them."""
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(_nbytes(e) for e in self.tensors)
+
+
+def _nbytes(entry: TensorEntry) -> int:
+    obj = entry.obj
+    if entry.kind == "torch":
+        return int(obj.numel() * obj.element_size())
+    return int(obj.nbytes)
+
+
+class _Namer:
+    """Assigns each tensor reachable through dicts, lists and tuples the path to it."""
+
+    def __init__(self, is_tensor: Callable[[Any], bool]) -> None:
+        self.paths: dict[int, str] = {}
+        self._is_tensor = is_tensor
+        self._seen: set[int] = set()
+
+    def walk(self, obj: Any, path: str) -> None:
+        if self._is_tensor(obj):
+            self.paths.setdefault(id(obj), path or "tensor")
+            return
+        if isinstance(obj, (dict, list, tuple)):
+            if id(obj) in self._seen:  # shared or cyclic containers: walk once
+                return
+            self._seen.add(id(obj))
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            for key, value in items:
+                self.walk(value, f"{path}/{key}" if path else str(key))
+
+
+class _Flattener(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, state: Any, snapshot: bool) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.torch = _torch()
+        self.torch_dtypes = torch_dtype_map()
+        self.snapshot = snapshot
+        self.entries: list[TensorEntry] = []
+        self.copied = 0
+        self._pids: dict[Any, tuple] = {}  # tie key -> persistent id
+        self._names: set[str] = set()
+        self._others = 0
+        self._keep: list[Any] = []  # objects whose id() is a key: kept alive while pickling
+        namer = _Namer(self._is_tensor)
+        namer.walk(state, "")
+        self._paths = namer.paths
+
+    def _is_tensor(self, obj: Any) -> bool:
+        torch = self.torch
+        if torch is not None and isinstance(obj, torch.Tensor):
+            return True
+        return np is not None and isinstance(obj, np.ndarray)
+
+    def _name(self, obj: Any) -> str:
+        name = self._paths.get(id(obj))
+        if name is None:
+            name = f"objects/{self._others}"
+            self._others += 1
+        base, n = name, 2
+        while name in self._names:
+            name = f"{base}#{n}"
+            n += 1
+        self._names.add(name)
+        return name
+
+    def persistent_id(self, obj: Any) -> tuple | None:
+        torch = self.torch
+        if torch is not None and isinstance(obj, torch.Tensor):
+            return self._torch_pid(obj)
+        if np is not None and type(obj) is np.ndarray:
+            return self._numpy_pid(obj)
+        return None
+
+    def _torch_pid(self, t: Any) -> tuple | None:
+        torch = self.torch
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return None  # a subclass: pickle it as it pickles itself
+        dtype = self.torch_dtypes.get(t.dtype)
+        if (
+            dtype is None
+            or t.layout != torch.strided
+            or t.is_quantized
+            or getattr(t, "is_nested", False)
+            or t.device.type == "meta"
+        ):
+            return None
+        storage = t.untyped_storage()
+        if storage.nbytes() == 0:
+            key: Any = ("id", id(t))
+        else:
+            key = (storage.data_ptr(), str(t.device), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            key = (key, t.is_conj(), t.is_neg())
+        self._keep.append(t)
+        base = self._pids.get(key)
+        if base is None:
+            name = self._name(t)
+            data = t.detach()
+            if data.device.type != "cpu":
+                data = data.to("cpu")
+                self.copied += data.numel() * data.element_size()
+            elif self.snapshot:
+                data = data.clone(memory_format=torch.contiguous_format)
+                self.copied += data.numel() * data.element_size()
+            if data.is_conj() or data.is_neg():
+                data = data.resolve_conj().resolve_neg()
+            if not data.is_contiguous():
+                data = data.contiguous()
+                self.copied += data.numel() * data.element_size()
+            self.entries.append(TensorEntry(name, dtype, list(data.shape), "torch", data))
+            base = (PID_TAG, name, "torch", str(t.dtype).removeprefix("torch."), str(t.device))
+            self._pids[key] = base
+        return (*base, bool(t.requires_grad), isinstance(t, torch.nn.Parameter))
+
+    def _numpy_pid(self, a: Any) -> tuple | None:
+        dtype = _NUMPY_DTYPES.get(a.dtype.name)
+        if dtype is None or a.dtype.hasobject:
+            return None
+        if a.size == 0:
+            key: Any = ("id", id(a))
+        else:
+            key = (a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
+        self._keep.append(a)
+        pid = self._pids.get(key)
+        if pid is None:
+            name = self._name(a)
+            data = a
+            if not data.dtype.isnative:
+                data = data.astype(data.dtype.newbyteorder("="))
+            if not data.flags.c_contiguous:
+                data = np.ascontiguousarray(data)
+            if self.snapshot and np.shares_memory(data, a):
+                data = data.copy()
+            if data is not a:
+                self.copied += data.nbytes
+            view = data.reshape(-1).view(np.uint8)
+            self.entries.append(TensorEntry(name, dtype, list(a.shape), "buffer", view))
+            pid = (PID_TAG, name, "numpy", data.dtype.str, "cpu", False, False)
+            self._pids[key] = pid
+        return pid
+
+
+def flatten(state: Any, *, snapshot: bool = False) -> Flattened:
+    """Splits ``state`` into tensor entries and the pickled rest. With ``snapshot``, every
+    tensor is copied (so the caller may change the originals as soon as this returns)."""
+    buf = io.BytesIO()
+    pickler = _Flattener(buf, state, snapshot)
+    pickler.dump(state)
+    return Flattened(pickler.entries, buf.getvalue(), pickler.copied)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Refuses every global except plain containers, torch dtypes/devices/sizes, numpy
+    dtypes/scalars and what ``torch.serialization.add_safe_globals`` allowed."""
+
+    _SAFE: frozenset[tuple[str, str]] = frozenset(
+        {
+            ("collections", "OrderedDict"),
+            ("collections", "defaultdict"),
+            ("collections", "deque"),
+            ("builtins", "set"),
+            ("builtins", "frozenset"),
+            ("builtins", "slice"),
+            ("builtins", "complex"),
+            ("builtins", "range"),
+            ("builtins", "bytearray"),
+            ("torch", "Size"),
+            ("torch", "device"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        torch = _torch()
+        if (module, name) in self._SAFE or (
+            module == "torch" and torch is not None and _is_torch_dtype(name)
+        ):
+            return super().find_class(module, name)
+        if module.startswith("numpy.dtypes") or module == "numpy" and name.endswith("DType"):
+            return super().find_class(module, name)
+        if torch is not None:
+            for g in torch.serialization.get_safe_globals():
+                obj = g[0] if isinstance(g, tuple) else g
+                if getattr(obj, "__module__", None) == module and getattr(obj, "__qualname__", None) == name:
+                    return obj
+        raise pickle.UnpicklingError(
+            f"weights_only load refuses global {module}.{name}; load with weights_only=False if the "
+            "checkpoint is trusted, or allow it with torch.serialization.add_safe_globals"
+        )
+
+
+def _is_torch_dtype(name: str) -> bool:
+    torch = _torch()
+    return isinstance(getattr(torch, name, None), torch.dtype)
+
+
+class Restorer:
+    """Turns loaded tensor buffers into torch tensors or numpy arrays, once per name."""
+
+    def __init__(
+        self,
+        buffers: dict[str, tuple[str, list[int], Any]],
+        device: Any,
+        prefer_torch: bool = True,
+    ) -> None:
+        self.buffers = buffers
+        self.device = device
+        self.torch: Any = _torch() if prefer_torch else None
+        self._base: dict[str, Any] = {}
+        self._objs: dict[tuple, Any] = {}
+
+    # -- plain tensors, by safetensors dtype --------------------------------------------------
+
+    def plain(self, name: str) -> Any:
+        """The tensor ``name`` as a torch tensor (numpy without torch), on the device."""
+        if name not in self._base:
+            dtype, shape, buf = self.buffers[name]
+            if self.torch is not None:
+                t = self._torch_from(buf, torch_dtype_from_safetensors(dtype), shape)
+                self._base[name] = self._to_device(t, None)
+            else:
+                self._base[name] = self._numpy_from(buf, _numpy_dtype(dtype), shape)
+        return self._base[name]
+
+    def _torch_from(self, buf: Any, dtype: Any, shape: list[int]) -> Any:
+        torch = self.torch
+        if len(buf) == 0:
+            return torch.empty(shape, dtype=dtype)
+        # The buffer is writable and owned by `buf`, which the tensor keeps alive: no copy.
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+
+    @staticmethod
+    def _numpy_from(buf: Any, dtype: Any, shape: list[int]) -> Any:
+        if len(buf) == 0:
+            return np.empty(shape, dtype=dtype)
+        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def _to_device(self, t: Any, saved_device: str | None) -> Any:
+        device = self.device
+        if callable(device) and not isinstance(device, (str, dict)):
+            device = "cpu"  # torch.load's map_location callable receives storages: keep CPU
+        if isinstance(device, dict):
+            device = device.get(saved_device or "cpu", saved_device or "cpu")
+        if device is None:
+            device = saved_device or "cpu"
+        if str(device) == "cpu":
+            return t
+        return t.to(device)
+
+    # -- persistent ids of the sidecar ---------------------------------------------------------
+
+    def __call__(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 7 and pid[0] == PID_TAG):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        obj = self._objs.get(pid)
+        if obj is None:
+            obj = self._restore(pid)
+            self._objs[pid] = obj
+        return obj
+
+    def _restore(self, pid: tuple) -> Any:
+        _, name, kind, dtype_name, device, requires_grad, is_param = pid
+        if name not in self.buffers:
+            raise pickle.UnpicklingError(f"tensor {name!r} is in the sidecar but not in the shards")
+        _, shape, buf = self.buffers[name]
+        if kind == "numpy":
+            if name not in self._base:
+                self._base[name] = self._numpy_from(buf, np.dtype(dtype_name), shape)
+            return self._base[name]
+        torch = self.torch
+        if torch is None:
+            return self._numpy_fallback(name)
+        if name not in self._base:
+            dtype = getattr(torch, dtype_name, None)
+            if not isinstance(dtype, torch.dtype):
+                raise pickle.UnpicklingError(f"tensor {name!r} has dtype {dtype_name}, unknown to this torch")
+            self._base[name] = self._to_device(self._torch_from(buf, dtype, shape), device)
+        t = self._base[name]
+        if is_param:
+            return torch.nn.Parameter(t, requires_grad=requires_grad)
+        if requires_grad:
+            return t.detach().requires_grad_(True)
+        return t
+
+    def _numpy_fallback(self, name: str) -> Any:
+        dtype, shape, buf = self.buffers[name]
+        if name not in self._base:
+            np_dtype = _numpy_dtype(dtype)
+            self._base[name] = self._numpy_from(buf, np_dtype, shape)
+        return self._base[name]
+
+
+def _numpy_dtype(dtype: str) -> Any:
+    name = _NUMPY_FROM_SAFETENSORS.get(dtype)
+    if name is not None:
+        return np.dtype(name)
+    try:
+        import ml_dtypes  # bfloat16 and float8 types for numpy, when installed
+
+        special = {"BF16": "bfloat16", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn"}
+        if dtype in special:
+            return np.dtype(getattr(ml_dtypes, special[dtype]))
+    except ImportError:
+        pass
+    raw = {"BF16": np.uint16}.get(dtype, np.uint8)
+    warnings.warn(
+        f"{dtype} has no numpy dtype (install torch or ml_dtypes): returned as raw {np.dtype(raw).name}",
+        stacklevel=4,
+    )
+    return np.dtype(raw)
+
+
+def unflatten(sidecar: bytes, restorer: Restorer, *, weights_only: bool = False) -> Any:
+    """Rebuilds the state pickled by :func:`flatten`, taking tensors from ``restorer``."""
+    cls = _RestrictedUnpickler if weights_only else pickle.Unpickler
+    unpickler = cls(io.BytesIO(sidecar))
+    unpickler.persistent_load = restorer  # type: ignore[assignment]
+    return unpickler.load()
+
+
+__all__ = [
+    "FORMAT_KEY",
+    "FORMAT_VERSION",
+    "SIDECAR",
+    "Flattened",
+    "Restorer",
+    "TensorEntry",
+    "flatten",
+    "torch_dtype_map",
+    "unflatten",
+]

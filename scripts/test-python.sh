@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The Python package's tests: installs (once) maturin, pytest, torch and lightning into the
+# repository's venv (the one scripts/python-env.sh makes), builds the extension in release
+# mode with `maturin develop`, lints the extension crate, then runs pytest on python/tests.
+# A second run reuses the venv and cargo's build cache, so it takes seconds plus the build.
+# The first install downloads torch from PyPI (with its CUDA libraries: PyPI has no CPU-only
+# torch wheel for Linux x86_64), about 3 minutes and 5.5 GiB here.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+python="$(bash scripts/python-env.sh)"
+venv="$(dirname "$(dirname "$python")")"
+if ! "$python" -c "import maturin, pytest, torch, lightning" 2>/dev/null; then
+  echo "installing maturin, pytest, torch and lightning into $venv (first run only)" >&2
+  start=$(date +%s)
+  "$python" -m pip install --quiet --disable-pip-version-check "maturin>=1.5,<2" pytest "torch>=2.1" "lightning>=2.1"
+  echo "installed in $(( $(date +%s) - start ))s" >&2
+fi
+
+# The extension links against this venv's interpreter.
+export PYO3_PYTHON="$python"
+echo "== cargo clippy -p uring-ckpt-python -- -D warnings"
+cargo clippy -p uring-ckpt-python --all-targets -- -D warnings
+
+echo "== maturin develop --release"
+(cd python && VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" "$venv/bin/maturin" develop --release --quiet)
+
+echo "== pytest python/tests"
+"$python" -m pytest python/tests -q -p no:cacheprovider "$@"
