@@ -23,9 +23,9 @@ step "python venv for the interop tests (numpy, safetensors)"
 bash scripts/python-env.sh
 
 step "bench smoke run on each engine"
-cargo build --release --quiet
+
 for engine in uring pwrite buffered; do
-  ./target/release/uring-ckpt bench --size 16MiB --repeat 1 --engine "$engine" --json "target/bench-smoke-$engine.json"
+  cargo run --release --quiet -- bench --size 16MiB --repeat 1 --engine "$engine" --json "target/bench-smoke-$engine.json"
 done
 
 step "cargo test"
