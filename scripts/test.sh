@@ -25,7 +25,7 @@ bash scripts/python-env.sh
 step "bench smoke run on each engine"
 
 for engine in uring pwrite buffered; do
-  cargo run --release --quiet -- bench --size 16MiB --repeat 1 --engine "$engine" --json "target/bench-smoke-$engine.json"
+  cargo run --release --quiet -- bench --size 16MiB --repeat 1 --engine "$engine" --json "${CARGO_TARGET_DIR:-target}/bench-smoke-$engine.json"
 done
 
 step "cargo test"
