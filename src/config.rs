@@ -26,6 +26,7 @@
 //! | `verify_on_load` | `URING_CKPT_VERIFY_ON_LOAD` | bool | `true` | | check every tensor's CRC-32 when loading |
 //! | `replace_existing` | `URING_CKPT_REPLACE_EXISTING` | bool | `false` | | allow a save to replace an existing checkpoint (atomically) |
 //! | `io_threads` | `URING_CKPT_IO_THREADS` | integer | `4` | 1..=256 | threads of the pwrite engine |
+//! | `lock` | `URING_CKPT_LOCK` | `"fail"`, `"wait"` | `"fail"` | | when another save of the same path holds its lock: fail at once with `Error::Locked`, or wait for it |
 //! | `[simulate]` | `URING_CKPT_SIMULATE` | table / comma-separated list | none | `uring-eperm`, `direct-einval`, `register-enomem` | faults to simulate, for testing fallbacks |
 //! | | `URING_CKPT_CONFIG` | path | unset | | the TOML file [`Config::load`] reads when given no path |
 //! | | `URING_CKPT_LOG` | log filter | unset | | log level of the CLI (not read by this module) |
@@ -63,6 +64,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::lock::LockMode;
 use crate::{Error, Result};
 
 const KIB: u64 = 1 << 10;
@@ -259,6 +261,9 @@ pub struct Config {
     pub replace_existing: bool,
     /// Threads of the pwrite engine's pool. Default `4`, range `1..=256`.
     pub io_threads: u32,
+    /// What a save does when another save of the same path holds its lock (see
+    /// [`crate::lock`]). Default [`LockMode::Fail`]: an [`Error::Locked`] at once.
+    pub lock: LockMode,
     /// Faults to simulate, for testing fallback paths. Default: none.
     pub simulate: SimulatedFaults,
 }
@@ -278,6 +283,7 @@ impl Default for Config {
             verify_on_load: true,
             replace_existing: false,
             io_threads: 4,
+            lock: LockMode::Fail,
             simulate: SimulatedFaults::default(),
         }
     }
@@ -399,6 +405,7 @@ impl Config {
              verify_on_load = {}\n\
              replace_existing = {}\n\
              io_threads = {}\n\
+             lock = \"{}\"\n\
              \n\
              [simulate]\n\
              uring_setup_eperm = {}\n\
@@ -416,6 +423,7 @@ impl Config {
             self.verify_on_load,
             self.replace_existing,
             self.io_threads,
+            self.lock,
             s.uring_setup_eperm,
             s.direct_io_einval,
             s.register_enomem,
@@ -475,6 +483,7 @@ impl Config {
             "VERIFY_ON_LOAD" => self.verify_on_load = parse_env_bool(value)?,
             "REPLACE_EXISTING" => self.replace_existing = parse_env_bool(value)?,
             "IO_THREADS" => self.io_threads = parse_env_int(value)?,
+            "LOCK" => self.lock = LockMode::parse(value)?,
             "SIMULATE" => self.simulate = SimulatedFaults::parse_list(value)?,
             "CONFIG" | "LOG" => {}
             _ => {
@@ -504,7 +513,7 @@ impl Config {
 }
 
 /// Every environment variable [`Config::with_env_from`] understands.
-const ENV_VARS: [&str; 15] = [
+const ENV_VARS: [&str; 16] = [
     "URING_CKPT_ENGINE",
     "URING_CKPT_QUEUE_DEPTH",
     "URING_CKPT_CHUNK_SIZE",
@@ -517,6 +526,7 @@ const ENV_VARS: [&str; 15] = [
     "URING_CKPT_VERIFY_ON_LOAD",
     "URING_CKPT_REPLACE_EXISTING",
     "URING_CKPT_IO_THREADS",
+    "URING_CKPT_LOCK",
     "URING_CKPT_SIMULATE",
     "URING_CKPT_CONFIG",
     "URING_CKPT_LOG",
@@ -592,6 +602,8 @@ impl ConfigBuilder {
         replace_existing: bool;
         /// Sets [`Config::io_threads`] (1..=256).
         io_threads: u32;
+        /// Sets [`Config::lock`].
+        lock: LockMode;
         /// Sets [`Config::simulate`].
         simulate: SimulatedFaults;
     }
