@@ -75,6 +75,7 @@ impl TempCheckpointDir {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tmp.is_dir() => {}
             Err(e) => return Err(Error::io("create directory", &tmp, e)),
         }
+        crate::lock::register_temp(&tmp);
         Ok(TempCheckpointDir { tmp, target: target.to_path_buf(), parent, committed: false })
     }
 
@@ -120,6 +121,7 @@ impl TempCheckpointDir {
 
 impl Drop for TempCheckpointDir {
     fn drop(&mut self) {
+        crate::lock::unregister_temp(&self.tmp);
         if !self.committed {
             remove_dir_all_logged(&self.tmp);
         }
@@ -143,7 +145,9 @@ pub(crate) fn unique_suffix() -> String {
 /// fsyncs a directory so that entries created or renamed in it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     let handle = File::open(dir).map_err(|e| Error::io("open directory", dir, e))?;
-    failpoint::io("dir.fsync").and_then(|()| handle.sync_all()).map_err(|e| Error::io("fsync directory", dir, e))
+    failpoint::io("dir.fsync")
+        .and_then(|()| handle.sync_all())
+        .map_err(|e| Error::io("fsync directory", dir, e))
 }
 
 fn c_path(path: &Path) -> Result<CString> {

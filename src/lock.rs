@@ -13,8 +13,10 @@
 //! While holding the lock, a save removes the temporary directories of earlier saves of the
 //! same path whose process is gone ([`clean_stale_temp_dirs`]): `.<name>.tmp-<pid>-<nanos>-<n>`
 //! (an unfinished save) and `.<name>.tmp-removing-<pid>` (an interrupted removal). Directories
-//! of a live process, and those of multi-rank saves (named by their save id), are left alone.
+//! of another live process, those this process still uses, and those of multi-rank saves
+//! (named by their save id) are left alone.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -22,6 +24,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -175,6 +178,32 @@ pub fn temp_dir_owner(name: &str, entry: &str) -> Option<u32> {
     }
 }
 
+/// Temporary directories in use by this process (created and not yet dropped).
+static IN_USE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// Records that this process uses the temporary directory `path`.
+pub(crate) fn register_temp(path: &Path) {
+    if let Ok(mut set) = IN_USE.lock() {
+        set.insert(path.to_path_buf());
+    }
+}
+
+/// Records that this process no longer uses the temporary directory `path`.
+pub(crate) fn unregister_temp(path: &Path) {
+    if let Ok(mut set) = IN_USE.lock() {
+        set.remove(path);
+    }
+}
+
+/// Whether a temporary directory of process `pid` may still be in use: its process lives
+/// and, when that is this process, it is registered as in use.
+fn maybe_in_use(pid: u32, path: &Path) -> bool {
+    if pid == std::process::id() {
+        return IN_USE.lock().map_or(true, |set| set.contains(path));
+    }
+    process_alive(pid)
+}
+
 /// Whether a process with this id exists (a zombie counts as existing).
 pub(crate) fn process_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
@@ -187,7 +216,8 @@ pub(crate) fn process_alive(pid: u32) -> bool {
 }
 
 /// Removes the temporary directories that saves (and removals) of `target` left behind when
-/// their process died. Call it holding `target`'s [`SaveLock`]. Returns the directories
+/// their process died (or, for this process, that no live save of it uses any more: what a
+/// failed parent fsync after an exchange leaves, or what survives a file system shutdown). Call it holding `target`'s [`SaveLock`]. Returns the directories
 /// removed; a directory that cannot be removed is logged and skipped (it never makes a save
 /// fail: loaders ignore it anyway).
 pub fn clean_stale_temp_dirs(target: &Path) -> Result<Vec<PathBuf>> {
@@ -202,10 +232,10 @@ pub fn clean_stale_temp_dirs(target: &Path) -> Result<Vec<PathBuf>> {
         let file_name = entry.file_name();
         let Some(entry_name) = file_name.to_str() else { continue };
         let Some(pid) = temp_dir_owner(&name, entry_name) else { continue };
-        if process_alive(pid) {
+        let path = entry.path();
+        if maybe_in_use(pid, &path) {
             continue;
         }
-        let path = entry.path();
         match fs::remove_dir_all(&path) {
             Ok(()) => {
                 log::info!("removed {} left by a crashed save (pid {pid})", path.display());

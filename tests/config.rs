@@ -5,7 +5,9 @@
 use std::io::Write;
 
 use proptest::prelude::*;
-use uring_ckpt::config::{format_size, parse_size, Config, EngineKind, FsyncPolicy, SimulatedFaults};
+use uring_ckpt::config::{
+    format_size, parse_size, Config, EngineKind, FsyncPolicy, LockMode, SimulatedFaults,
+};
 use uring_ckpt::Error;
 
 const KIB: u64 = 1 << 10;
@@ -36,6 +38,7 @@ fn non_default() -> Config {
         verify_on_load: false,
         replace_existing: true,
         io_threads: 16,
+        lock: LockMode::Wait,
         simulate: SimulatedFaults { uring_setup_eperm: true, direct_io_einval: true, register_enomem: true },
     }
 }
@@ -56,6 +59,7 @@ fn defaults_are_documented_values_and_validate() {
     assert!(c.verify_on_load);
     assert!(!c.replace_existing);
     assert_eq!(c.io_threads, 4);
+    assert_eq!(c.lock, LockMode::Fail);
     assert_eq!(c.simulate, SimulatedFaults::default());
     assert_eq!(c.staging_buffers(), 16);
     assert_eq!(Config::builder().build().expect("valid"), c);
@@ -127,6 +131,7 @@ fn builder_sets_every_field_and_rejects_invalid() {
         .verify_on_load(want.verify_on_load)
         .replace_existing(want.replace_existing)
         .io_threads(want.io_threads)
+        .lock(want.lock)
         .simulate(want.simulate)
         .build()
         .expect("valid");
@@ -267,6 +272,7 @@ fn env_overrides_every_field() {
         ("URING_CKPT_VERIFY_ON_LOAD", "false"),
         ("URING_CKPT_REPLACE_EXISTING", "TRUE"),
         ("URING_CKPT_IO_THREADS", "16"),
+        ("URING_CKPT_LOCK", "Wait"),
         ("URING_CKPT_SIMULATE", "uring-eperm, direct-einval,register-enomem"),
         // Allowed and ignored here; other prefixes ignored.
         ("URING_CKPT_CONFIG", "/nonexistent.toml"),

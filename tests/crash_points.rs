@@ -68,7 +68,11 @@ fn crash(dir: &Path, engine: EngineKind, point: &str, op: &str, action: &str) {
             ("CRASH_ACTION", action.to_owned()),
         ],
     );
-    assert_eq!(status.signal(), Some(libc::SIGABRT), "{point} on {engine}: the child must die at the point ({status})");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGABRT),
+        "{point} on {engine}: the child must die at the point ({status})"
+    );
 }
 
 #[test]
@@ -140,9 +144,14 @@ fn crash_at_every_step_of_a_save() {
                 assert_eq!(leftovers.len(), 1, "{what}: {:?}", entries(dir.path()));
             }
             for tmp in &leftovers {
-                let err = io.load_checkpoint(tmp, &LoadOptions::default()).expect_err("a temp dir is no checkpoint");
+                let err = io
+                    .load_checkpoint(tmp, &LoadOptions::default())
+                    .expect_err("a temp dir is no checkpoint");
                 assert!(matches!(err, Error::NotACheckpoint { .. }), "{what}: {err}");
-                assert!(uring_ckpt::retention::list_committed(dir.path()).expect("list").iter().all(|p| p != tmp));
+                assert!(uring_ckpt::retention::list_committed(dir.path())
+                    .expect("list")
+                    .iter()
+                    .all(|p| p != tmp));
             }
             // ...and the next save of the path removes them.
             let mut replacing = config.clone();
@@ -169,7 +178,9 @@ fn crash_during_retention_and_latest_pointer_keeps_whole_checkpoints() {
     let data: Vec<Data> = (1..=5).map(|s| Data::sized(s, &[5000, 70_000])).collect();
     let mut tried = 0;
     // Crash before the second deletion; crash between a deletion's rename and its delete.
-    for (point, action) in [("retention.before_remove", "1*off->return(abort)"), ("dir.fsync", "return(abort)")] {
+    for (point, action) in
+        [("retention.before_remove", "1*off->return(abort)"), ("dir.fsync", "return(abort)")]
+    {
         let what = format!("keep_last crash at {point}");
         let dir = scratch();
         for (i, d) in data.iter().enumerate() {
@@ -182,7 +193,8 @@ fn crash_during_retention_and_latest_pointer_keeps_whole_checkpoints() {
         let committed = retention::list_committed(dir.path()).expect("list");
         assert!(committed.len() >= 2, "{what}: {committed:?}");
         for path in &committed {
-            let step: usize = path.to_string_lossy().rsplit('-').next().and_then(|s| s.parse().ok()).expect("step");
+            let step: usize =
+                path.to_string_lossy().rsplit('-').next().and_then(|s| s.parse().ok()).expect("step");
             data[step - 1].assert_loads(&config, path, &what);
         }
         // The next run finishes the job and removes what the crash left.

@@ -114,7 +114,8 @@ fn every_fault_ends_in_a_typed_error_or_the_documented_outcome() {
     let (old, new) = (Data::new(1), Data::new(2));
     let mut tried = 0;
     for (i, case) in cases.iter().enumerate() {
-        let what = format!("case {i}: {:?} {} = {} -> {:?}", case.engine, case.point, case.action, case.expect);
+        let what =
+            format!("case {i}: {:?} {} = {} -> {:?}", case.engine, case.point, case.action, case.expect);
         let dir = scratch();
         let path = dir.path().join("ckpt");
         let mut config = fault_config(case.engine);
@@ -138,7 +139,10 @@ fn every_fault_ends_in_a_typed_error_or_the_documented_outcome() {
         match (case.expect, result) {
             (Fails(errno, op), Err(err)) => {
                 assert_eq!(err.raw_os_error(), Some(errno), "{what}: {err}");
-                assert!(matches!(&err, Error::Io { op: o, .. } if *o == op), "{what}: wrong operation in {err:?}");
+                assert!(
+                    matches!(&err, Error::Io { op: o, .. } if *o == op),
+                    "{what}: wrong operation in {err:?}"
+                );
                 assert!(files_of(&path) == before, "{what}: the previous checkpoint changed");
                 old.assert_loads(&config, &path, &what);
                 // The same save without the fault now succeeds.

@@ -21,6 +21,8 @@ use uring_ckpt::{inspect, Checkpoint, CheckpointIO, Error, LoadOptions, UringChe
 const SHARD: &str = "shard-r00000-00000.safetensors";
 
 type Check = Box<dyn Fn(&Error) -> bool>;
+type Corrupt = Box<dyn Fn(&Path)>;
+type Case = (&'static str, Corrupt, Check);
 
 fn format_err(pred: fn(&FormatError) -> bool) -> Check {
     Box::new(move |e| matches!(e, Error::Format { source, .. } if pred(source)))
@@ -111,9 +113,9 @@ fn flip_bit(path: &Path, offset_from_end: Option<usize>, offset: usize) {
     fs::write(path, file).expect("write");
 }
 
-fn cases() -> Vec<(&'static str, Box<dyn Fn(&Path)>, Check)> {
-    let mut v: Vec<(&'static str, Box<dyn Fn(&Path)>, Check)> = Vec::new();
-    let mut add = |name, corrupt: Box<dyn Fn(&Path)>, check| v.push((name, corrupt, check));
+fn cases() -> Vec<Case> {
+    let mut v: Vec<Case> = Vec::new();
+    let mut add = |name, corrupt: Corrupt, check| v.push((name, corrupt, check));
 
     // Shard files.
     add(
@@ -130,11 +132,7 @@ fn cases() -> Vec<(&'static str, Box<dyn Fn(&Path)>, Check)> {
         Box::new(|ck| fs::write(ck.join(SHARD), b"abcd").expect("write")),
         not_checkpoint(),
     );
-    add(
-        "empty shard",
-        Box::new(|ck| fs::write(ck.join(SHARD), b"").expect("write")),
-        not_checkpoint(),
-    );
+    add("empty shard", Box::new(|ck| fs::write(ck.join(SHARD), b"").expect("write")), not_checkpoint());
     add(
         "bit flip in the data of the last tensor",
         Box::new(|ck| flip_bit(&ck.join(SHARD), Some(10), 0)),
@@ -153,11 +151,7 @@ fn cases() -> Vec<(&'static str, Box<dyn Fn(&Path)>, Check)> {
         Box::new(|e| matches!(e, Error::Crc { tensor, .. } if tensor == "a")),
     );
     add("bit flip in the header", Box::new(|ck| flip_bit(&ck.join(SHARD), None, 20)), not_checkpoint());
-    add(
-        "bit flip in the header length",
-        Box::new(|ck| flip_bit(&ck.join(SHARD), None, 1)),
-        not_checkpoint(),
-    );
+    add("bit flip in the header length", Box::new(|ck| flip_bit(&ck.join(SHARD), None, 1)), not_checkpoint());
     add(
         "header length u64::MAX",
         Box::new(|ck| {
@@ -172,7 +166,9 @@ fn cases() -> Vec<(&'static str, Box<dyn Fn(&Path)>, Check)> {
             let (json, data) = split_shard(ck);
             write_shard(ck, (json.len() + data.len() + 1) as u64, json.as_bytes(), &data);
         }),
-        format_err(|f| matches!(f, FormatError::HeaderBeyondFile { .. } | FormatError::PrefixTooShort { .. })),
+        format_err(|f| {
+            matches!(f, FormatError::HeaderBeyondFile { .. } | FormatError::PrefixTooShort { .. })
+        }),
     );
     add(
         "header length 0",
@@ -226,7 +222,11 @@ fn cases() -> Vec<(&'static str, Box<dyn Fn(&Path)>, Check)> {
     );
     add(
         "duplicate metadata key",
-        Box::new(|ck| rewrite_header(ck, |j| j.replacen("\"__metadata__\":{", "\"__metadata__\":{\"k\":\"1\",\"k\":\"2\",", 1))),
+        Box::new(|ck| {
+            rewrite_header(ck, |j| {
+                j.replacen("\"__metadata__\":{", "\"__metadata__\":{\"k\":\"1\",\"k\":\"2\",", 1)
+            })
+        }),
         format_err(|f| *f == FormatError::DuplicateKey("k".into())),
     );
     add(
@@ -309,7 +309,11 @@ fn cases() -> Vec<(&'static str, Box<dyn Fn(&Path)>, Check)> {
     );
 
     // Manifests.
-    add("manifest missing", Box::new(|ck| fs::remove_file(ck.join(MANIFEST_FILE)).expect("rm")), not_checkpoint());
+    add(
+        "manifest missing",
+        Box::new(|ck| fs::remove_file(ck.join(MANIFEST_FILE)).expect("rm")),
+        not_checkpoint(),
+    );
     add(
         "manifest empty",
         Box::new(|ck| fs::write(ck.join(MANIFEST_FILE), b"").expect("write")),
@@ -358,7 +362,11 @@ fn cases() -> Vec<(&'static str, Box<dyn Fn(&Path)>, Check)> {
     );
     add(
         "manifest with a wrong shard size",
-        Box::new(|ck| edit_manifest(ck, |m| m["shards"][0]["size"] = Value::from(m["shards"][0]["size"].as_u64().expect("size") + 4096))),
+        Box::new(|ck| {
+            edit_manifest(ck, |m| {
+                m["shards"][0]["size"] = Value::from(m["shards"][0]["size"].as_u64().expect("size") + 4096)
+            })
+        }),
         not_checkpoint(),
     );
     add(
@@ -369,7 +377,9 @@ fn cases() -> Vec<(&'static str, Box<dyn Fn(&Path)>, Check)> {
     add(
         "manifest weight_map naming an unlisted shard",
         Box::new(|ck| edit_manifest(ck, |m| m["weight_map"]["a"] = Value::from("other.safetensors"))),
-        format_err(|f| matches!(f, FormatError::UnknownShard { .. } | FormatError::TensorCountMismatch { .. })),
+        format_err(|f| {
+            matches!(f, FormatError::UnknownShard { .. } | FormatError::TensorCountMismatch { .. })
+        }),
     );
     add(
         "manifest of a newer version",
@@ -413,7 +423,8 @@ fn every_hostile_input_ends_in_a_typed_error() {
             copy_dir(&valid, &copy);
             corrupt(&copy);
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let load = io.load_checkpoint(&copy, &LoadOptions { verify: Some(true), ..Default::default() });
+                let load =
+                    io.load_checkpoint(&copy, &LoadOptions { verify: Some(true), ..Default::default() });
                 let verify = inspect::verify(&config, &copy, |_, _| {});
                 (load.err(), verify.err())
             }));

@@ -96,16 +96,18 @@ fn the_next_save_removes_temp_dirs_of_dead_savers_only() {
     let path = dir.path().join("ckpt");
     let dead = dir.path().join(format!(".ckpt.tmp-{}-17abc-0", dead_pid()));
     let dead_removal = dir.path().join(format!(".ckpt.tmp-removing-{}", dead_pid()));
-    let alive = dir.path().join(format!(".ckpt.tmp-{}-17abc-9", std::process::id()));
+    // pid 1 is always alive; a dir of this process that no save of it uses is stale.
+    let alive = dir.path().join(".ckpt.tmp-1-17abc-9");
+    let own_unused = dir.path().join(format!(".ckpt.tmp-{}-17abc-9", std::process::id()));
     let rank_save = dir.path().join(".ckpt.tmp-step-100");
     let other_name = dir.path().join(format!(".other.tmp-{}-17abc-0", dead_pid()));
-    for d in [&dead, &dead_removal, &alive, &rank_save, &other_name] {
+    for d in [&dead, &dead_removal, &alive, &own_unused, &rank_save, &other_name] {
         fs::create_dir(d).expect("mkdir");
         fs::write(d.join("shard-r00000-00000.safetensors"), b"partial").expect("write");
     }
     assert!(retention::list_committed(dir.path()).expect("list").is_empty(), "temp dirs are not checkpoints");
     io(LockMode::Fail).save_checkpoint(&Data::sized(2, &[100]).checkpoint(), &path).expect("save");
-    assert!(!dead.exists() && !dead_removal.exists(), "stale dirs of dead savers are removed");
+    assert!(!dead.exists() && !dead_removal.exists() && !own_unused.exists(), "stale dirs are removed");
     assert!(alive.exists() && rank_save.exists() && other_name.exists(), "{:?}", entries(dir.path()));
     assert_eq!(retention::list_committed(dir.path()).expect("list"), vec![path]);
 }

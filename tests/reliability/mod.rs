@@ -12,6 +12,8 @@ use uring_ckpt::{inspect, Checkpoint, CheckpointIO, LoadOptions, UringCheckpoint
 
 use crate::common::{bytes, small_config};
 
+pub mod loopfs;
+
 /// Names in `dir`, sorted.
 pub fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
@@ -79,7 +81,11 @@ impl Data {
     }
 
     pub fn assert_loads(&self, config: &Config, path: &Path, what: &str) {
-        assert!(self.matches(config, path), "{what}: {} must load, verify and hold the expected tensors", path.display());
+        assert!(
+            self.matches(config, path),
+            "{what}: {} must load, verify and hold the expected tensors",
+            path.display()
+        );
     }
 }
 
@@ -119,5 +125,9 @@ pub fn no_core_dumps(cmd: &mut Command) {
 
 /// Temporary directories (`.*.tmp-*`) in `dir`.
 pub fn temp_dirs(dir: &Path) -> Vec<PathBuf> {
-    entries(dir).into_iter().filter(|n| uring_ckpt::commit::is_temporary_name(n)).map(|n| dir.join(n)).collect()
+    entries(dir)
+        .into_iter()
+        .filter(|n| uring_ckpt::commit::is_temporary_name(n))
+        .map(|n| dir.join(n))
+        .collect()
 }
