@@ -19,6 +19,12 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
+step "cargo clippy --all-targets --features failpoints -- -D warnings"
+cargo clippy --all-targets --features failpoints -- -D warnings
+
+step "fuzz targets build (running them: see RELIABILITY.md)"
+cargo check --manifest-path fuzz/Cargo.toml --quiet
+
 step "python venv for the interop tests (numpy, safetensors)"
 bash scripts/python-env.sh
 
@@ -31,6 +37,9 @@ done
 step "cargo test"
 cargo test --all-targets
 cargo test --doc
+
+step "cargo test --features failpoints (fault injection, crash points, power loss)"
+cargo test --all-targets --features failpoints
 
 step "python package (scripts/test-python.sh)"
 bash scripts/test-python.sh

@@ -201,6 +201,7 @@ impl UringCheckpointIO {
         metadata: &BTreeMap<String, String>,
     ) -> Result<()> {
         validate_save_id(save_id)?;
+        let _lock = crate::lock::SaveLock::acquire(path, self.config.lock)?;
         let tmp = TempCheckpointDir::create_named(path, self.config.replace_existing, save_id)?;
         let mut shards = Vec::new();
         let mut weight_map = BTreeMap::new();
@@ -443,6 +444,10 @@ impl UringCheckpointIO {
     ) -> Result<SaveReport> {
         let started = signal.started;
         let replace = self.config.replace_existing;
+        // Held until the commit (or the failure) is over; then the stale leftovers of crashed
+        // saves of this path can go, since none of them can be in use.
+        let _lock = crate::lock::SaveLock::acquire(path, self.config.lock)?;
+        crate::lock::clean_stale_temp_dirs(path)?;
         let tmp = TempCheckpointDir::create(path, replace)?;
         let rank = self.write_shards(checkpoint, path, tmp.path(), 0, signal)?;
         let commit_started = Instant::now();

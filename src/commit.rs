@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::failpoint;
 use crate::format::{ExtraFileInfo, Manifest, MANIFEST_FILE};
 use crate::{Error, Result};
 
@@ -74,6 +75,7 @@ impl TempCheckpointDir {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tmp.is_dir() => {}
             Err(e) => return Err(Error::io("create directory", &tmp, e)),
         }
+        crate::lock::register_temp(&tmp);
         Ok(TempCheckpointDir { tmp, target: target.to_path_buf(), parent, committed: false })
     }
 
@@ -96,18 +98,29 @@ impl TempCheckpointDir {
     /// place, fsyncs the parent.
     pub fn commit(mut self, manifest: &Manifest, replace: bool) -> Result<()> {
         let manifest_path = self.tmp.join(MANIFEST_FILE);
+        failpoint::step("commit.after_shards", &self.tmp)?;
         let mut file = File::create(&manifest_path).map_err(|e| Error::io("create", &manifest_path, e))?;
-        file.write_all(&manifest.to_json()).map_err(|e| Error::io("write", &manifest_path, e))?;
-        file.sync_all().map_err(|e| Error::io("fsync", &manifest_path, e))?;
+        failpoint::io("commit.manifest_write")
+            .and_then(|()| file.write_all(&manifest.to_json()))
+            .map_err(|e| Error::io("write", &manifest_path, e))?;
+        failpoint::step("commit.after_manifest_write", &manifest_path)?;
+        failpoint::io("commit.manifest_fsync")
+            .and_then(|()| file.sync_all())
+            .map_err(|e| Error::io("fsync", &manifest_path, e))?;
         drop(file);
+        failpoint::step("commit.after_manifest_fsync", &manifest_path)?;
         fsync_dir(&self.tmp)?;
+        failpoint::step("commit.after_dir_fsync", &self.tmp)?;
+        failpoint::io("commit.rename").map_err(|e| Error::io("rename", &self.tmp, e))?;
         if replace {
             exchange_or_rename(&self.tmp, &self.target)?;
         } else {
             rename_noreplace(&self.tmp, &self.target)?;
         }
         self.committed = true;
+        failpoint::step("commit.after_rename", &self.target)?;
         fsync_dir(&self.parent)?;
+        failpoint::step("commit.after_parent_fsync", &self.target)?;
         // After an exchange the old checkpoint sits under the temporary name: delete it.
         if self.tmp.exists() {
             remove_dir_all_logged(&self.tmp);
@@ -118,6 +131,7 @@ impl TempCheckpointDir {
 
 impl Drop for TempCheckpointDir {
     fn drop(&mut self) {
+        crate::lock::unregister_temp(&self.tmp);
         if !self.committed {
             remove_dir_all_logged(&self.tmp);
         }
@@ -132,7 +146,7 @@ fn remove_dir_all_logged(path: &Path) {
     }
 }
 
-fn unique_suffix() -> String {
+pub(crate) fn unique_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{}-{nanos:x}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
@@ -141,7 +155,9 @@ fn unique_suffix() -> String {
 /// fsyncs a directory so that entries created or renamed in it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     let handle = File::open(dir).map_err(|e| Error::io("open directory", dir, e))?;
-    handle.sync_all().map_err(|e| Error::io("fsync directory", dir, e))
+    failpoint::io("dir.fsync")
+        .and_then(|()| handle.sync_all())
+        .map_err(|e| Error::io("fsync directory", dir, e))
 }
 
 fn c_path(path: &Path) -> Result<CString> {

@@ -28,6 +28,7 @@
 //! | `io_threads` | `URING_CKPT_IO_THREADS` | integer | `4` | 1..=256 | threads of the pwrite engine |
 //! | `async_mode` | `URING_CKPT_ASYNC_MODE` | `"stream"`, `"snapshot"` | `"stream"` | | how [`AsyncCheckpointIO`](crate::AsyncCheckpointIO) stages: `stream` through the bounded staging ring (memory = pool; the caller waits until the last chunk is staged), `snapshot` copies the whole checkpoint to host memory first (memory = checkpoint size; shortest wait) |
 //! | `max_saves_in_flight` | `URING_CKPT_MAX_SAVES_IN_FLIGHT` | integer | `1` | 1..=64 | asynchronous saves running at once; a new save waits for a slot |
+//! | `lock` | `URING_CKPT_LOCK` | `"fail"`, `"wait"` | `"fail"` | | when another save of the same path holds its lock: fail at once with `Error::Locked`, or wait for it |
 //! | `[simulate]` | `URING_CKPT_SIMULATE` | table / comma-separated list | none | `uring-eperm`, `direct-einval`, `register-enomem` | faults to simulate, for testing fallbacks |
 //! | | `URING_CKPT_CONFIG` | path | unset | | the TOML file [`Config::load`] reads when given no path |
 //! | | `URING_CKPT_LOG` | log filter | unset | | log level of the CLI (not read by this module) |
@@ -65,6 +66,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::lock::LockMode;
 use crate::{Error, Result};
 
 const KIB: u64 = 1 << 10;
@@ -313,6 +315,9 @@ pub struct Config {
     /// Asynchronous saves running at once; a further save waits for one to finish (none is
     /// ever dropped). Default `1`, range `1..=64`.
     pub max_saves_in_flight: u32,
+    /// What a save does when another save of the same path holds its lock (see
+    /// [`crate::lock`]). Default [`LockMode::Fail`]: an [`Error::Locked`] at once.
+    pub lock: LockMode,
     /// Faults to simulate, for testing fallback paths. Default: none.
     pub simulate: SimulatedFaults,
 }
@@ -334,6 +339,7 @@ impl Default for Config {
             io_threads: 4,
             async_mode: AsyncMode::Stream,
             max_saves_in_flight: 1,
+            lock: LockMode::Fail,
             simulate: SimulatedFaults::default(),
         }
     }
@@ -462,6 +468,7 @@ impl Config {
              io_threads = {}\n\
              async_mode = \"{}\"\n\
              max_saves_in_flight = {}\n\
+             lock = \"{}\"\n\
              \n\
              [simulate]\n\
              uring_setup_eperm = {}\n\
@@ -481,6 +488,7 @@ impl Config {
             self.io_threads,
             self.async_mode,
             self.max_saves_in_flight,
+            self.lock,
             s.uring_setup_eperm,
             s.direct_io_einval,
             s.register_enomem,
@@ -542,6 +550,7 @@ impl Config {
             "IO_THREADS" => self.io_threads = parse_env_int(value)?,
             "ASYNC_MODE" => self.async_mode = AsyncMode::parse(value)?,
             "MAX_SAVES_IN_FLIGHT" => self.max_saves_in_flight = parse_env_int(value)?,
+            "LOCK" => self.lock = LockMode::parse(value)?,
             "SIMULATE" => self.simulate = SimulatedFaults::parse_list(value)?,
             "CONFIG" | "LOG" => {}
             _ => {
@@ -571,7 +580,7 @@ impl Config {
 }
 
 /// Every environment variable [`Config::with_env_from`] understands.
-const ENV_VARS: [&str; 17] = [
+const ENV_VARS: [&str; 18] = [
     "URING_CKPT_ENGINE",
     "URING_CKPT_QUEUE_DEPTH",
     "URING_CKPT_CHUNK_SIZE",
@@ -586,6 +595,7 @@ const ENV_VARS: [&str; 17] = [
     "URING_CKPT_IO_THREADS",
     "URING_CKPT_ASYNC_MODE",
     "URING_CKPT_MAX_SAVES_IN_FLIGHT",
+    "URING_CKPT_LOCK",
     "URING_CKPT_SIMULATE",
     "URING_CKPT_CONFIG",
     "URING_CKPT_LOG",
@@ -665,6 +675,8 @@ impl ConfigBuilder {
         async_mode: AsyncMode;
         /// Sets [`Config::max_saves_in_flight`] (1..=64).
         max_saves_in_flight: u32;
+        /// Sets [`Config::lock`].
+        lock: LockMode;
         /// Sets [`Config::simulate`].
         simulate: SimulatedFaults;
     }

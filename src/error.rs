@@ -56,6 +56,9 @@ pub enum Error {
     /// Saving would replace an existing checkpoint and replacing was not asked for.
     #[error("{} already exists; pass replace_existing to replace it atomically", .0.display())]
     AlreadyExists(PathBuf),
+    /// Another save of the same checkpoint path holds its lock (the lock file is named).
+    #[error("{} is locked: another save to this checkpoint path is in progress", .0.display())]
+    Locked(PathBuf),
     /// A configuration value is out of range or malformed.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod error;
+mod failpoint;
 pub mod format;
 pub mod inspect;
 
@@ -15,6 +16,8 @@ pub mod checkpoint_io;
 pub mod commit;
 pub mod io;
 pub mod load;
+pub mod lock;
+pub mod retention;
 mod shard_writer;
 pub mod staging;
 pub mod synthetic;

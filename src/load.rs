@@ -34,6 +34,9 @@ pub(crate) fn segment_len(config: &Config) -> usize {
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST_FILE);
     let not_checkpoint = |reason: String| Error::NotACheckpoint { path: dir.to_path_buf(), reason };
+    if dir.file_name().and_then(|n| n.to_str()).is_some_and(crate::commit::is_temporary_name) {
+        return Err(not_checkpoint("a temporary directory of an unfinished save".to_owned()));
+    }
     let meta = match fs::metadata(&path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -6,7 +6,7 @@ use std::io::Write;
 
 use proptest::prelude::*;
 use uring_ckpt::config::{
-    format_size, parse_size, AsyncMode, Config, EngineKind, FsyncPolicy, SimulatedFaults,
+    format_size, parse_size, AsyncMode, Config, EngineKind, FsyncPolicy, LockMode, SimulatedFaults,
 };
 use uring_ckpt::Error;
 
@@ -40,6 +40,7 @@ fn non_default() -> Config {
         io_threads: 16,
         async_mode: AsyncMode::Snapshot,
         max_saves_in_flight: 3,
+        lock: LockMode::Wait,
         simulate: SimulatedFaults { uring_setup_eperm: true, direct_io_einval: true, register_enomem: true },
     }
 }
@@ -62,6 +63,7 @@ fn defaults_are_documented_values_and_validate() {
     assert_eq!(c.io_threads, 4);
     assert_eq!(c.async_mode, AsyncMode::Stream);
     assert_eq!(c.max_saves_in_flight, 1);
+    assert_eq!(c.lock, LockMode::Fail);
     assert_eq!(c.simulate, SimulatedFaults::default());
     assert_eq!(c.staging_buffers(), 16);
     assert_eq!(Config::builder().build().expect("valid"), c);
@@ -139,6 +141,7 @@ fn builder_sets_every_field_and_rejects_invalid() {
         .io_threads(want.io_threads)
         .async_mode(want.async_mode)
         .max_saves_in_flight(want.max_saves_in_flight)
+        .lock(want.lock)
         .simulate(want.simulate)
         .build()
         .expect("valid");
@@ -289,6 +292,7 @@ fn env_overrides_every_field() {
         ("URING_CKPT_IO_THREADS", "16"),
         ("URING_CKPT_ASYNC_MODE", "Snapshot"),
         ("URING_CKPT_MAX_SAVES_IN_FLIGHT", "3"),
+        ("URING_CKPT_LOCK", "Wait"),
         ("URING_CKPT_SIMULATE", "uring-eperm, direct-einval,register-enomem"),
         // Allowed and ignored here; other prefixes ignored.
         ("URING_CKPT_CONFIG", "/nonexistent.toml"),

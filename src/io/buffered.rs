@@ -69,11 +69,12 @@ impl<'a> Writer<'a> for BufferedWriter {
     fn write(&mut self, file: FileId, payload: Payload<'a>, offset: u64) -> Result<()> {
         let started = Instant::now();
         let (f, path) = self.file(file)?;
-        let result = match &payload {
-            Payload::Staged(buf) => f.write_all_at(buf, offset),
-            Payload::Borrowed(slice) => f.write_all_at(slice, offset),
-        }
-        .map_err(|e| Error::io_at("write", path, offset, e));
+        let result = crate::failpoint::io("buffered.write")
+            .and_then(|()| match &payload {
+                Payload::Staged(buf) => f.write_all_at(buf, offset),
+                Payload::Borrowed(slice) => f.write_all_at(slice, offset),
+            })
+            .map_err(|e| Error::io_at("write", path, offset, e));
         let len = payload.len();
         if let Payload::Staged(buf) = payload {
             self.return_buffer(buf);

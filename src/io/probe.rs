@@ -158,6 +158,7 @@ fn probe_direct_write(config: &Config, path: &Path) -> io::Result<Option<DioAlig
     if config.simulate.direct_io_einval {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
+    crate::failpoint::io("probe.odirect")?;
     // Create it without O_DIRECT first so statx can report the alignment for this file.
     fs::write(path, b"")?;
     let align = dio_alignment(path);

@@ -117,31 +117,46 @@ fn transfer(job: &Job) -> io::Result<usize> {
     let mut retries = 0u32;
     while done < job.len {
         let ptr = (job.ptr + done) as *mut libc::c_void;
-        let remaining = job.len - done;
+        let mut remaining = job.len - done;
         let offset = (job.offset + done as u64) as libc::off_t;
-        // SAFETY: ptr..ptr+remaining lies inside memory the submitter keeps alive (and, for
-        // reads, exclusively borrowed) until it has received this job's reply.
-        let res = unsafe {
-            match job.direction {
-                Direction::Write => libc::pwrite(job.fd, ptr, remaining, offset),
-                Direction::Read => libc::pread(job.fd, ptr, remaining, offset),
+        let injected = match job.direction {
+            Direction::Write => crate::failpoint::write("pwrite.write"),
+            Direction::Read => None,
+        };
+        if let Some(Ok(())) = injected {
+            remaining = crate::failpoint::short_len(remaining, 4096);
+        }
+        let res = match injected {
+            Some(Err(e)) => Err(e),
+            // SAFETY: ptr..ptr+remaining lies inside memory the submitter keeps alive (and,
+            // for reads, exclusively borrowed) until it has received this job's reply.
+            _ => match unsafe {
+                match job.direction {
+                    Direction::Write => libc::pwrite(job.fd, ptr, remaining, offset),
+                    Direction::Read => libc::pread(job.fd, ptr, remaining, offset),
+                }
+            } {
+                n if n < 0 => Err(io::Error::last_os_error()),
+                n => Ok(n as usize),
+            },
+        };
+        let res = match res {
+            Ok(n) => n,
+            Err(err) => {
+                if is_transient(&err) && retries < 64 {
+                    retries += 1;
+                    continue;
+                }
+                return Err(err);
             }
         };
-        if res < 0 {
-            let err = io::Error::last_os_error();
-            if is_transient(&err) && retries < 64 {
-                retries += 1;
-                continue;
-            }
-            return Err(err);
-        }
         if res == 0 {
             return match job.direction {
                 Direction::Write => Err(io::Error::new(io::ErrorKind::WriteZero, "pwrite returned 0 bytes")),
                 Direction::Read => Ok(done),
             };
         }
-        done += res as usize;
+        done += res;
     }
     Ok(done)
 }

@@ -30,6 +30,7 @@ fn build_ring(config: &Config) -> io::Result<IoUring> {
     if config.simulate.uring_setup_eperm {
         return Err(io::Error::from_raw_os_error(libc::EPERM));
     }
+    crate::failpoint::io("uring.setup")?;
     let mut builder = IoUring::builder();
     if config.sqpoll {
         builder.setup_sqpoll(1000);
@@ -77,10 +78,16 @@ pub(crate) fn open_for_read(path: &Path, direct: bool) -> Result<(File, u64)> {
 
 /// Truncates to the exact length and makes the file durable as `policy` says.
 pub(crate) fn truncate_and_sync(file: &File, path: &Path, len: u64, policy: FsyncPolicy) -> Result<()> {
-    file.set_len(len).map_err(|e| Error::io_at("ftruncate", path, len, e))?;
+    crate::failpoint::io("file.ftruncate")
+        .and_then(|()| file.set_len(len))
+        .map_err(|e| Error::io_at("ftruncate", path, len, e))?;
     match policy {
-        FsyncPolicy::Fdatasync => file.sync_data().map_err(|e| Error::io("fdatasync", path, e)),
-        FsyncPolicy::Fsync => file.sync_all().map_err(|e| Error::io("fsync", path, e)),
+        FsyncPolicy::Fdatasync => crate::failpoint::io("file.fdatasync")
+            .and_then(|()| file.sync_data())
+            .map_err(|e| Error::io("fdatasync", path, e)),
+        FsyncPolicy::Fsync => crate::failpoint::io("file.fsync")
+            .and_then(|()| file.sync_all())
+            .map_err(|e| Error::io("fsync", path, e)),
         FsyncPolicy::Never => Ok(()),
     }
 }
@@ -169,6 +176,8 @@ impl<'a> UringWriter<'a> {
         if config.register_buffers && buffers.len() <= usize::from(u16::MAX) {
             let result = if config.simulate.register_enomem {
                 Err(io::Error::from_raw_os_error(libc::ENOMEM))
+            } else if let Some(e) = crate::failpoint::error("uring.register") {
+                Err(e)
             } else {
                 let iovecs: Vec<libc::iovec> = buffers
                     .iter()
@@ -233,7 +242,10 @@ impl<'a> UringWriter<'a> {
         let fd = types::Fd(self.files[op.file].as_ref().expect("file of a live op is open").file.as_raw_fd());
         let bytes = op.data.as_slice();
         let ptr = bytes[op.done..].as_ptr();
-        let len = (bytes.len() - op.done) as u32;
+        let mut len = (bytes.len() - op.done) as u32;
+        if let Some(Ok(())) = crate::failpoint::write("uring.write.submit") {
+            len = crate::failpoint::short_len(len as usize, self.report.align) as u32;
+        }
         let offset = op.offset + op.done as u64;
         let sqe = match &op.data {
             OpData::Staged(buf) if op.done == 0 && buf.slot.is_some() => {
@@ -259,8 +271,13 @@ impl<'a> UringWriter<'a> {
 
     /// Submits queued SQEs and waits for `want` completions, retrying EINTR.
     fn submit(&mut self, want: usize) -> Result<()> {
+        let mut again = 0u32;
         loop {
-            let result = if want == 0 { self.ring.submit() } else { self.ring.submit_and_wait(want) };
+            let result = match crate::failpoint::error("uring.submit") {
+                Some(injected) => Err(injected),
+                None if want == 0 => self.ring.submit(),
+                None => self.ring.submit_and_wait(want),
+            };
             match result {
                 Ok(_) => {
                     self.stats.submits += 1;
@@ -269,6 +286,12 @@ impl<'a> UringWriter<'a> {
                     return Ok(());
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && again < MAX_RETRIES => {
+                    // The kernel is short of resources for now: reap, then try again.
+                    again += 1;
+                    self.reap();
+                    std::thread::yield_now();
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     // The completion queue is full: reap before submitting more.
                     self.reap();
@@ -298,6 +321,10 @@ impl<'a> UringWriter<'a> {
     }
 
     fn complete(&mut self, idx: usize, res: i32) {
+        let res = match crate::failpoint::error("uring.write.complete") {
+            Some(injected) => -injected.raw_os_error().unwrap_or(libc::EIO),
+            None => res,
+        };
         let Some(op) = self.ops[idx].as_mut() else { return };
         let total = op.data.as_slice().len();
         let path = || self.files[op.file].as_ref().map(|f| f.path.clone()).unwrap_or_default();

@@ -1,0 +1,272 @@
+//! One saver per checkpoint path, and the cleanup of what crashed saves left behind.
+//!
+//! A save holds an exclusive `flock` on `<parent>/.<name>.lock` from before its temporary
+//! directory is created until after the commit (or the failure). A second save of the same
+//! path, from this process or another, either fails at once with [`Error::Locked`] or waits,
+//! as [`Config::lock`](crate::Config::lock) says. The holder deletes the lock file before it
+//! lets go, and a saver that got the lock checks that the file it locked is still the one at
+//! the path (else it locked a deleted file and tries again), so deleting never lets two
+//! savers in. The kernel drops the lock when the process dies, so a crashed saver never
+//! blocks the next one; the empty lock file it leaves starts with a dot (loaders and
+//! [retention](crate::retention) ignore it) and goes with the next save of that path.
+//!
+//! While holding the lock, a save removes the temporary directories of earlier saves of the
+//! same path whose process is gone ([`clean_stale_temp_dirs`]): `.<name>.tmp-<pid>-<nanos>-<n>`
+//! (an unfinished save) and `.<name>.tmp-removing-<pid>` (an interrupted removal). Directories
+//! of another live process, those this process still uses, and those of multi-rank saves
+//! (named by their save id) are left alone.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::commit::{split_target, TMP_MARKER};
+use crate::{Error, Result};
+
+/// What a save does when another save of the same checkpoint path holds the lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    /// Fail at once with [`Error::Locked`], which names the lock file. The default: two
+    /// trainers writing one path is a bug to report, not to hide.
+    #[default]
+    Fail,
+    /// Wait until the other save finishes, then save.
+    Wait,
+}
+
+impl LockMode {
+    /// The lowercase name used in TOML, in environment variables and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMode::Fail => "fail",
+            LockMode::Wait => "wait",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fail" => Ok(LockMode::Fail),
+            "wait" => Ok(LockMode::Wait),
+            _ => Err(format!("unknown lock mode {s:?}; expected fail or wait")),
+        }
+    }
+}
+
+impl FromStr for LockMode {
+    type Err = Error;
+
+    /// Parses `fail` or `wait`, in any case.
+    fn from_str(s: &str) -> Result<Self> {
+        LockMode::parse(s).map_err(Error::Config)
+    }
+}
+
+impl fmt::Display for LockMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The lock file of a checkpoint path: `<parent>/.<name>.lock`.
+pub fn lock_path(target: &Path) -> Result<PathBuf> {
+    let (parent, name) = split_target(target)?;
+    Ok(parent.join(format!(".{name}.lock")))
+}
+
+/// An exclusive lock on a checkpoint path, held until dropped.
+#[derive(Debug)]
+pub struct SaveLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl SaveLock {
+    /// Takes the lock of `target` (creating `<parent>` and the lock file if needed), failing
+    /// or waiting as `mode` says.
+    pub fn acquire(target: &Path, mode: LockMode) -> Result<SaveLock> {
+        let path = lock_path(target)?;
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
+        }
+        let op = match mode {
+            LockMode::Fail => libc::LOCK_EX | libc::LOCK_NB,
+            LockMode::Wait => libc::LOCK_EX,
+        };
+        loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| Error::io("open lock file", &path, e))?;
+            loop {
+                // SAFETY: flock only reads the descriptor, which `file` keeps open.
+                if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+                    break;
+                }
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EWOULDBLOCK) => return Err(Error::Locked(path)),
+                    _ => return Err(Error::io("flock", &path, err)),
+                }
+            }
+            // The previous holder may have deleted the file between our open and our flock:
+            // then we hold a lock nobody else sees. Only the file still at the path counts.
+            let locked = file.metadata().map_err(|e| Error::io("stat lock file", &path, e))?;
+            match fs::metadata(&path) {
+                Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => {
+                    return Ok(SaveLock { file, path });
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("stat lock file", &path, e)),
+            }
+        }
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SaveLock {
+    fn drop(&mut self) {
+        // Delete while still holding the lock: a waiter then finds its file gone and retries.
+        if let Err(e) = fs::remove_file(&self.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                log::warn!("could not remove lock file {}: {e}", self.path.display());
+            }
+        }
+        // SAFETY: as in acquire; closing the file would drop the lock anyway.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// The process id in a temporary directory name of `name` made by a single-process save
+/// (`.<name>.tmp-<pid>-<hex nanos>-<n>`) or a removal (`.<name>.tmp-removing-<pid>`).
+/// `None` for any other name, including multi-rank save directories.
+pub fn temp_dir_owner(name: &str, entry: &str) -> Option<u32> {
+    let rest = entry.strip_prefix('.')?.strip_prefix(name)?.strip_prefix(TMP_MARKER)?;
+    if let Some(pid) = rest.strip_prefix("removing-") {
+        return pid.parse().ok().filter(|p: &u32| p.to_string() == pid);
+    }
+    let mut parts = rest.split('-');
+    let (pid, nanos, n) = (parts.next()?, parts.next()?, parts.next()?);
+    let well_formed = parts.next().is_none()
+        && !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && !nanos.is_empty()
+        && nanos.bytes().all(|b| b.is_ascii_hexdigit())
+        && !n.is_empty()
+        && n.bytes().all(|b| b.is_ascii_digit());
+    if well_formed {
+        pid.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// Temporary directories in use by this process (created and not yet dropped).
+static IN_USE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// Records that this process uses the temporary directory `path`.
+pub(crate) fn register_temp(path: &Path) {
+    if let Ok(mut set) = IN_USE.lock() {
+        set.insert(path.to_path_buf());
+    }
+}
+
+/// Records that this process no longer uses the temporary directory `path`.
+pub(crate) fn unregister_temp(path: &Path) {
+    if let Ok(mut set) = IN_USE.lock() {
+        set.remove(path);
+    }
+}
+
+/// Whether a temporary directory of process `pid` may still be in use: its process lives
+/// and, when that is this process, it is registered as in use.
+fn maybe_in_use(pid: u32, path: &Path) -> bool {
+    if pid == std::process::id() {
+        return IN_USE.lock().map_or(true, |set| set.contains(path));
+    }
+    process_alive(pid)
+}
+
+/// Whether a process with this id exists (a zombie counts as existing).
+pub(crate) fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Removes the temporary directories that saves (and removals) of `target` left behind when
+/// their process died (or, for this process, that no live save of it uses any more: what a
+/// failed parent fsync after an exchange leaves, or what survives a file system shutdown). Call it holding `target`'s [`SaveLock`]. Returns the directories
+/// removed; a directory that cannot be removed is logged and skipped (it never makes a save
+/// fail: loaders ignore it anyway).
+pub fn clean_stale_temp_dirs(target: &Path) -> Result<Vec<PathBuf>> {
+    let (parent, name) = split_target(target)?;
+    let entries = match fs::read_dir(&parent) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list directory", &parent, e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(entry_name) = file_name.to_str() else { continue };
+        let Some(pid) = temp_dir_owner(&name, entry_name) else { continue };
+        let path = entry.path();
+        if maybe_in_use(pid, &path) {
+            continue;
+        }
+        match fs::remove_dir_all(&path) {
+            Ok(()) => {
+                log::info!("removed {} left by a crashed save (pid {pid})", path.display());
+                removed.push(path);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("could not remove stale {}: {e}", path.display()),
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_of_temp_names() {
+        assert_eq!(temp_dir_owner("ck", ".ck.tmp-1234-17a3f-0"), Some(1234));
+        assert_eq!(temp_dir_owner("ck", ".ck.tmp-removing-77"), Some(77));
+        assert_eq!(temp_dir_owner("ck", ".ck.tmp-step-100"), None, "multi-rank save ids");
+        assert_eq!(temp_dir_owner("ck", ".ck.tmp-12-zz-0"), None);
+        assert_eq!(temp_dir_owner("ck", ".other.tmp-12-ab-0"), None);
+        assert_eq!(temp_dir_owner("ck", ".ck.tmp-12-ab-0-1"), None);
+        assert_eq!(temp_dir_owner("ck", "ck"), None);
+        assert_eq!(temp_dir_owner("ck", ".ck.lock"), None);
+    }
+
+    #[test]
+    fn this_process_is_alive() {
+        assert!(process_alive(std::process::id()));
+        assert!(!process_alive(0));
+    }
+}

@@ -1,0 +1,133 @@
+//! Helpers shared by the reliability tests (faults, crashes, hostile input, retention).
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+
+use uring_ckpt::config::{Config, EngineKind};
+use uring_ckpt::format::Dtype;
+use uring_ckpt::{inspect, Checkpoint, CheckpointIO, LoadOptions, UringCheckpointIO};
+
+use crate::common::{bytes, small_config};
+
+pub mod loopfs;
+
+/// Names in `dir`, sorted.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Every file of a checkpoint directory with its bytes, sorted by name.
+pub fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<_> = fs::read_dir(dir)
+        .expect("list")
+        .map(|e| {
+            let e = e.expect("entry");
+            (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).expect("read"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The tensors of one test checkpoint: sizes that cross 64 KiB chunks, an empty tensor, and
+/// enough bytes (about 2.2 MiB) for several 1 MiB shards.
+#[derive(Clone)]
+pub struct Data {
+    pub tensors: Vec<(String, Vec<u8>)>,
+}
+
+impl Data {
+    pub fn new(seed: u64) -> Data {
+        Data::sized(seed, &[0, 1, 4097, 300_000, (1 << 20) + 3, 600_000])
+    }
+
+    pub fn sized(seed: u64, sizes: &[usize]) -> Data {
+        let tensors = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| (format!("t{i}"), bytes(seed * 100 + i as u64, len)))
+            .collect();
+        Data { tensors }
+    }
+
+    pub fn checkpoint(&self) -> Checkpoint<'_> {
+        let mut ck = Checkpoint::new();
+        for (name, data) in &self.tensors {
+            ck.add(name.clone(), Dtype::U8, &[data.len() as u64], data).expect("tensor");
+        }
+        ck
+    }
+
+    /// Whether the checkpoint at `path` loads (CRCs checked), verifies, and holds exactly
+    /// these tensors.
+    pub fn matches(&self, config: &Config, path: &Path) -> bool {
+        let io = UringCheckpointIO::new(config.clone()).expect("config");
+        let Ok(loaded) = io.load_checkpoint(path, &LoadOptions { verify: Some(true), ..Default::default() })
+        else {
+            return false;
+        };
+        if inspect::verify(config, path, |_, _| {}).is_err() || loaded.tensors.len() != self.tensors.len() {
+            return false;
+        }
+        self.tensors.iter().all(|(name, data)| loaded.get(name).is_some_and(|t| t.data[..] == data[..]))
+    }
+
+    pub fn assert_loads(&self, config: &Config, path: &Path, what: &str) {
+        assert!(
+            self.matches(config, path),
+            "{what}: {} must load, verify and hold the expected tensors",
+            path.display()
+        );
+    }
+}
+
+/// The config of the fault tests: small chunks and pool, 1 MiB shards, replacing allowed.
+pub fn fault_config(engine: EngineKind) -> Config {
+    let mut config = small_config(engine);
+    config.max_shard_size = 1 << 20;
+    config.replace_existing = true;
+    config
+}
+
+/// Runs the test `name` of this test binary in a child process with `envs`, core dumps off.
+pub fn run_self(name: &str, envs: &[(&str, String)]) -> ExitStatus {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut cmd = Command::new(exe);
+    cmd.args(["--exact", name, "--nocapture", "--test-threads=1"]);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    no_core_dumps(&mut cmd);
+    cmd.stdout(std::process::Stdio::null());
+    cmd.status().expect("spawn child")
+}
+
+/// Core dumps of children that abort on purpose would only cost time and disk.
+pub fn no_core_dumps(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and only calls setrlimit, which is
+    // async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            libc::setrlimit(libc::RLIMIT_CORE, &zero);
+            Ok(())
+        });
+    }
+}
+
+/// Temporary directories (`.*.tmp-*`) in `dir`.
+pub fn temp_dirs(dir: &Path) -> Vec<PathBuf> {
+    entries(dir)
+        .into_iter()
+        .filter(|n| uring_ckpt::commit::is_temporary_name(n))
+        .map(|n| dir.join(n))
+        .collect()
+}
