@@ -47,6 +47,7 @@ fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
         Error::InvalidCheckpoint(_) => "InvalidCheckpointError",
         Error::TensorNotFound(_) => "TensorNotFoundError",
         Error::Unavailable(_) => "UnavailableError",
+        Error::Locked(_) => "CheckpointLockedError",
     };
     match py
         .import("uring_ckpt._errors")

@@ -132,6 +132,22 @@ def test_errors_share_a_base_class():
         uring_ckpt.InvalidCheckpointError,
         uring_ckpt.TensorNotFoundError,
         uring_ckpt.UnavailableError,
+        uring_ckpt.CheckpointLockedError,
     ):
         assert issubclass(cls, uring_ckpt.CheckpointError)
     assert issubclass(uring_ckpt.CheckpointExistsError, FileExistsError)
+
+
+def test_save_while_another_saver_holds_the_path_lock(tmp_path):
+    import fcntl
+
+    target = tmp_path / "c"
+    # What a concurrent save of the same path holds: flock on <parent>/.<name>.lock.
+    with open(tmp_path / ".c.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(uring_ckpt.CheckpointLockedError) as info:
+            uring_ckpt.save({"w": torch.zeros(4)}, target)
+        assert ".c.lock" in str(info.value)
+        assert not target.exists()
+    uring_ckpt.save({"w": torch.zeros(4)}, target)  # free again: the save goes through
+    assert uring_ckpt.load(target)["w"].equal(torch.zeros(4))

@@ -29,6 +29,7 @@ from ._async import AsyncSaver, SaveFuture
 from ._errors import (
     CheckpointError,
     CheckpointExistsError,
+    CheckpointLockedError,
     ConfigError,
     CorruptCheckpointError,
     InvalidCheckpointError,
@@ -45,6 +46,7 @@ __all__ = [
     "AsyncSaver",
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointLockedError",
     "Config",
     "ConfigError",
     "CorruptCheckpointError",

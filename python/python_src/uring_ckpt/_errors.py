@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointLockedError",
     "ConfigError",
     "CorruptCheckpointError",
     "InvalidCheckpointError",
@@ -30,6 +31,10 @@ class CorruptCheckpointError(CheckpointError):
 
 class CheckpointExistsError(CheckpointError, FileExistsError):
     """A save would replace an existing checkpoint and replacing was not asked for."""
+
+
+class CheckpointLockedError(CheckpointError):
+    """Another save of the same checkpoint path holds its lock (config ``lock="wait"`` waits)."""
 
 
 class ConfigError(CheckpointError, ValueError):
