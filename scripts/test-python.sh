@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The Python package's tests: installs (once) maturin, pytest, torch and lightning into the
 # repository's venv (the one scripts/python-env.sh makes), builds the extension in release
-# mode with `maturin develop`, lints the extension crate, then runs pytest on python/tests.
+# mode with `maturin develop`, lints the extension crate (with and without its `cuda`
+# feature), then runs pytest on python/tests (python/tests/test_cuda.py's GPU tests skip
+# unless torch sees a GPU and the extension was built with `--features cuda`).
 # A second run reuses the venv and cargo's build cache, so it takes seconds plus the build.
 # The first install downloads torch from PyPI (with its CUDA libraries: PyPI has no CPU-only
 # torch wheel for Linux x86_64), about 3 minutes and 5.5 GiB here.
@@ -22,6 +24,10 @@ fi
 export PYO3_PYTHON="$python"
 echo "== cargo clippy -p uring-ckpt-python -- -D warnings"
 cargo clippy -p uring-ckpt-python --all-targets -- -D warnings
+# The CUDA build (device-memory saves) compiles without CUDA installed (cudarc loads the
+# driver at run time): check and lint it, without building it.
+echo "== cargo clippy -p uring-ckpt-python --features cuda -- -D warnings"
+cargo clippy -p uring-ckpt-python --all-targets --features cuda -- -D warnings
 
 echo "== maturin develop --release"
 (cd python && VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" "$venv/bin/maturin" develop --release --quiet)

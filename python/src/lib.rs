@@ -4,6 +4,10 @@
 //! a pickled sidecar; this module writes them with [`UringCheckpointIO`] while the GIL is
 //! released, and reads them back as [`Buffer`] objects that own the loaded bytes and export
 //! them through the buffer protocol (so `torch.frombuffer`/`numpy.frombuffer` need no copy).
+//!
+//! With the `cuda` feature, CUDA torch tensors are saved from device memory: each becomes a
+//! [`uring_ckpt::staging::cuda::CudaTensorSource`] in the primary context of its device (the
+//! one torch uses), copied chunk by chunk into the (page-locked) staging buffers.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -212,6 +216,14 @@ impl Buffer {
 
 /// The memory behind one tensor to save, and what keeps it alive.
 enum Held<'py> {
+    /// A CUDA torch tensor's device memory (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Cuda {
+        /// Reads `len` bytes at the tensor's `data_ptr()` (dropped first: only a stream).
+        source: uring_ckpt::staging::cuda::CudaTensorSource,
+        /// The tensor and its `untyped_storage()`, held only to keep the memory allocated.
+        _keep: [Bound<'py, PyAny>; 2],
+    },
     /// A CPU torch tensor's bytes, with the tensor and its storage kept alive.
     Torch {
         /// The tensor and its `untyped_storage()`, held only to keep the memory allocated.
@@ -226,35 +238,41 @@ enum Held<'py> {
 }
 
 impl Held<'_> {
-    fn bytes(&self) -> &[u8] {
+    /// The tensor's bytes as the core takes them.
+    fn data(&self) -> TensorData<'_> {
         match self {
-            Held::Torch { len: 0, .. } => &[],
-            // SAFETY: `address` and `len` are the tensor's `data_ptr()` and
-            // `numel() * element_size()`, read from a contiguous, strided, CPU tensor that
-            // is neither conjugated nor negated (checked in `hold_torch`), so they describe
-            // its bytes in order. The tensor and its storage are held by this value, so the
-            // memory stays allocated while the slice lives (it lives no longer than `self`).
-            // The slice is only read. Another Python thread writing into the tensor during a
-            // synchronous save races with the write to disk, exactly as with `torch.save`;
-            // that is documented as the caller's responsibility.
-            Held::Torch { address, len, .. } => unsafe {
-                std::slice::from_raw_parts(*address as *const u8, *len)
-            },
-            Held::Buffer(buf) if buf.len_bytes() == 0 => &[],
+            #[cfg(feature = "cuda")]
+            Held::Cuda { source, .. } => TensorData::Source(source),
+            Held::Torch { len: 0, .. } => TensorData::Host(&[]),
+            Held::Torch { address, len, .. } => {
+                // SAFETY: `address` and `len` are the tensor's `data_ptr()` and
+                // `numel() * element_size()`, read from a contiguous, strided, CPU tensor that
+                // is neither conjugated nor negated (checked in `hold_torch`), so they describe
+                // its bytes in order. The tensor and its storage are held by this value, so the
+                // memory stays allocated while the slice lives (it lives no longer than `self`).
+                // The slice is only read. Another Python thread writing into the tensor during a
+                // synchronous save races with the write to disk, exactly as with `torch.save`;
+                // that is documented as the caller's responsibility.
+                let bytes = unsafe { std::slice::from_raw_parts(*address as *const u8, *len) };
+                TensorData::Host(bytes)
+            }
+            Held::Buffer(buf) if buf.len_bytes() == 0 => TensorData::Host(&[]),
             // SAFETY: the buffer is C-contiguous (checked in `hold`) and exported until
             // `buf` is dropped (which releases it), so `len_bytes` bytes at `buf_ptr` are
             // valid for reads while the slice (bounded by `&self`) lives. Only read.
-            Held::Buffer(buf) => unsafe {
+            Held::Buffer(buf) => TensorData::Host(unsafe {
                 std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes())
-            },
+            }),
         }
     }
 }
 
-/// Validates and holds a tensor entry's memory: `kind` is `"torch"` or `"buffer"`.
-fn hold<'py>(py: Python<'py>, kind: &str, obj: &Bound<'py, PyAny>) -> PyResult<Held<'py>> {
+/// Validates and holds a tensor entry's memory: `kind` is `"torch"`, `"cuda"` (a CUDA torch
+/// tensor; needs the `cuda` feature) or `"buffer"`. `gpu` makes the CUDA sources.
+fn hold<'py>(py: Python<'py>, gpu: &Gpu, kind: &str, obj: &Bound<'py, PyAny>) -> PyResult<Held<'py>> {
     match kind {
         "torch" => hold_torch(py, obj),
+        "cuda" => gpu.hold(py, obj),
         "buffer" => {
             let buf = PyBuffer::<u8>::get(obj)?;
             if !buf.is_c_contiguous() {
@@ -267,6 +285,18 @@ fn hold<'py>(py: Python<'py>, kind: &str, obj: &Bound<'py, PyAny>) -> PyResult<H
 }
 
 fn hold_torch<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Held<'py>> {
+    let (address, len, storage) = torch_memory(py, obj, "cpu")?;
+    Ok(Held::Torch { _keep: [obj.clone(), storage], address, len })
+}
+
+/// Checks that `obj` is a dense, contiguous torch tensor on a `device_type` device without
+/// lazy conjugate/negative bits, and returns its `data_ptr()`, its byte length and its
+/// `untyped_storage()` (which keeps the memory allocated).
+fn torch_memory<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    device_type: &str,
+) -> PyResult<(usize, usize, Bound<'py, PyAny>)> {
     let torch = py.import("torch")?;
     if !obj.is_instance(&torch.getattr("Tensor")?)? {
         return Err(PyTypeError::new_err("expected a torch.Tensor"));
@@ -278,7 +308,9 @@ fn hold_torch<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Held<'p
             Err(PyValueError::new_err(format!("tensor must be {what} (make it so before saving)")))
         }
     };
-    check(obj.getattr("device")?.getattr("type")?.extract::<String>()? == "cpu", "on the CPU")?;
+    let on =
+        if device_type == "cpu" { "on the CPU".to_string() } else { format!("on a {device_type} device") };
+    check(obj.getattr("device")?.getattr("type")?.extract::<String>()? == device_type, &on)?;
     check(obj.getattr("layout")?.eq(torch.getattr("strided")?)?, "strided (dense)")?;
     check(obj.call_method0("is_contiguous")?.extract::<bool>()?, "contiguous")?;
     check(!obj.call_method0("is_conj")?.extract::<bool>()?, "without a lazy conjugate bit")?;
@@ -294,17 +326,219 @@ fn hold_torch<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Held<'p
         return Err(PyValueError::new_err("tensor has no data"));
     }
     let storage = obj.call_method0("untyped_storage")?;
-    Ok(Held::Torch { _keep: [obj.clone(), storage], address, len })
+    Ok((address, len, storage))
 }
 
 fn report_json<T: serde::Serialize>(value: &T) -> PyResult<String> {
     serde_json::to_string(value).map_err(|e| PyValueError::new_err(format!("report does not serialize: {e}")))
 }
 
+/// Tensors of one save read from device memory through the CUDA source.
+#[derive(Clone, Copy, Default)]
+struct CudaUse {
+    tensors: usize,
+    bytes: u64,
+}
+
+impl CudaUse {
+    fn count(&mut self, kind: &str, len: usize) {
+        if kind == "cuda" {
+            self.tensors += 1;
+            self.bytes += len as u64;
+        }
+    }
+}
+
+/// The save report as JSON, with `cuda_tensors` and `cuda_bytes` (read from device memory
+/// by the CUDA source, not copied to the CPU in Python) added.
+fn save_report_json(report: &uring_ckpt::SaveReport, cuda: CudaUse) -> PyResult<String> {
+    let mut value = serde_json::to_value(report)
+        .map_err(|e| PyValueError::new_err(format!("report does not serialize: {e}")))?;
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("cuda_tensors".into(), cuda.tensors.into());
+        fields.insert("cuda_bytes".into(), cuda.bytes.into());
+    }
+    report_json(&value)
+}
+
+/// Logs `message` to the `uring_ckpt` Python logger at `level` ("info", "warning");
+/// a logging failure is ignored.
+#[cfg(feature = "cuda")]
+fn py_log(py: Python<'_>, level: &str, message: &str) {
+    let _ = py
+        .import("logging")
+        .and_then(|logging| logging.call_method1("getLogger", ("uring_ckpt",)))
+        .and_then(|logger| logger.call_method1(level, (message,)));
+}
+
+/// Whether this extension was built with the `cuda` feature.
+#[pyfunction]
+fn cuda_built() -> bool {
+    cfg!(feature = "cuda")
+}
+
+/// Whether CUDA tensors can be saved from device memory: built with the `cuda` feature and
+/// the CUDA driver library (`libcuda.so.1`) loads. Never raises.
+#[pyfunction]
+fn cuda_available() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        static AVAILABLE: OnceLock<bool> = OnceLock::new();
+        *AVAILABLE.get_or_init(|| uring_ckpt::staging::cuda::probe().is_ok())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+/// The CUDA side of one writer (feature `cuda`; empty without it): the primary context of
+/// each device saved from, and the page-locking of the staging pool, done once on the first
+/// save with a CUDA tensor. A writer declares it before its I/O, so it is dropped first:
+/// the staging buffers are unregistered before the pool is freed.
+#[derive(Default)]
+struct Gpu {
+    #[cfg(feature = "cuda")]
+    contexts: Mutex<Vec<(i32, Arc<uring_ckpt::staging::cuda::CudaContext>)>>,
+    #[cfg(feature = "cuda")]
+    staging: OnceLock<PageLocked>,
+}
+
+/// The staging pool's registration with CUDA.
+#[cfg(feature = "cuda")]
+struct PageLocked {
+    /// Unregisters the buffers when dropped.
+    _staging: uring_ckpt::staging::cuda::CudaStaging,
+    /// Buffers page-locked.
+    registered: usize,
+}
+
+impl Gpu {
+    /// Validates and holds a CUDA torch tensor's device memory.
+    #[cfg(feature = "cuda")]
+    fn hold<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Held<'py>> {
+        use uring_ckpt::staging::cuda::CudaTensorSource;
+        if !cuda_available() {
+            return Err(to_py_err(py, Error::Unavailable("CUDA (libcuda.so.1 not found)".into())));
+        }
+        let (address, len, storage) = torch_memory(py, obj, "cuda")?;
+        let ordinal: i32 = obj.getattr("device")?.getattr("index")?.extract()?;
+        let ctx = self.context(ordinal).map_err(|e| to_py_err(py, e))?;
+        // SAFETY: `address`/`len` are the `data_ptr()` and `numel() * element_size()` of a
+        // dense, contiguous tensor on CUDA device `ordinal` with no lazy conjugate/negative
+        // bit (checked by `torch_memory`), so they are device memory of `len` bytes in that
+        // device; `ctx` is the device's primary context, the one torch allocates in. The
+        // returned `Held` keeps the tensor and its storage referenced, and whoever owns the
+        // source (the sync save's `Held`, the async save's `PyCudaSource`) keeps them so at
+        // least until the save is staged, so torch does not free (or reuse) the memory.
+        // "Unmodified": the Python side synchronizes the device before the save (pending
+        // kernels writing the tensor have finished) and hands control back only once the
+        // save no longer reads it (sync: returned; async: `staged`); a caller writing the
+        // tensor from another thread meanwhile races, as documented for the CPU path.
+        let source =
+            unsafe { CudaTensorSource::from_raw(ctx, address as u64, len) }.map_err(|e| to_py_err(py, e))?;
+        Ok(Held::Cuda { source, _keep: [obj.clone(), storage] })
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn hold<'py>(&self, _py: Python<'py>, _obj: &Bound<'py, PyAny>) -> PyResult<Held<'py>> {
+        Err(PyValueError::new_err(
+            "this uring_ckpt extension was built without CUDA: rebuild it with \
+             `maturin develop --release --features cuda`, or move the tensor to the CPU",
+        ))
+    }
+
+    /// The primary context of device `ordinal` (retained once per writer).
+    #[cfg(feature = "cuda")]
+    fn context(&self, ordinal: i32) -> uring_ckpt::Result<Arc<uring_ckpt::staging::cuda::CudaContext>> {
+        let mut contexts = self.contexts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, ctx)) = contexts.iter().find(|(o, _)| *o == ordinal) {
+            return Ok(ctx.clone());
+        }
+        let ctx = uring_ckpt::staging::cuda::CudaContext::new(ordinal)?;
+        contexts.push((ordinal, ctx.clone()));
+        Ok(ctx)
+    }
+
+    /// Page-locks the staging pool of `io` for device-to-host copies, once, if a CUDA tensor
+    /// was held. A refusal (`RLIMIT_MEMLOCK`, say) is logged to the `uring_ckpt` logger and
+    /// the copies go to pageable memory.
+    #[cfg(feature = "cuda")]
+    fn prepare_staging(&self, py: Python<'_>, io: &UringCheckpointIO) {
+        use uring_ckpt::staging::cuda::CudaStaging;
+        if self.staging.get().is_some() {
+            return;
+        }
+        let first = self.contexts.lock().unwrap_or_else(|e| e.into_inner()).first().map(|(_, c)| c.clone());
+        let Some(ctx) = first else { return };
+        let mut refused: Option<String> = None;
+        let mut ran = false;
+        let registered = py.detach(|| {
+            self.staging
+                .get_or_init(|| {
+                    ran = true;
+                    let staging = CudaStaging::new(ctx);
+                    let registered = io.prepare_staging(|buf| {
+                        let result = staging.register(buf);
+                        if let Err(e) = &result {
+                            refused.get_or_insert_with(|| e.to_string());
+                        }
+                        result
+                    });
+                    PageLocked { _staging: staging, registered }
+                })
+                .registered
+        });
+        if !ran {
+            return;
+        }
+        match refused {
+            Some(e) => py_log(
+                py,
+                "warning",
+                &format!(
+                    "page-locking the staging buffers for CUDA copies failed ({e}); {registered} \
+                     page-locked, the others stay pageable (slower copies)"
+                ),
+            ),
+            None => py_log(py, "info", &format!("{registered} staging buffers page-locked for CUDA copies")),
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn prepare_staging(&self, _py: Python<'_>, _io: &UringCheckpointIO) {}
+
+    /// Staging buffers page-locked so far (0 until a CUDA tensor was saved).
+    fn page_locked(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        {
+            self.staging.get().map_or(0, |s| s.registered)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            0
+        }
+    }
+
+    /// Whether the staging pool was page-locked (and is unregistered when this drops).
+    fn prepared(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            self.staging.get().is_some()
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            false
+        }
+    }
+}
+
 /// A checkpoint writer and reader with one configuration; keeps its staging buffers between
 /// saves. All I/O runs with the GIL released.
 #[pyclass(module = "uring_ckpt._uring_ckpt", frozen)]
 struct Writer {
+    /// Declared first, so dropped before `io` (see [`Gpu`]).
+    gpu: Gpu,
     io: UringCheckpointIO,
 }
 
@@ -318,7 +552,7 @@ impl Writer {
             None => uring_ckpt::Config::load(None).map_err(|e| to_py_err(py, e))?,
         };
         let io = UringCheckpointIO::new(config).map_err(|e| to_py_err(py, e))?;
-        Ok(Writer { io })
+        Ok(Writer { gpu: Gpu::default(), io })
     }
 
     /// The configuration in use.
@@ -327,10 +561,20 @@ impl Writer {
         Config { inner: self.io.config().clone() }
     }
 
+    /// Staging buffers page-locked for CUDA copies (0 until a CUDA tensor was saved, and
+    /// without the `cuda` feature).
+    #[getter]
+    fn cuda_staging_buffers(&self) -> usize {
+        self.gpu.page_locked()
+    }
+
     /// Saves `tensors` (a list of `(name, dtype, shape, kind, obj)`, `kind` being `"torch"`
-    /// for a contiguous CPU torch tensor or `"buffer"` for a C-contiguous buffer of its bytes),
-    /// `extra_files` (`(name, bytes)`) and string `metadata` as a committed checkpoint at
-    /// `path`. Returns the save report as JSON. No tensor bytes are copied in Python or here.
+    /// for a contiguous CPU torch tensor, `"cuda"` for a contiguous CUDA torch tensor (feature
+    /// `cuda`; synchronize its device first) or `"buffer"` for a C-contiguous buffer of its
+    /// bytes), `extra_files` (`(name, bytes)`) and string `metadata` as a committed checkpoint
+    /// at `path`. Returns the save report as JSON (with `cuda_tensors` and `cuda_bytes`). No
+    /// tensor bytes are copied in Python or here; CUDA tensors are copied from the device
+    /// into the staging buffers, chunk by chunk.
     #[pyo3(signature = (path, tensors, extra_files, metadata))]
     fn save(
         &self,
@@ -342,18 +586,24 @@ impl Writer {
     ) -> PyResult<String> {
         let mut specs: Vec<(String, Dtype, Vec<u64>)> = Vec::with_capacity(tensors.len());
         let mut held: Vec<Held<'_>> = Vec::with_capacity(tensors.len());
+        let mut cuda = CudaUse::default();
         for entry in tensors.iter() {
             let entry = entry.cast_into::<PyTuple>()?;
             let (name, dtype, shape, kind, obj): (String, String, Vec<u64>, String, Bound<'_, PyAny>) =
                 entry.extract()?;
             specs.push((name, parse_dtype(&dtype)?, shape));
-            held.push(hold(py, &kind, &obj)?);
+            let memory = hold(py, &self.gpu, &kind, &obj)?;
+            cuda.count(&kind, memory.data().len());
+            held.push(memory);
+        }
+        if cuda.tensors > 0 {
+            self.gpu.prepare_staging(py, &self.io);
         }
         let extras: Vec<(String, Bound<'_, PyBytes>)> = extra_files.extract()?;
         let mut checkpoint = Checkpoint::new();
         for ((name, dtype, shape), memory) in specs.iter().zip(&held) {
             checkpoint
-                .add_source(name.clone(), *dtype, shape, TensorData::Host(memory.bytes()))
+                .add_source(name.clone(), *dtype, shape, memory.data())
                 .map_err(|e| to_py_err(py, e))?;
         }
         for (name, bytes) in &extras {
@@ -364,7 +614,7 @@ impl Writer {
             py.detach(|| self.io.save_checkpoint(&checkpoint, &path)).map_err(|e| to_py_err(py, e))?;
         drop(checkpoint);
         drop(held);
-        report_json(&report)
+        save_report_json(&report, cuda)
     }
 
     /// Loads the checkpoint at `path`: returns `(tensors, metadata, extra_files, report)` with
@@ -439,9 +689,41 @@ impl TensorSource for PyHostSource {
     }
 }
 
-/// The address and length of an entry's bytes and the objects that keep them allocated.
-fn lend(py: Python<'_>, kind: &str, obj: &Bound<'_, PyAny>) -> PyResult<PyHostSource> {
-    let (address, len, owners) = match hold(py, kind, obj)? {
+/// A CUDA tensor's device memory lent to a background save: the tensor and its storage are
+/// held until the save drops the source (once staged). Dropped in field order: the stream
+/// first, then the references (queued decrefs when dropped without the GIL).
+#[cfg(feature = "cuda")]
+struct PyCudaSource {
+    memory: uring_ckpt::staging::cuda::CudaTensorSource,
+    _owners: [Py<PyAny>; 2],
+}
+
+#[cfg(feature = "cuda")]
+impl TensorSource for PyCudaSource {
+    fn len(&self) -> usize {
+        self.memory.len()
+    }
+
+    fn host_bytes(&self) -> Option<&[u8]> {
+        None
+    }
+
+    fn copy_to(&self, offset: usize, dst: &mut [u8]) -> uring_ckpt::Result<()> {
+        self.memory.copy_to(offset, dst)
+    }
+}
+
+/// An entry's memory as a source for a background save, holding the objects that keep it
+/// allocated.
+fn lend(py: Python<'_>, gpu: &Gpu, kind: &str, obj: &Bound<'_, PyAny>) -> PyResult<Arc<dyn TensorSource>> {
+    let (address, len, owners) = match hold(py, gpu, kind, obj)? {
+        #[cfg(feature = "cuda")]
+        Held::Cuda { source, _keep: [tensor, storage] } => {
+            return Ok(Arc::new(PyCudaSource {
+                memory: source,
+                _owners: [tensor.unbind(), storage.unbind()],
+            }));
+        }
         Held::Torch { _keep: [tensor, storage], address, len } => {
             (address, len, vec![tensor.unbind(), storage.unbind()])
         }
@@ -455,7 +737,7 @@ fn lend(py: Python<'_>, kind: &str, obj: &Bound<'_, PyAny>) -> PyResult<PyHostSo
     // to the tensor by Python before `staged` race with the copy: the Python side waits
     // for `staged` before handing control back to the caller.
     let memory = unsafe { HostPtrSource::new(address as *const u8, len) };
-    Ok(PyHostSource { memory, _owners: owners })
+    Ok(Arc::new(PyHostSource { memory, _owners: owners }))
 }
 
 /// A background save: its staged and durable completions.
@@ -465,6 +747,7 @@ struct SaveHandle {
     staged: Staged,
     durable: Mutex<Option<Durable>>,
     outcome: Mutex<Option<PyResult<String>>>,
+    cuda: CudaUse,
 }
 
 impl SaveHandle {
@@ -521,7 +804,7 @@ impl SaveHandle {
                 None => Ok(None),
             };
         };
-        let converted = result.map_err(|e| to_py_err(py, e)).and_then(|r| report_json(&r));
+        let converted = result.map_err(|e| to_py_err(py, e)).and_then(|r| save_report_json(&r, self.cuda));
         let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
         *outcome = Some(match &converted {
             Ok(report) => Ok(report.clone()),
@@ -547,7 +830,20 @@ impl SaveHandle {
 /// through the staging ring, no extra memory) and `max_saves_in_flight`.
 #[pyclass(module = "uring_ckpt._uring_ckpt", frozen)]
 struct AsyncWriter {
+    /// Declared first, so dropped before `io` (see [`Gpu`] and `Drop`).
+    gpu: Gpu,
     io: Arc<AsyncCheckpointIO<UringCheckpointIO>>,
+}
+
+impl Drop for AsyncWriter {
+    /// With the staging pool page-locked, waits for the saves still running (they hold the
+    /// pool): the buffers are unregistered right after, when `gpu` drops.
+    fn drop(&mut self) {
+        if self.gpu.prepared() {
+            let io = self.io.clone();
+            Python::attach(|py| py.detach(|| io.teardown().ok()));
+        }
+    }
 }
 
 #[pymethods]
@@ -555,12 +851,18 @@ impl AsyncWriter {
     #[new]
     fn new(py: Python<'_>, config: &Config) -> PyResult<Self> {
         let io = AsyncCheckpointIO::from_config(config.inner.clone()).map_err(|e| to_py_err(py, e))?;
-        Ok(AsyncWriter { io: Arc::new(io) })
+        Ok(AsyncWriter { gpu: Gpu::default(), io: Arc::new(io) })
+    }
+
+    /// Staging buffers page-locked for CUDA copies (see `Writer.cuda_staging_buffers`).
+    #[getter]
+    fn cuda_staging_buffers(&self) -> usize {
+        self.gpu.page_locked()
     }
 
     /// Starts saving (same arguments as `Writer.save`) and returns its `SaveHandle` once the
-    /// save has started (waiting first, GIL released, for a free slot). The tensors must not
-    /// change until `wait_staged()` returns.
+    /// save has started (waiting first, GIL released, for a free slot). The tensors (CUDA
+    /// ones included) must not change until `wait_staged()` returns.
     #[pyo3(signature = (path, tensors, extra_files, metadata))]
     fn save(
         &self,
@@ -571,14 +873,17 @@ impl AsyncWriter {
         metadata: BTreeMap<String, String>,
     ) -> PyResult<SaveHandle> {
         let mut checkpoint = OwnedCheckpoint::new();
+        let mut cuda = CudaUse::default();
         for entry in tensors.iter() {
             let entry = entry.cast_into::<PyTuple>()?;
             let (name, dtype, shape, kind, obj): (String, String, Vec<u64>, String, Bound<'_, PyAny>) =
                 entry.extract()?;
-            let source = lend(py, &kind, &obj)?;
-            checkpoint
-                .add(name, parse_dtype(&dtype)?, &shape, Arc::new(source))
-                .map_err(|e| to_py_err(py, e))?;
+            let source = lend(py, &self.gpu, &kind, &obj)?;
+            cuda.count(&kind, source.len());
+            checkpoint.add(name, parse_dtype(&dtype)?, &shape, source).map_err(|e| to_py_err(py, e))?;
+        }
+        if cuda.tensors > 0 {
+            self.gpu.prepare_staging(py, self.io.inner());
         }
         let extras: Vec<(String, Bound<'_, PyBytes>)> = extra_files.extract()?;
         for (name, bytes) in &extras {
@@ -596,6 +901,7 @@ impl AsyncWriter {
             staged,
             durable: Mutex::new(Some(handle.durable())),
             outcome: Mutex::new(None),
+            cuda,
         })
     }
 
@@ -628,6 +934,8 @@ fn _uring_ckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<AsyncWriter>()?;
     m.add_class::<SaveHandle>()?;
     m.add_function(wrap_pyfunction!(dtypes, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_built, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

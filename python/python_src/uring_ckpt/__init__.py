@@ -37,7 +37,7 @@ from ._errors import (
     TensorNotFoundError,
     UnavailableError,
 )
-from ._uring_ckpt import Config, Writer, __version__
+from ._uring_ckpt import Config, Writer, __version__, cuda_available
 
 PathLike = Union[str, "os.PathLike[str]"]
 ConfigLike = Union[Config, dict, None]
@@ -56,6 +56,7 @@ __all__ = [
     "TensorNotFoundError",
     "UnavailableError",
     "__version__",
+    "cuda_available",
     "inspect",
     "load",
     "remove",
@@ -126,7 +127,13 @@ def save(
 
     Torch tensors (any safetensors dtype, bf16 and float8 included) and numpy arrays go to
     the shards without a copy when they are contiguous CPU memory; others are made
-    contiguous or copied to the CPU first. Tied tensors are stored once.
+    contiguous first. CUDA tensors are copied from device memory straight into the
+    (page-locked) staging buffers when the extension was built with CUDA
+    (``maturin develop --release --features cuda``; see ``_uring_ckpt.cuda_available()``),
+    and to the CPU in Python otherwise. Tied tensors are stored once.
+
+    The report counts ``cuda_tensors``/``cuda_bytes`` (read from device memory) and
+    ``python_copied_bytes`` (copied in Python: made contiguous or moved to the CPU).
 
     ``config``: a :class:`Config`, a dict of its keys, or None for the environment's.
     ``replace``: whether an existing checkpoint at ``path`` may be replaced (atomically);

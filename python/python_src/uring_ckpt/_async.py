@@ -76,6 +76,10 @@ class AsyncSaver:
     so ``save`` returns after one memory copy; ``"stream"`` stages through the bounded
     staging ring instead (no extra memory; ``save`` returns only when the last chunk is
     staged). Use as a context manager, or call :meth:`close`, to wait for the last save.
+
+    CUDA tensors (with a CUDA build, see :func:`uring_ckpt.cuda_available`) are copied
+    from device memory by the background save, in either mode; ``save`` returns once they
+    are staged, and they are not copied in Python.
     """
 
     def __init__(self, config: ConfigLike = None, *, max_in_flight: int = 1, mode: str = "snapshot") -> None:

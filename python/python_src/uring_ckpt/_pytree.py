@@ -11,15 +11,22 @@ Tensors that share memory with the same offset, shape, strides and dtype (tied w
 one tensor object reached twice) are stored once, and come back as one tensor object.
 Partially overlapping views are stored separately. Tensors of other dtypes (complex128,
 quantized, sparse) and tensor subclasses stay in the pickle, as ``pickle`` writes them.
+
+CUDA tensors are saved from device memory (entry kind ``"cuda"``) when the extension was
+built with its ``cuda`` feature and the CUDA driver loads (``_uring_ckpt.cuda_available()``):
+they are made contiguous on their device, the device is synchronized, and the Rust side
+copies them chunk by chunk into its staging buffers. Otherwise they are copied to the CPU
+here (``.to("cpu")``), and the ``uring_ckpt`` logger says why, once.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 try:  # numpy and torch are both optional; either may be missing.
@@ -38,6 +45,29 @@ def _torch() -> Any:
     except ImportError:
         return None
     return torch
+
+
+_log = logging.getLogger("uring_ckpt")
+_cuda_direct_state: bool | None = None
+
+
+def cuda_direct() -> bool:
+    """Whether CUDA tensors are saved from device memory (the extension was built with the
+    ``cuda`` feature and found the CUDA driver). When not, says so once on the
+    ``uring_ckpt`` logger (CUDA tensors are then copied to the CPU first)."""
+    global _cuda_direct_state
+    if _cuda_direct_state is None:
+        from . import _uring_ckpt
+
+        _cuda_direct_state = bool(_uring_ckpt.cuda_available())
+        if not _cuda_direct_state:
+            why = (
+                "no CUDA driver (libcuda.so.1) was found"
+                if _uring_ckpt.cuda_built()
+                else "the extension was built without CUDA (maturin develop --release --features cuda)"
+            )
+            _log.info("CUDA tensors are copied to the CPU before saving: %s", why)
+    return _cuda_direct_state
 
 
 SIDECAR = "extras.pkl"
@@ -109,7 +139,8 @@ def torch_dtype_from_safetensors(dtype: str) -> Any:
 @dataclass
 class TensorEntry:
     """One tensor to save: its bytes are ``obj`` (a contiguous CPU torch tensor when ``kind``
-    is ``"torch"``, a C-contiguous uint8 numpy view when it is ``"buffer"``)."""
+    is ``"torch"``, a contiguous CUDA torch tensor, its device synchronized, when it is
+    ``"cuda"``, a C-contiguous uint8 numpy view when it is ``"buffer"``)."""
 
     name: str
     dtype: str
@@ -129,6 +160,8 @@ class Flattened:
     sidecar: bytes
     copied_bytes: int
     """Bytes copied to make tensors contiguous, move them to the CPU or snapshot them."""
+    cuda_devices: list[Any] = field(default_factory=list)
+    """CUDA devices of the ``"cuda"`` entries (synchronized by :func:`flatten`)."""
 
     @property
     def tensor_bytes(self) -> int:
@@ -137,7 +170,7 @@ class Flattened:
 
 def _nbytes(entry: TensorEntry) -> int:
     obj = entry.obj
-    if entry.kind == "torch":
+    if entry.kind in ("torch", "cuda"):
         return int(obj.numel() * obj.element_size())
     return int(obj.nbytes)
 
@@ -171,6 +204,7 @@ class _Flattener(pickle.Pickler):
         self.snapshot = snapshot
         self.entries: list[TensorEntry] = []
         self.copied = 0
+        self.cuda_devices: dict[str, Any] = {}  # str(device) -> device of the "cuda" entries
         self._pids: dict[Any, tuple] = {}  # tie key -> persistent id
         self._names: set[str] = set()
         self._others = 0
@@ -229,7 +263,14 @@ class _Flattener(pickle.Pickler):
         if base is None:
             name = self._name(t)
             data = t.detach()
-            if data.device.type != "cpu":
+            kind = "torch"
+            if data.device.type == "cuda" and cuda_direct():
+                kind = "cuda"
+                self.cuda_devices.setdefault(str(data.device), data.device)
+                if self.snapshot:
+                    data = data.clone(memory_format=torch.contiguous_format)
+                    self.copied += data.numel() * data.element_size()
+            elif data.device.type != "cpu":
                 data = data.to("cpu")
                 self.copied += data.numel() * data.element_size()
             elif self.snapshot:
@@ -240,7 +281,7 @@ class _Flattener(pickle.Pickler):
             if not data.is_contiguous():
                 data = data.contiguous()
                 self.copied += data.numel() * data.element_size()
-            self.entries.append(TensorEntry(name, dtype, list(data.shape), "torch", data))
+            self.entries.append(TensorEntry(name, dtype, list(data.shape), kind, data))
             base = (PID_TAG, name, "torch", str(t.dtype).removeprefix("torch."), str(t.device))
             self._pids[key] = base
         return (*base, bool(t.requires_grad), isinstance(t, torch.nn.Parameter))
@@ -275,11 +316,20 @@ class _Flattener(pickle.Pickler):
 
 def flatten(state: Any, *, snapshot: bool = False) -> Flattened:
     """Splits ``state`` into tensor entries and the pickled rest. With ``snapshot``, every
-    tensor is copied (so the caller may change the originals as soon as this returns)."""
+    tensor is copied (so the caller may change the originals as soon as this returns).
+
+    The devices of ``"cuda"`` entries are synchronized before this returns: the save reads
+    device memory on a stream of its own, so kernels queued on torch's streams (the ones
+    that computed the tensors, or made them contiguous here) must have finished."""
     buf = io.BytesIO()
     pickler = _Flattener(buf, state, snapshot)
     pickler.dump(state)
-    return Flattened(pickler.entries, buf.getvalue(), pickler.copied)
+    devices = list(pickler.cuda_devices.values())
+    if devices:
+        torch = _torch()
+        for device in devices:
+            torch.cuda.synchronize(device)
+    return Flattened(pickler.entries, buf.getvalue(), pickler.copied, devices)
 
 
 # ---------------------------------------------------------------------------------------
@@ -464,6 +514,7 @@ __all__ = [
     "Flattened",
     "Restorer",
     "TensorEntry",
+    "cuda_direct",
     "flatten",
     "torch_dtype_map",
     "unflatten",

@@ -29,14 +29,22 @@ class Buffer:
     def __len__(self) -> int: ...
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
+_TensorEntry: TypeAlias = tuple[str, str, list[int], str, Any]
+"""``(name, safetensors dtype, shape, kind, obj)``: ``kind`` ``"torch"`` (a contiguous CPU
+torch tensor), ``"cuda"`` (a contiguous CUDA torch tensor, its device synchronized; needs
+``cuda_available()``) or ``"buffer"`` (a C-contiguous buffer of the tensor's bytes)."""
+
 class Writer:
     def __init__(self, config: Config | None = None) -> None: ...
     @property
     def config(self) -> Config: ...
+    @property
+    def cuda_staging_buffers(self) -> int:
+        """Staging buffers page-locked for CUDA copies (0 before the first CUDA save)."""
     def save(
         self,
         path: _Path,
-        tensors: list[tuple[str, str, list[int], str, Any]],
+        tensors: list[_TensorEntry],
         extra_files: list[tuple[str, bytes]],
         metadata: dict[str, str],
     ) -> str: ...
@@ -48,6 +56,12 @@ class Writer:
     def inspect(self, path: _Path) -> str: ...
 
 def dtypes() -> list[str]: ...
+def cuda_built() -> bool:
+    """Whether the extension was built with the ``cuda`` feature."""
+
+def cuda_available() -> bool:
+    """Whether CUDA tensors can be saved from device memory: built with the ``cuda``
+    feature and the CUDA driver (``libcuda.so.1``) loads. Never raises."""
 
 class SaveHandle:
     """A background save: its staged and durable completions."""
@@ -61,10 +75,12 @@ class SaveHandle:
 
 class AsyncWriter:
     def __init__(self, config: Config) -> None: ...
+    @property
+    def cuda_staging_buffers(self) -> int: ...
     def save(
         self,
         path: _Path,
-        tensors: list[tuple[str, str, list[int], str, Any]],
+        tensors: list[_TensorEntry],
         extra_files: list[tuple[str, bytes]],
         metadata: dict[str, str],
     ) -> SaveHandle: ...
