@@ -6,23 +6,13 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
 
-use common::{bytes, scratch, small_config, ENGINES};
+use common::{bytes, entries, scratch, small_config, ENGINES};
 use uring_ckpt::checkpoint::TensorData;
 use uring_ckpt::config::EngineKind;
 use uring_ckpt::format::Dtype;
 use uring_ckpt::io::AlignedBuf;
 use uring_ckpt::{Checkpoint, CheckpointIO, Error, LoadOptions, TensorView, UringCheckpointIO};
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .expect("list")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
 
 fn one_tensor(data: &[u8]) -> Checkpoint<'_> {
     let mut ck = Checkpoint::new();

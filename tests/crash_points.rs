@@ -12,8 +12,8 @@ mod reliability;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 
-use common::scratch;
-use reliability::{entries, fault_config, files_of, run_self, temp_dirs, Data};
+use common::{entries, files_of, scratch};
+use reliability::{fault_config, run_self, temp_dirs, Data};
 use uring_ckpt::config::EngineKind;
 use uring_ckpt::{retention, CheckpointIO, Error, LoadOptions, UringCheckpointIO};
 

@@ -14,8 +14,8 @@ mod reliability;
 
 use std::path::Path;
 
-use common::scratch;
-use reliability::{entries, fault_config, files_of, Data};
+use common::{entries, files_of, scratch};
+use reliability::{fault_config, Data};
 use uring_ckpt::config::{EngineKind, FsyncPolicy};
 use uring_ckpt::{CheckpointIO, Error, SaveReport, UringCheckpointIO};
 

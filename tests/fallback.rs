@@ -8,7 +8,7 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::{bytes, scratch, small_config};
+use common::{bytes, files_of, scratch, small_config};
 use uring_ckpt::config::{Config, EngineKind};
 use uring_ckpt::format::Dtype;
 use uring_ckpt::{Checkpoint, CheckpointIO, LoadOptions, SaveReport, UringCheckpointIO};
@@ -33,18 +33,6 @@ fn save_with(config: Config, path: &Path, data: &[(String, Vec<u8>)]) -> SaveRep
         assert!(loaded.get(name).expect("tensor").data[..] == bytes[..], "{name} differs");
     }
     report
-}
-
-fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<_> = fs::read_dir(dir)
-        .expect("list")
-        .map(|e| {
-            let e = e.expect("entry");
-            (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).expect("read"))
-        })
-        .collect();
-    out.sort();
-    out
 }
 
 fn uring_available() -> bool {

@@ -8,8 +8,8 @@ mod reliability;
 use std::fs;
 use std::time::Duration;
 
-use common::{scratch, small_config};
-use reliability::{entries, Data};
+use common::{entries, scratch, small_config};
+use reliability::Data;
 use uring_ckpt::config::{Config, EngineKind, LockMode};
 use uring_ckpt::lock::{lock_path, SaveLock};
 use uring_ckpt::{retention, CheckpointIO, Error, UringCheckpointIO};

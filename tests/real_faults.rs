@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::scratch;
+use common::{entries, files_of, scratch};
 use reliability::loopfs::LoopFs;
-use reliability::{entries, fault_config, files_of, no_core_dumps, temp_dirs, Data};
+use reliability::{fault_config, no_core_dumps, temp_dirs, Data};
 use uring_ckpt::config::EngineKind;
 use uring_ckpt::{retention, CheckpointIO, Error, UringCheckpointIO};
 

@@ -14,7 +14,7 @@ use uring_ckpt::config::{format_size, Config, EngineKind};
 use uring_ckpt::io::stats::LatencySummary;
 use uring_ckpt::staging::HostPtrSource;
 use uring_ckpt::synthetic::{Layout, SyntheticCheckpoint};
-use uring_ckpt::{Checkpoint, CheckpointIO, LoadOptions, UringCheckpointIO};
+use uring_ckpt::{Checkpoint, CheckpointIO, LoadOptions, SaveReport, UringCheckpointIO};
 
 use super::inspect::print_table;
 use super::{
@@ -123,6 +123,26 @@ pub(super) struct Sample {
     pub fallbacks: Vec<String>,
     pub zero_copy_bytes: u64,
     pub staged_bytes: u64,
+}
+
+impl Sample {
+    /// The figures of one save; `seconds` is the time shown (to durable, or the stall of an
+    /// async save), `cpu_seconds` what the process spent on it.
+    fn of_save(report: &SaveReport, seconds: f64, cpu_seconds: f64) -> Sample {
+        Sample {
+            mib_s: report.throughput_mib_s,
+            seconds,
+            bytes: report.file_bytes,
+            cpu_seconds,
+            latency: report.write_latency,
+            ops: report.writes,
+            peak_rss_bytes: peak_rss(),
+            engine_used: report.engine.engine,
+            fallbacks: fallbacks(&report.engine),
+            zero_copy_bytes: report.zero_copy_bytes,
+            staged_bytes: report.staged_bytes,
+        }
+    }
 }
 
 /// The repeats of one engine x setting x phase, and their medians.
@@ -459,19 +479,7 @@ pub(super) fn measure(
         let before = cpu_seconds();
         let report = io.save_checkpoint(ckpt, &path)?;
         let cpu = cpu_seconds() - before;
-        saves.push(Sample {
-            mib_s: report.throughput_mib_s,
-            seconds: report.seconds,
-            bytes: report.file_bytes,
-            cpu_seconds: cpu,
-            latency: report.write_latency,
-            ops: report.writes,
-            peak_rss_bytes: peak_rss(),
-            engine_used: report.engine.engine,
-            fallbacks: fallbacks(&report.engine),
-            zero_copy_bytes: report.zero_copy_bytes,
-            staged_bytes: report.staged_bytes,
-        });
+        saves.push(Sample::of_save(&report, report.seconds, cpu));
         if phases.contains(&Phase::Load) {
             drop_page_cache(&path)?;
             rss_reset &= reset_peak_rss();
@@ -537,19 +545,7 @@ fn measure_async(
         let stall = started.elapsed().as_secs_f64();
         let report = handle.wait()?;
         let cpu = cpu_seconds() - before;
-        samples.push(Sample {
-            mib_s: report.throughput_mib_s,
-            seconds: stall,
-            bytes: report.file_bytes,
-            cpu_seconds: cpu,
-            latency: report.write_latency,
-            ops: report.writes,
-            peak_rss_bytes: peak_rss(),
-            engine_used: report.engine.engine,
-            fallbacks: fallbacks(&report.engine),
-            zero_copy_bytes: report.zero_copy_bytes,
-            staged_bytes: report.staged_bytes,
-        });
+        samples.push(Sample::of_save(&report, stall, cpu));
         io.remove_checkpoint(&path)?;
         tick();
     }

@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::uring::{check_read, open_for_write, open_with_fallback, truncate_and_sync};
+use super::file::{check_read, open_for_write, truncate_and_sync, ReadFiles};
 use super::{AlignedBuf, EngineReport, FileId, IoStats, Payload, Reader, StagingBuf, Writer};
 use crate::config::{Config, FsyncPolicy};
 use crate::{Error, Result};
@@ -102,7 +102,7 @@ impl<'a> Writer<'a> for BufferedWriter {
 /// Reads synchronously through the page cache.
 pub struct BufferedReader {
     report: EngineReport,
-    files: Vec<Option<(File, PathBuf, u64)>>,
+    files: ReadFiles,
     stats: IoStats,
 }
 
@@ -111,7 +111,7 @@ impl BufferedReader {
     pub fn new(mut report: EngineReport) -> Self {
         report.direct_io = false;
         report.queue_depth = 1;
-        BufferedReader { report, files: Vec::new(), stats: IoStats::default() }
+        BufferedReader { report, files: ReadFiles::default(), stats: IoStats::default() }
     }
 }
 
@@ -121,26 +121,22 @@ impl Reader for BufferedReader {
     }
 
     fn open(&mut self, path: &Path) -> Result<(FileId, u64)> {
-        let (file, len) = open_with_fallback(&mut self.report, path)?;
-        self.files.push(Some((file, path.to_path_buf(), len)));
-        Ok((FileId(self.files.len() - 1), len))
+        self.files.open(&mut self.report, path)
     }
 
     fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()> {
-        let Some((f, path, file_len)) = self.files.get(file.0).and_then(Option::as_ref) else {
-            return Err(Error::io("read", "(closed file)", io::Error::from_raw_os_error(libc::EBADF)));
-        };
-        check_read(path, dst, offset, len, len, *file_len, 1)?;
+        let open = self.files.get(file)?;
+        check_read(&open.path, dst, offset, len, len, open.len, 1)?;
         let started = Instant::now();
-        f.read_exact_at(&mut dst[..len], offset).map_err(|e| Error::io_at("read", path, offset, e))?;
+        open.file
+            .read_exact_at(&mut dst[..len], offset)
+            .map_err(|e| Error::io_at("read", &open.path, offset, e))?;
         self.stats.record(len, started.elapsed());
         Ok(())
     }
 
     fn close(&mut self, file: FileId) {
-        if let Some(slot) = self.files.get_mut(file.0) {
-            *slot = None;
-        }
+        self.files.close(file);
     }
 
     fn stats(&self) -> &IoStats {

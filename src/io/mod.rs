@@ -8,6 +8,7 @@
 
 pub mod aligned;
 pub mod buffered;
+pub(crate) mod file;
 pub mod probe;
 pub mod pwrite;
 pub mod stats;

@@ -12,9 +12,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::aligned::round_up;
-use super::uring::{
-    check_direct, check_read, open_for_write, open_with_fallback, preallocate, truncate_and_sync,
-    zero_past_eof,
+use super::file::{
+    check_direct, check_read, open_for_write, preallocate, truncate_and_sync, zero_past_eof, ReadFiles,
 };
 use super::{
     is_transient, poisoned, AlignedBuf, EngineReport, FileId, IoStats, Payload, Reader, StagingBuf, Writer,
@@ -391,7 +390,7 @@ pub struct PwriteReader {
     pool: Pool,
     report: EngineReport,
     chunk: usize,
-    files: Vec<Option<(File, PathBuf, u64)>>,
+    files: ReadFiles,
     stats: IoStats,
 }
 
@@ -403,7 +402,7 @@ impl PwriteReader {
             pool: Pool::new(config.io_threads as usize)?,
             report,
             chunk: config.chunk_size as usize,
-            files: Vec::new(),
+            files: ReadFiles::default(),
             stats: IoStats::default(),
         })
     }
@@ -415,18 +414,12 @@ impl Reader for PwriteReader {
     }
 
     fn open(&mut self, path: &Path) -> Result<(FileId, u64)> {
-        let (file, len) = open_with_fallback(&mut self.report, path)?;
-        self.files.push(Some((file, path.to_path_buf(), len)));
-        Ok((FileId(self.files.len() - 1), len))
+        self.files.open(&mut self.report, path)
     }
 
     fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()> {
-        let (fd, path, file_len) = match self.files.get(file.0).and_then(Option::as_ref) {
-            Some((f, p, l)) => (f.as_raw_fd(), p.clone(), *l),
-            None => {
-                return Err(Error::io("read", "(closed file)", io::Error::from_raw_os_error(libc::EBADF)))
-            }
-        };
+        let open = self.files.get(file)?;
+        let (fd, path, file_len) = (open.file.as_raw_fd(), open.path.clone(), open.len);
         let span = if self.report.direct_io { round_up(len, self.report.align) } else { len };
         check_read(&path, dst, offset, len, span, file_len, self.report.mem_align)?;
         let base = dst.as_mut_ptr() as usize;
@@ -476,9 +469,7 @@ impl Reader for PwriteReader {
     }
 
     fn close(&mut self, file: FileId) {
-        if let Some(slot) = self.files.get_mut(file.0) {
-            *slot = None;
-        }
+        self.files.close(file);
     }
 
     fn stats(&self) -> &IoStats {

@@ -4,17 +4,19 @@
 //! Every operation owns (or borrows for `'a`) its memory until its completion arrives;
 //! dropping the writer first drains the ring so the kernel never writes from freed memory.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
 
 use super::aligned::round_up;
+use super::file::{
+    check_direct, check_read, open_for_write, preallocate, truncate_and_sync, zero_past_eof, ReadFiles,
+};
 use super::{
     is_transient, poisoned, probe, resultify, AlignedBuf, EngineReport, FileId, IoStats, Payload, Reader,
     StagingBuf, Writer,
@@ -36,81 +38,6 @@ fn build_ring(config: &Config) -> io::Result<IoUring> {
         builder.setup_sqpoll(1000);
     }
     builder.build(config.queue_depth.next_power_of_two().max(2))
-}
-
-/// Opens `path` for writing, with O_DIRECT when `direct`.
-pub(crate) fn open_for_write(path: &Path, direct: bool) -> Result<File> {
-    let mut options = OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    if direct {
-        options.custom_flags(libc::O_DIRECT);
-    }
-    options.open(path).map_err(|e| Error::io("create", path, e))
-}
-
-/// Reserves the blocks of a file that will be `len` bytes (rounded up to the direct-I/O
-/// alignment) and sets its size, so that no write extends it. Best effort: a file system
-/// without `fallocate` is written as it is.
-pub(crate) fn preallocate(file: &File, path: &Path, len: u64, report: &EngineReport) {
-    if !report.direct_io || len == 0 {
-        return;
-    }
-    let padded = super::aligned::round_up_u64(len, report.align as u64);
-    let Ok(padded) = libc::off_t::try_from(padded) else { return };
-    // SAFETY: fallocate on an open descriptor we own; no memory is passed.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, padded) };
-    if rc != 0 {
-        log::debug!("fallocate {} ({padded} bytes): {}", path.display(), io::Error::last_os_error());
-    }
-}
-
-/// Opens `path` for reading, with O_DIRECT when `direct`.
-pub(crate) fn open_for_read(path: &Path, direct: bool) -> Result<(File, u64)> {
-    let mut options = OpenOptions::new();
-    options.read(true);
-    if direct {
-        options.custom_flags(libc::O_DIRECT);
-    }
-    let file = options.open(path).map_err(|e| Error::io("open", path, e))?;
-    let len = file.metadata().map_err(|e| Error::io("stat", path, e))?.len();
-    Ok((file, len))
-}
-
-/// Truncates to the exact length and makes the file durable as `policy` says.
-pub(crate) fn truncate_and_sync(file: &File, path: &Path, len: u64, policy: FsyncPolicy) -> Result<()> {
-    crate::failpoint::io("file.ftruncate")
-        .and_then(|()| file.set_len(len))
-        .map_err(|e| Error::io_at("ftruncate", path, len, e))?;
-    match policy {
-        FsyncPolicy::Fdatasync => crate::failpoint::io("file.fdatasync")
-            .and_then(|()| file.sync_data())
-            .map_err(|e| Error::io("fdatasync", path, e)),
-        FsyncPolicy::Fsync => crate::failpoint::io("file.fsync")
-            .and_then(|()| file.sync_all())
-            .map_err(|e| Error::io("fsync", path, e)),
-        FsyncPolicy::Never => Ok(()),
-    }
-}
-
-/// Checks the O_DIRECT constraints of one write before it reaches the kernel.
-pub(crate) fn check_direct(
-    report: &EngineReport,
-    path: &Path,
-    ptr: *const u8,
-    len: usize,
-    offset: u64,
-) -> Result<()> {
-    let align = report.align;
-    let aligned = offset % align as u64 == 0 && len % align == 0 && (ptr as usize) % report.mem_align == 0;
-    if report.direct_io && !aligned {
-        return Err(Error::io_at(
-            "write (unaligned for O_DIRECT)",
-            path,
-            offset,
-            io::Error::from_raw_os_error(libc::EINVAL),
-        ));
-    }
-    Ok(())
 }
 
 struct OpenFile {
@@ -517,7 +444,7 @@ pub struct UringReader {
     ring: IoUring,
     report: EngineReport,
     chunk: usize,
-    files: Vec<Option<(File, PathBuf, u64)>>,
+    files: ReadFiles,
     stats: IoStats,
 }
 
@@ -529,7 +456,7 @@ impl UringReader {
             ring,
             report,
             chunk: config.chunk_size as usize,
-            files: Vec::new(),
+            files: ReadFiles::default(),
             stats: IoStats::default(),
         })
     }
@@ -559,18 +486,12 @@ impl Reader for UringReader {
     }
 
     fn open(&mut self, path: &Path) -> Result<(FileId, u64)> {
-        let (file, len) = open_with_fallback(&mut self.report, path)?;
-        self.files.push(Some((file, path.to_path_buf(), len)));
-        Ok((FileId(self.files.len() - 1), len))
+        self.files.open(&mut self.report, path)
     }
 
     fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()> {
-        let (fd, path, file_len) = match self.files.get(file.0).and_then(Option::as_ref) {
-            Some((f, p, l)) => (types::Fd(f.as_raw_fd()), p.clone(), *l),
-            None => {
-                return Err(Error::io("read", "(closed file)", io::Error::from_raw_os_error(libc::EBADF)))
-            }
-        };
+        let open = self.files.get(file)?;
+        let (fd, path, file_len) = (types::Fd(open.file.as_raw_fd()), open.path.clone(), open.len);
         let span = if self.report.direct_io { round_up(len, self.report.align) } else { len };
         check_read(&path, dst, offset, len, span, file_len, self.report.mem_align)?;
         let base = dst.as_mut_ptr();
@@ -664,9 +585,7 @@ impl Reader for UringReader {
     }
 
     fn close(&mut self, file: FileId) {
-        if let Some(slot) = self.files.get_mut(file.0) {
-            *slot = None;
-        }
+        self.files.close(file);
     }
 
     fn stats(&self) -> &IoStats {
@@ -687,54 +606,5 @@ fn drain_ring(ring: &mut IoUring, mut inflight: usize) {
                 inflight -= ring.completion().count().min(inflight);
             }
         }
-    }
-}
-
-/// Validates a read request against the destination buffer and the file length.
-pub(crate) fn check_read(
-    path: &Path,
-    dst: &[u8],
-    offset: u64,
-    len: usize,
-    span: usize,
-    file_len: u64,
-    mem_align: usize,
-) -> Result<()> {
-    if span > dst.len() || (dst.as_ptr() as usize) % mem_align != 0 {
-        return Err(Error::io_at(
-            "read (destination too small or unaligned)",
-            path,
-            offset,
-            io::Error::from_raw_os_error(libc::EINVAL),
-        ));
-    }
-    if offset + len as u64 > file_len {
-        let err = io::Error::new(io::ErrorKind::UnexpectedEof, format!("file is {file_len} bytes"));
-        return Err(Error::io_at("read past end of file", path, offset + len as u64, err));
-    }
-    Ok(())
-}
-
-/// Zeroes whatever part of `dst[..span]` lies past the end of the file.
-pub(crate) fn zero_past_eof(dst: &mut [u8], offset: u64, span: usize, file_len: u64) {
-    let valid = file_len.saturating_sub(offset).min(span as u64) as usize;
-    dst[valid..span].fill(0);
-}
-
-/// Opens for reading with O_DIRECT if the report says so; on EINVAL reopens without it and
-/// records the fallback.
-pub(crate) fn open_with_fallback(report: &mut EngineReport, path: &Path) -> Result<(File, u64)> {
-    match open_for_read(path, report.direct_io) {
-        Err(err) if report.direct_io && err.raw_os_error() == Some(libc::EINVAL) => {
-            report.direct_io = false;
-            report.fallbacks.push(super::Fallback {
-                what: "O_DIRECT",
-                instead: "buffered reads",
-                reason: err.to_string(),
-            });
-            log::warn!("O_DIRECT refused for {} ({err}); reading buffered", path.display());
-            open_for_read(path, false)
-        }
-        other => other,
     }
 }

@@ -36,44 +36,23 @@ impl TensorSource for [u8] {
     }
 }
 
-impl TensorSource for Vec<u8> {
-    fn len(&self) -> usize {
-        <[u8]>::len(self)
-    }
+/// Host byte containers: their bytes are the tensor, readable at any time.
+macro_rules! host_source {
+    ($($ty:ty),*) => {$(
+        impl TensorSource for $ty {
+            fn len(&self) -> usize {
+                <[u8]>::len(self)
+            }
 
-    fn host_bytes(&self) -> Option<&[u8]> {
-        Some(self)
-    }
+            fn host_bytes(&self) -> Option<&[u8]> {
+                Some(self)
+            }
 
-    fn copy_to(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
-        self.as_slice().copy_to(offset, dst)
-    }
+            fn copy_to(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+                self[..].copy_to(offset, dst)
+            }
+        }
+    )*};
 }
 
-impl TensorSource for bytes::Bytes {
-    fn len(&self) -> usize {
-        <[u8]>::len(self)
-    }
-
-    fn host_bytes(&self) -> Option<&[u8]> {
-        Some(self)
-    }
-
-    fn copy_to(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
-        self[..].copy_to(offset, dst)
-    }
-}
-
-impl TensorSource for crate::io::AlignedBuf {
-    fn len(&self) -> usize {
-        <[u8]>::len(self)
-    }
-
-    fn host_bytes(&self) -> Option<&[u8]> {
-        Some(self)
-    }
-
-    fn copy_to(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
-        self[..].copy_to(offset, dst)
-    }
-}
+host_source!(Vec<u8>, bytes::Bytes, crate::io::AlignedBuf);

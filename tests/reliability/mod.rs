@@ -1,7 +1,6 @@
 //! Helpers shared by the reliability tests (faults, crashes, hostile input, retention).
 #![allow(dead_code)]
 
-use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -14,28 +13,7 @@ use crate::common::{bytes, small_config};
 
 pub mod loopfs;
 
-/// Names in `dir`, sorted.
-pub fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .expect("list")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
-/// Every file of a checkpoint directory with its bytes, sorted by name.
-pub fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<_> = fs::read_dir(dir)
-        .expect("list")
-        .map(|e| {
-            let e = e.expect("entry");
-            (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).expect("read"))
-        })
-        .collect();
-    out.sort();
-    out
-}
+use super::common::entries;
 
 /// The tensors of one test checkpoint: sizes that cross 64 KiB chunks, an empty tensor, and
 /// enough bytes (about 2.2 MiB) for several 1 MiB shards.
