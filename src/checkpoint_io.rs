@@ -499,6 +499,11 @@ impl CheckpointIO for UringCheckpointIO {
     }
 
     fn remove_checkpoint(&self, path: &Path) -> Result<()> {
+        if !path.exists() {
+            return Ok(());
+        }
+        // A save of the same path (a replace) must not race the removal.
+        let _lock = crate::lock::SaveLock::acquire(path, self.config.lock)?;
         remove_checkpoint_dir(path)
     }
 }

@@ -49,6 +49,26 @@ fn a_second_saver_of_the_same_path_fails_clearly_or_waits() {
 }
 
 #[test]
+fn remove_takes_the_save_lock_of_the_path() {
+    let dir = scratch();
+    let path = dir.path().join("ckpt");
+    let data = Data::sized(2, &[10_000]);
+    io(LockMode::Fail).save_checkpoint(&data.checkpoint(), &path).expect("save");
+    let held = SaveLock::acquire(&path, LockMode::Fail).expect("lock");
+    let err = io(LockMode::Fail).remove_checkpoint(&path).expect_err("a save holds the path");
+    assert!(matches!(&err, Error::Locked(_)), "{err:?}");
+    data.assert_loads(&small_config(EngineKind::Uring), &path, "untouched while locked");
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| io(LockMode::Wait).remove_checkpoint(&path));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!waiter.is_finished(), "a waiting remove must wait for the lock");
+        drop(held);
+        waiter.join().expect("join").expect("removed once the lock is free");
+    });
+    assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
+}
+
+#[test]
 fn many_threads_saving_one_path_never_tear_it() {
     let dir = scratch();
     let path = dir.path().join("ckpt");
