@@ -109,6 +109,7 @@ impl<'a> Checkpoint<'a> {
         data: TensorData<'a>,
     ) -> Result<&mut Self> {
         let name = name.into();
+        check_tensor_name(&name)?;
         let expected = dtype.byte_len(shape).ok_or_else(|| {
             Error::InvalidCheckpoint(format!("tensor {name:?}: shape {shape:?} of {dtype} overflows"))
         })?;
@@ -152,9 +153,7 @@ impl<'a> Checkpoint<'a> {
         }
         let mut seen = HashSet::with_capacity(self.tensors.len());
         for t in &self.tensors {
-            if t.name.is_empty() {
-                return Err(Error::InvalidCheckpoint("a tensor has an empty name".into()));
-            }
+            check_tensor_name(&t.name)?;
             if !seen.insert(t.name.as_str()) {
                 return Err(Error::InvalidCheckpoint(format!("tensor {:?} appears twice", t.name)));
             }
@@ -179,6 +178,19 @@ impl<'a> Checkpoint<'a> {
         }
         Ok(())
     }
+}
+
+/// A tensor name must not be empty nor the safetensors header's reserved key.
+fn check_tensor_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::InvalidCheckpoint("a tensor has an empty name".into()));
+    }
+    if name == crate::format::header::METADATA_KEY {
+        return Err(Error::InvalidCheckpoint(format!(
+            "{name:?} cannot be a tensor name: safetensors reserves it for the header's metadata"
+        )));
+    }
+    Ok(())
 }
 
 /// An extra file's name must be safe and not among `earlier`.

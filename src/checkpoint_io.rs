@@ -3,20 +3,19 @@
 //! commit protocol.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::checkpoint::{mib_per_s, Checkpoint, LoadedCheckpoint, SaveReport, TensorView};
-use crate::commit::TempCheckpointDir;
 use crate::config::Config;
-use crate::format::{Manifest, ShardInfo, MANIFEST_FILE};
+use crate::format::{Manifest, ShardInfo};
 use crate::io::stats::overlap_ratio;
 use crate::io::{self, AlignedBuf, EngineReport, IoStats};
 use crate::load;
 use crate::shard_writer::{write_shard, ShardOptions, ShardVolume};
+use crate::store::TempCheckpointDir;
 use crate::{Error, Result};
 
 /// What to load.
@@ -181,7 +180,7 @@ impl UringCheckpointIO {
         save_id: &str,
         rank: u32,
     ) -> Result<RankShards> {
-        validate_save_id(save_id)?;
+        crate::store::names::validate_save_id(path, save_id)?;
         let tmp = TempCheckpointDir::create_named(path, self.config.replace_existing, save_id)?;
         let signal = StagedSignal::new(None, Instant::now());
         let result = self.write_shards(checkpoint, path, tmp.path(), rank, &signal);
@@ -200,8 +199,8 @@ impl UringCheckpointIO {
         ranks: &[RankShards],
         metadata: &BTreeMap<String, String>,
     ) -> Result<()> {
-        validate_save_id(save_id)?;
-        let _lock = crate::lock::SaveLock::acquire(path, self.config.lock)?;
+        crate::store::names::validate_save_id(path, save_id)?;
+        let _lock = crate::store::SaveLock::acquire(path, self.config.lock)?;
         let tmp = TempCheckpointDir::create_named(path, self.config.replace_existing, save_id)?;
         let mut shards = Vec::new();
         let mut weight_map = BTreeMap::new();
@@ -411,17 +410,6 @@ fn shard_file_name(rank: u32, index: usize) -> String {
     format!("shard-r{rank:05}-{index:05}.safetensors")
 }
 
-fn validate_save_id(save_id: &str) -> Result<()> {
-    let ok = !save_id.is_empty()
-        && save_id.len() <= 128
-        && save_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidCheckpoint(format!("save id {save_id:?} must be 1-128 of [A-Za-z0-9_-]")))
-    }
-}
-
 impl UringCheckpointIO {
     /// A whole save; `signal` fires once the sources are no longer read (at the latest when
     /// this returns).
@@ -444,10 +432,14 @@ impl UringCheckpointIO {
     ) -> Result<SaveReport> {
         let started = signal.started;
         let replace = self.config.replace_existing;
+        // Input mistakes (a reserved or over-long name, a malformed checkpoint) are refused
+        // before anything is written, the lock file included.
+        crate::store::names::split_save_target(path)?;
+        checkpoint.validate()?;
         // Held until the commit (or the failure) is over; then the stale leftovers of crashed
         // saves of this path can go, since none of them can be in use.
-        let _lock = crate::lock::SaveLock::acquire(path, self.config.lock)?;
-        crate::lock::clean_stale_temp_dirs(path)?;
+        let _lock = crate::store::SaveLock::acquire(path, self.config.lock)?;
+        crate::store::clean_stale_temp_dirs(path)?;
         let tmp = TempCheckpointDir::create(path, replace)?;
         let rank = self.write_shards(checkpoint, path, tmp.path(), 0, signal)?;
         let commit_started = Instant::now();
@@ -503,27 +495,7 @@ impl CheckpointIO for UringCheckpointIO {
             return Ok(());
         }
         // A save of the same path (a replace) must not race the removal.
-        let _lock = crate::lock::SaveLock::acquire(path, self.config.lock)?;
-        remove_checkpoint_dir(path)
+        let _lock = crate::store::SaveLock::acquire(path, self.config.lock)?;
+        crate::store::remove_checkpoint_dir(path)
     }
-}
-
-/// Deletes a committed checkpoint directory: renamed away first (so it disappears at once
-/// and a crash never leaves half a checkpoint under its name), then deleted.
-pub fn remove_checkpoint_dir(path: &Path) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    if !path.join(MANIFEST_FILE).is_file() {
-        return Err(Error::NotACheckpoint {
-            path: path.to_path_buf(),
-            reason: format!("no {MANIFEST_FILE}; refusing to delete it"),
-        });
-    }
-    let (parent, name) = crate::commit::split_target(path)?;
-    let doomed: PathBuf =
-        parent.join(format!(".{name}{}removing-{}", crate::commit::TMP_MARKER, std::process::id()));
-    fs::rename(path, &doomed).map_err(|e| Error::io("rename", path, e))?;
-    crate::commit::fsync_dir(&parent)?;
-    fs::remove_dir_all(&doomed).map_err(|e| Error::io("remove", &doomed, e))
 }

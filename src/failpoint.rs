@@ -37,8 +37,8 @@
 //! | `commit.rename` | the rename that commits | `EIO` |
 //! | `commit.after_rename` | renamed, parent not synced | `abort` |
 //! | `commit.after_parent_fsync` | committed and durable, replaced checkpoint not yet deleted | `abort` |
-//! | `retention.before_remove` | [`crate::retention::keep_last`], before each deletion | `abort`, `EIO` |
-//! | `latest.after_write` | [`crate::retention::set_latest`], temporary pointer written and synced, not renamed | `abort` |
+//! | `retention.before_remove` | [`crate::store::retention::keep_last`], before each deletion | `abort`, `EIO` |
+//! | `latest.after_write` | [`crate::store::retention::set_latest`], temporary pointer written and synced, not renamed | `abort` |
 //!
 //! Every site that takes an errno also accepts `abort`, so each is a crash point too.
 

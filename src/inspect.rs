@@ -8,7 +8,7 @@ use crate::checkpoint::mib_per_s;
 use crate::config::Config;
 use crate::format::{Dtype, Manifest};
 use crate::io::open_reader;
-use crate::load::{check_weight_map, open_shard, read_manifest, segment_len, ShardRead};
+use crate::load::{check_weight_map, open_checkpoint, open_shard, segment_len, ShardRead};
 use crate::{Error, Result};
 
 /// One tensor as a shard header describes it.
@@ -41,11 +41,11 @@ pub struct CheckpointInfo {
 
 /// Reads the manifest and every shard header (checking sizes and header CRCs).
 pub fn inspect(config: &Config, dir: &Path) -> Result<CheckpointInfo> {
-    let manifest = read_manifest(dir)?;
+    let (handle, manifest) = open_checkpoint(dir)?;
     let mut reader = open_reader(config, dir)?;
     let mut tensors = Vec::new();
     for info in &manifest.shards {
-        let shard = open_shard(reader.as_mut(), dir, info, ShardRead::Header, segment_len(config))?;
+        let shard = open_shard(reader.as_mut(), &handle, info, ShardRead::Header, segment_len(config))?;
         for (entry, crc) in shard.header.tensors.iter().zip(&shard.header.crcs) {
             tensors.push(TensorInfo {
                 name: entry.name.clone(),
@@ -85,7 +85,7 @@ pub struct VerifyReport {
 /// called with the bytes read so far after each shard.
 pub fn verify(config: &Config, dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport> {
     let started = Instant::now();
-    let manifest = read_manifest(dir)?;
+    let (handle, manifest) = open_checkpoint(dir)?;
     let total: u64 = manifest.shards.iter().map(|s| s.size).sum();
     let mut reader = open_reader(config, dir)?;
     let mut report = VerifyReport {
@@ -100,8 +100,13 @@ pub fn verify(config: &Config, dir: &Path, mut progress: impl FnMut(u64, u64)) -
     let mut seen = 0usize;
     for info in &manifest.shards {
         // Reading the whole shard with verification checks every stored CRC on the way.
-        let shard =
-            open_shard(reader.as_mut(), dir, info, ShardRead::Whole { verify: true }, segment_len(config))?;
+        let shard = open_shard(
+            reader.as_mut(),
+            &handle,
+            info,
+            ShardRead::Whole { verify: true },
+            segment_len(config),
+        )?;
         check_weight_map(dir, &manifest.weight_map, info, &shard.header)?;
         let with_crc = shard.header.crcs.iter().filter(|c| c.is_some()).count();
         report.tensors += with_crc;
@@ -122,7 +127,7 @@ pub fn verify(config: &Config, dir: &Path, mut progress: impl FnMut(u64, u64)) -
         });
     }
     for info in &manifest.extra_files {
-        crate::load::read_extra_file(dir, info)?;
+        crate::load::read_extra_file(&handle, info)?;
         report.extra_files += 1;
         report.bytes += info.size;
     }

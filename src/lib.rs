@@ -13,13 +13,11 @@ pub use error::{Error, Result};
 pub mod async_io;
 pub mod checkpoint;
 pub mod checkpoint_io;
-pub mod commit;
 pub mod io;
 pub mod load;
-pub mod lock;
-pub mod retention;
 mod shard_writer;
 pub mod staging;
+pub mod store;
 pub mod synthetic;
 
 pub use async_io::{
@@ -29,6 +27,9 @@ pub use checkpoint::{Checkpoint, LoadReport, LoadedCheckpoint, LoadedTensor, Sav
 pub use checkpoint_io::{CheckpointIO, LoadOptions, RankShards, UringCheckpointIO};
 pub use config::{AsyncMode, Config, EngineKind, FsyncPolicy};
 pub use format::Dtype;
+
+/// The directory protocol's modules, also at the top level where they used to live.
+pub use store::{commit, lock, retention};
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

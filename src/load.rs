@@ -6,7 +6,6 @@
 //! when the disk is the bottleneck.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Instant;
@@ -16,12 +15,9 @@ use bytes::Bytes;
 use crate::checkpoint::{mib_per_s, LoadReport, LoadedCheckpoint, LoadedTensor};
 use crate::checkpoint_io::LoadOptions;
 use crate::config::Config;
-use crate::format::{
-    parse_header, ExtraFileInfo, Manifest, ParsedHeader, ShardInfo, TensorEntry, MANIFEST_FILE,
-    MAX_MANIFEST_LEN,
-};
+use crate::format::{parse_header, ExtraFileInfo, ParsedHeader, ShardInfo, TensorEntry};
 use crate::io::aligned::{round_down_u64, round_up, round_up_u64};
-use crate::io::{open_reader, AlignedBuf, FileId, Reader};
+use crate::io::{open_reader, AlignedBuf, Dir, FileId, Reader};
 use crate::{Error, Result};
 
 /// Bytes per read call when loading a whole shard (the verifier hashes one segment while
@@ -30,30 +26,8 @@ pub(crate) fn segment_len(config: &Config) -> usize {
     (config.chunk_size as usize).saturating_mul(8).clamp(1 << 20, 256 << 20)
 }
 
-/// Reads and checks `dir/manifest.json`.
-pub fn read_manifest(dir: &Path) -> Result<Manifest> {
-    let path = dir.join(MANIFEST_FILE);
-    let not_checkpoint = |reason: String| Error::NotACheckpoint { path: dir.to_path_buf(), reason };
-    if dir.file_name().and_then(|n| n.to_str()).is_some_and(crate::commit::is_temporary_name) {
-        return Err(not_checkpoint("a temporary directory of an unfinished save".to_owned()));
-    }
-    let meta = match fs::metadata(&path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(if dir.is_dir() {
-                not_checkpoint(format!("no {MANIFEST_FILE} (an unfinished or foreign directory)"))
-            } else {
-                Error::io("open checkpoint", dir, e)
-            })
-        }
-        Err(e) => return Err(Error::io("stat", &path, e)),
-    };
-    if meta.len() > MAX_MANIFEST_LEN {
-        return Err(not_checkpoint(format!("{MANIFEST_FILE} is {} bytes, more than allowed", meta.len())));
-    }
-    let bytes = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
-    Manifest::parse(&bytes).map_err(|source| Error::Format { path, source })
-}
+pub(crate) use crate::store::open_checkpoint;
+pub use crate::store::read_manifest;
 
 /// One shard opened for reading, with its header checked.
 pub(crate) struct OpenShard {
@@ -77,13 +51,14 @@ pub(crate) enum ShardRead {
 /// CRC in the manifest, parses the header, and reads as `read` says.
 pub(crate) fn open_shard(
     reader: &mut dyn Reader,
-    dir: &Path,
+    handle: &Dir,
     info: &ShardInfo,
     read: ShardRead,
     segment: usize,
 ) -> Result<OpenShard> {
-    let path = dir.join(&info.file);
-    let (file, len) = reader.open(&path)?;
+    let dir = handle.path();
+    let path = handle.member_path(&info.file);
+    let (file, len) = reader.open(handle, &info.file)?;
     if len != info.size {
         return Err(Error::NotACheckpoint {
             path: dir.to_path_buf(),
@@ -246,7 +221,7 @@ fn verify_segments(
 /// Loads the checkpoint at `dir`.
 pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<LoadedCheckpoint> {
     let started = Instant::now();
-    let manifest = read_manifest(dir)?;
+    let (handle, manifest) = open_checkpoint(dir)?;
     let verify = options.verify.unwrap_or(config.verify_on_load);
     let wanted: Option<HashSet<&str>> =
         options.names.as_ref().map(|n| n.iter().map(String::as_str).collect());
@@ -265,7 +240,7 @@ pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<Loaded
             continue;
         }
         let read = if wanted.is_none() { ShardRead::Whole { verify } } else { ShardRead::Header };
-        let shard = open_shard(reader.as_mut(), dir, info, read, segment_len(config))?;
+        let shard = open_shard(reader.as_mut(), &handle, info, read, segment_len(config))?;
         check_weight_map(dir, &manifest.weight_map, info, &shard.header)?;
         let data_start = shard.header.data_start;
         let align = reader.report().align as u64;
@@ -314,7 +289,7 @@ pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<Loaded
     }
     let mut extra_files = Vec::with_capacity(manifest.extra_files.len());
     for info in &manifest.extra_files {
-        let bytes = read_extra_file(dir, info)?;
+        let bytes = read_extra_file(&handle, info)?;
         read_bytes += bytes.len() as u64;
         extra_files.push((info.file.clone(), bytes));
     }
@@ -335,16 +310,11 @@ pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<Loaded
     })
 }
 
-/// Reads an extra file of the checkpoint at `dir` and checks its size and CRC-32 against the
-/// manifest (always: these files are small).
-pub(crate) fn read_extra_file(dir: &Path, info: &ExtraFileInfo) -> Result<Bytes> {
-    let path = dir.join(&info.file);
-    let bad = |reason: String| Error::NotACheckpoint { path: dir.to_path_buf(), reason };
-    let len = fs::metadata(&path).map_err(|e| Error::io("stat", &path, e))?.len();
-    if len != info.size {
-        return Err(bad(format!("extra file {} is {len} bytes, the manifest says {}", info.file, info.size)));
-    }
-    let bytes = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+/// Reads an extra file of the checkpoint in `dir` and checks its size and CRC-32 against the
+/// manifest (always: these files are small). Never reads more than the manifest states.
+pub(crate) fn read_extra_file(dir: &Dir, info: &ExtraFileInfo) -> Result<Bytes> {
+    let bad = |reason: String| Error::NotACheckpoint { path: dir.path().to_path_buf(), reason };
+    let bytes = dir.read_file(&info.file, info.size)?;
     let actual = crc32fast::hash(&bytes);
     if bytes.len() as u64 != info.size || actual != info.crc32 {
         return Err(bad(format!(

@@ -56,7 +56,7 @@ fn tmp_dirs_left(parent: &Path) -> Vec<String> {
     std::fs::read_dir(parent)
         .expect("list")
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .filter(|n| uring_ckpt::commit::is_temporary_name(n))
+        .filter(|n| uring_ckpt::store::is_temporary_name(n))
         .collect()
 }
 

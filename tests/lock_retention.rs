@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{entries, scratch, small_config};
 use reliability::Data;
 use uring_ckpt::config::{Config, EngineKind, LockMode};
-use uring_ckpt::lock::{lock_path, SaveLock};
+use uring_ckpt::store::{lock_path, SaveLock};
 use uring_ckpt::{retention, CheckpointIO, Error, UringCheckpointIO};
 
 fn io(lock: LockMode) -> UringCheckpointIO {

@@ -23,7 +23,8 @@ pub const MAX_HEADER_LEN: u64 = 100_000_000;
 pub const CRC_KEY_PREFIX: &str = "crc32:";
 
 /// The reserved top-level header key for string metadata.
-const METADATA_KEY: &str = "__metadata__";
+/// The header key safetensors reserves for metadata; no tensor may have this name.
+pub const METADATA_KEY: &str = "__metadata__";
 
 /// Length of the little-endian header length field.
 const LEN_FIELD: u64 = 8;

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use super::{EngineReport, FileId};
+use super::{Dir, EngineReport, FileId};
 use crate::config::FsyncPolicy;
 use crate::{Error, Result};
 
@@ -16,9 +16,8 @@ use crate::{Error, Result};
 pub(crate) fn open_for_write(path: &Path, direct: bool) -> Result<File> {
     let mut options = OpenOptions::new();
     options.write(true).create(true).truncate(true);
-    if direct {
-        options.custom_flags(libc::O_DIRECT);
-    }
+    // A link planted where a file of ours will be is refused, not followed.
+    options.custom_flags(if direct { libc::O_DIRECT | libc::O_NOFOLLOW } else { libc::O_NOFOLLOW });
     options.open(path).map_err(|e| Error::io("create", path, e))
 }
 
@@ -36,18 +35,6 @@ pub(crate) fn preallocate(file: &File, path: &Path, len: u64, report: &EngineRep
     if rc != 0 {
         log::debug!("fallocate {} ({padded} bytes): {}", path.display(), io::Error::last_os_error());
     }
-}
-
-/// Opens `path` for reading, with O_DIRECT when `direct`.
-pub(crate) fn open_for_read(path: &Path, direct: bool) -> Result<(File, u64)> {
-    let mut options = OpenOptions::new();
-    options.read(true);
-    if direct {
-        options.custom_flags(libc::O_DIRECT);
-    }
-    let file = options.open(path).map_err(|e| Error::io("open", path, e))?;
-    let len = file.metadata().map_err(|e| Error::io("stat", path, e))?.len();
-    Ok((file, len))
 }
 
 /// Truncates to the exact length and makes the file durable as `policy` says.
@@ -118,10 +105,10 @@ pub(crate) fn zero_past_eof(dst: &mut [u8], offset: u64, span: usize, file_len: 
     dst[valid..span].fill(0);
 }
 
-/// Opens for reading with O_DIRECT if the report says so; on EINVAL reopens without it and
-/// records the fallback.
-pub(crate) fn open_with_fallback(report: &mut EngineReport, path: &Path) -> Result<(File, u64)> {
-    match open_for_read(path, report.direct_io) {
+/// Opens the regular file `name` in `dir` for reading, with O_DIRECT if the report says
+/// so; on EINVAL reopens without it and records the fallback.
+pub(crate) fn open_with_fallback(report: &mut EngineReport, dir: &Dir, name: &str) -> Result<(File, u64)> {
+    match dir.open_file(name, report.direct_io) {
         Err(err) if report.direct_io && err.raw_os_error() == Some(libc::EINVAL) => {
             report.direct_io = false;
             report.fallbacks.push(super::Fallback {
@@ -129,8 +116,8 @@ pub(crate) fn open_with_fallback(report: &mut EngineReport, path: &Path) -> Resu
                 instead: "buffered reads",
                 reason: err.to_string(),
             });
-            log::warn!("O_DIRECT refused for {} ({err}); reading buffered", path.display());
-            open_for_read(path, false)
+            log::warn!("O_DIRECT refused for {} ({err}); reading buffered", dir.member_path(name).display());
+            dir.open_file(name, false)
         }
         other => other,
     }
@@ -148,11 +135,11 @@ pub(crate) struct ReadFile {
 pub(crate) struct ReadFiles(Vec<Option<ReadFile>>);
 
 impl ReadFiles {
-    /// Opens `path` (with O_DIRECT when the report says so, falling back on EINVAL) and
-    /// returns its handle and length.
-    pub fn open(&mut self, report: &mut EngineReport, path: &Path) -> Result<(FileId, u64)> {
-        let (file, len) = open_with_fallback(report, path)?;
-        self.0.push(Some(ReadFile { file, path: path.to_path_buf(), len }));
+    /// Opens the regular file `name` in `dir` (with O_DIRECT when the report says so,
+    /// falling back on EINVAL) and returns its handle and length.
+    pub fn open(&mut self, report: &mut EngineReport, dir: &Dir, name: &str) -> Result<(FileId, u64)> {
+        let (file, len) = open_with_fallback(report, dir, name)?;
+        self.0.push(Some(ReadFile { file, path: dir.member_path(name), len }));
         Ok((FileId(self.0.len() - 1), len))
     }
 

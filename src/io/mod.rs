@@ -8,6 +8,7 @@
 
 pub mod aligned;
 pub mod buffered;
+pub mod dir;
 pub(crate) mod file;
 pub mod probe;
 pub mod pwrite;
@@ -18,6 +19,7 @@ pub mod uring;
 use std::path::Path;
 
 pub use aligned::AlignedBuf;
+pub use dir::Dir;
 pub use stats::IoStats;
 
 use crate::config::{Config, EngineKind};
@@ -117,8 +119,9 @@ pub trait Writer<'a>: Send {
 pub trait Reader: Send {
     /// What this reader is and which fallbacks led to it.
     fn report(&self) -> &EngineReport;
-    /// Opens a file; returns its handle and length.
-    fn open(&mut self, path: &Path) -> Result<(FileId, u64)>;
+    /// Opens the regular file `name` in `dir` (never through a link: see [`Dir`]); returns
+    /// its handle and length.
+    fn open(&mut self, dir: &Dir, name: &str) -> Result<(FileId, u64)>;
     /// Reads `[offset, offset + len)` of `file` into `dst[..len]`, where `offset` is a
     /// multiple of [`EngineReport::align`], `dst` starts at a multiple of
     /// [`EngineReport::mem_align`] and is at least

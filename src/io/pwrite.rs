@@ -413,8 +413,8 @@ impl Reader for PwriteReader {
         &self.report
     }
 
-    fn open(&mut self, path: &Path) -> Result<(FileId, u64)> {
-        self.files.open(&mut self.report, path)
+    fn open(&mut self, dir: &super::Dir, name: &str) -> Result<(FileId, u64)> {
+        self.files.open(&mut self.report, dir, name)
     }
 
     fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()> {

@@ -105,7 +105,7 @@ pub fn no_core_dumps(cmd: &mut Command) {
 pub fn temp_dirs(dir: &Path) -> Vec<PathBuf> {
     entries(dir)
         .into_iter()
-        .filter(|n| uring_ckpt::commit::is_temporary_name(n))
+        .filter(|n| uring_ckpt::store::is_temporary_name(n))
         .map(|n| dir.join(n))
         .collect()
 }

@@ -10,24 +10,17 @@
 //!    failed fsync is never retried.
 
 use std::ffi::CString;
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::names::{split_save_target, temp_dir_path, unique_suffix};
+use super::open::ensure_checkpoint;
+use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::format::{ExtraFileInfo, Manifest, MANIFEST_FILE};
-use crate::{Error, Result};
-
-/// Marker in the names of temporary directories; loaders skip names that contain it.
-pub const TMP_MARKER: &str = ".tmp-";
-
-/// Whether a directory entry name is a temporary (uncommitted) checkpoint directory.
-pub fn is_temporary_name(name: &str) -> bool {
-    name.starts_with('.') && name.contains(TMP_MARKER)
-}
 
 /// A temporary checkpoint directory; removed on drop unless committed.
 #[derive(Debug)]
@@ -36,22 +29,6 @@ pub struct TempCheckpointDir {
     target: PathBuf,
     parent: PathBuf,
     committed: bool,
-}
-
-/// Splits a checkpoint path into its parent directory and name.
-pub(crate) fn split_target(target: &Path) -> Result<(PathBuf, String)> {
-    let name = target
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
-        .ok_or_else(|| {
-            Error::InvalidCheckpoint(format!("{} has no usable directory name", target.display()))
-        })?;
-    let parent = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    Ok((parent, name.to_owned()))
 }
 
 impl TempCheckpointDir {
@@ -63,19 +40,26 @@ impl TempCheckpointDir {
 
     /// Like [`TempCheckpointDir::create`] with a caller-chosen suffix, so that several
     /// ranks of one save find the same directory. Reuses the directory if it exists.
+    ///
+    /// Refuses, before anything is written: a name reserved by the protocol or too long
+    /// ([`split_save_target`]), an existing `target` unless `replace`, and, with `replace`,
+    /// an existing `target` that is not a checkpoint of ours.
     pub fn create_named(target: &Path, replace: bool, suffix: &str) -> Result<Self> {
-        let (parent, name) = split_target(target)?;
-        if !replace && target.exists() {
-            return Err(Error::AlreadyExists(target.to_path_buf()));
+        let (parent, name) = split_save_target(target)?;
+        if fs::symlink_metadata(target).is_ok() {
+            if !replace {
+                return Err(Error::AlreadyExists(target.to_path_buf()));
+            }
+            ensure_checkpoint(target, "replace")?;
         }
         fs::create_dir_all(&parent).map_err(|e| Error::io("create directory", &parent, e))?;
-        let tmp = parent.join(format!(".{name}{TMP_MARKER}{suffix}"));
+        let tmp = temp_dir_path(&parent, &name, suffix);
         match fs::create_dir(&tmp) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tmp.is_dir() => {}
             Err(e) => return Err(Error::io("create directory", &tmp, e)),
         }
-        crate::lock::register_temp(&tmp);
+        super::lock::register_temp(&tmp);
         Ok(TempCheckpointDir { tmp, target: target.to_path_buf(), parent, committed: false })
     }
 
@@ -88,7 +72,7 @@ impl TempCheckpointDir {
     /// manifest, which lists it with the returned size and CRC-32).
     pub fn write_extra_file(&self, name: &str, bytes: &[u8]) -> Result<ExtraFileInfo> {
         let path = self.tmp.join(name);
-        let mut file = File::create(&path).map_err(|e| Error::io("create", &path, e))?;
+        let mut file = create_no_follow(&path)?;
         file.write_all(bytes).map_err(|e| Error::io("write", &path, e))?;
         file.sync_all().map_err(|e| Error::io("fsync", &path, e))?;
         Ok(ExtraFileInfo { file: name.to_owned(), size: bytes.len() as u64, crc32: crc32fast::hash(bytes) })
@@ -99,7 +83,7 @@ impl TempCheckpointDir {
     pub fn commit(mut self, manifest: &Manifest, replace: bool) -> Result<()> {
         let manifest_path = self.tmp.join(MANIFEST_FILE);
         failpoint::step("commit.after_shards", &self.tmp)?;
-        let mut file = File::create(&manifest_path).map_err(|e| Error::io("create", &manifest_path, e))?;
+        let mut file = create_no_follow(&manifest_path)?;
         failpoint::io("commit.manifest_write")
             .and_then(|()| file.write_all(&manifest.to_json()))
             .map_err(|e| Error::io("write", &manifest_path, e))?;
@@ -131,11 +115,23 @@ impl TempCheckpointDir {
 
 impl Drop for TempCheckpointDir {
     fn drop(&mut self) {
-        crate::lock::unregister_temp(&self.tmp);
+        super::lock::unregister_temp(&self.tmp);
         if !self.committed {
             remove_dir_all_logged(&self.tmp);
         }
     }
+}
+
+/// Creates (truncating) a file of the temporary directory; a link planted at `path` is
+/// refused, not followed.
+fn create_no_follow(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Error::io("create", path, e))
 }
 
 fn remove_dir_all_logged(path: &Path) {
@@ -144,12 +140,6 @@ fn remove_dir_all_logged(path: &Path) {
             log::warn!("could not remove {}: {e}", path.display());
         }
     }
-}
-
-pub(crate) fn unique_suffix() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{}-{nanos:x}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 /// fsyncs a directory so that entries created or renamed in it are durable.
@@ -195,14 +185,10 @@ fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
 
 /// Puts `from` at `to` atomically; an existing `to` ends up at `from`.
 fn exchange_or_rename(from: &Path, to: &Path) -> Result<()> {
-    if !to.exists() {
+    if fs::symlink_metadata(to).is_err() {
         return rename_noreplace(from, to);
     }
-    if !to.join(MANIFEST_FILE).is_file() {
-        return Err(Error::NotACheckpoint {
-            path: to.to_path_buf(),
-            reason: "refusing to replace a directory that is not a checkpoint".into(),
-        });
-    }
+    // Checked when the save began; checked again: the directory may have changed since.
+    ensure_checkpoint(to, "replace")?;
     renameat2(from, to, libc::RENAME_EXCHANGE).map_err(|e| Error::io("rename (exchange)", from, e))
 }

@@ -24,12 +24,15 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use crate::checkpoint_io::remove_checkpoint_dir;
-use crate::commit::{fsync_dir, split_target, unique_suffix, TMP_MARKER};
+use super::commit::fsync_dir;
+use super::lock::{process_alive, LockMode, SaveLock};
+use super::names::{split_target, temp_dir_owner, unique_suffix, TMP_MARKER};
+use super::remove::remove_checkpoint_dir;
 use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::format::MANIFEST_FILE;
-use crate::lock::{process_alive, LockMode, SaveLock};
-use crate::{failpoint, Error, Result};
+use crate::io::Dir;
 
 /// Name of the pointer file in a checkpoint directory's parent.
 pub const LATEST_FILE: &str = "latest";
@@ -123,7 +126,7 @@ fn clean_interrupted_removals(parent: &Path) -> Result<()> {
     let marker = format!("{TMP_MARKER}removing-");
     for entry in entries.flatten() {
         let Ok(name) = entry.file_name().into_string() else { continue };
-        if let Some(pid) = crate::lock::temp_dir_owner(LATEST_FILE, &name) {
+        if let Some(pid) = temp_dir_owner(LATEST_FILE, &name) {
             // A pointer file that an interrupted set_latest never renamed.
             if !process_alive(pid) {
                 let _ = fs::remove_file(entry.path());
@@ -183,10 +186,12 @@ fn write_pointer(tmp: &Path, name: &str) -> Result<()> {
 /// still exists is not checked here.
 pub fn read_latest(parent: &Path) -> Result<Option<PathBuf>> {
     let path = parent.join(LATEST_FILE);
-    let bytes = match fs::read(&path) {
+    // A regular file of at most one name (and its newline), never read through a link.
+    let read = Dir::open(parent).and_then(|dir| dir.read_file(LATEST_FILE, 256));
+    let bytes = match read {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("read", &path, e)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(e),
     };
     let bad = |reason: &str| Error::NotACheckpoint { path: path.clone(), reason: reason.to_owned() };
     let text = std::str::from_utf8(&bytes).map_err(|_| bad("the latest pointer is not UTF-8"))?;

@@ -21,15 +21,15 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::commit::{split_target, TMP_MARKER};
-use crate::{Error, Result};
+use super::names::{lock_path, split_target, temp_dir_owner};
+use crate::error::{Error, Result};
 
 /// What a save does when another save of the same checkpoint path holds the lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -76,10 +76,26 @@ impl fmt::Display for LockMode {
     }
 }
 
-/// The lock file of a checkpoint path: `<parent>/.<name>.lock`.
-pub fn lock_path(target: &Path) -> Result<PathBuf> {
-    let (parent, name) = split_target(target)?;
-    Ok(parent.join(format!(".{name}.lock")))
+/// Opens (creating) the lock file at `path`: a link planted there is refused, not
+/// followed, and so is anything but a regular file (a FIFO, a device, a directory).
+fn open_lock_file(path: &Path) -> Result<File> {
+    const REFUSED: &str = "open lock file (a link or not a regular file: refusing it)";
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::EISDIR) => Error::io(REFUSED, path, e),
+            _ => Error::io("open lock file", path, e),
+        })?;
+    let meta = file.metadata().map_err(|e| Error::io("stat lock file", path, e))?;
+    if !meta.file_type().is_file() {
+        return Err(Error::io(REFUSED, path, io::Error::from_raw_os_error(libc::EINVAL)));
+    }
+    Ok(file)
 }
 
 /// An exclusive lock on a checkpoint path, held until dropped.
@@ -102,13 +118,7 @@ impl SaveLock {
             LockMode::Wait => libc::LOCK_EX,
         };
         loop {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(|e| Error::io("open lock file", &path, e))?;
+            let file = open_lock_file(&path)?;
             loop {
                 // SAFETY: flock only reads the descriptor, which `file` keeps open.
                 if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
@@ -124,7 +134,7 @@ impl SaveLock {
             // The previous holder may have deleted the file between our open and our flock:
             // then we hold a lock nobody else sees. Only the file still at the path counts.
             let locked = file.metadata().map_err(|e| Error::io("stat lock file", &path, e))?;
-            match fs::metadata(&path) {
+            match fs::symlink_metadata(&path) {
                 Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => {
                     return Ok(SaveLock { file, path });
                 }
@@ -151,30 +161,6 @@ impl Drop for SaveLock {
         }
         // SAFETY: as in acquire; closing the file would drop the lock anyway.
         unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
-    }
-}
-
-/// The process id in a temporary directory name of `name` made by a single-process save
-/// (`.<name>.tmp-<pid>-<hex nanos>-<n>`) or a removal (`.<name>.tmp-removing-<pid>`).
-/// `None` for any other name, including multi-rank save directories.
-pub fn temp_dir_owner(name: &str, entry: &str) -> Option<u32> {
-    let rest = entry.strip_prefix('.')?.strip_prefix(name)?.strip_prefix(TMP_MARKER)?;
-    if let Some(pid) = rest.strip_prefix("removing-") {
-        return pid.parse().ok().filter(|p: &u32| p.to_string() == pid);
-    }
-    let mut parts = rest.split('-');
-    let (pid, nanos, n) = (parts.next()?, parts.next()?, parts.next()?);
-    let well_formed = parts.next().is_none()
-        && !pid.is_empty()
-        && pid.bytes().all(|b| b.is_ascii_digit())
-        && !nanos.is_empty()
-        && nanos.bytes().all(|b| b.is_ascii_hexdigit())
-        && !n.is_empty()
-        && n.bytes().all(|b| b.is_ascii_digit());
-    if well_formed {
-        pid.parse().ok()
-    } else {
-        None
     }
 }
 
@@ -251,18 +237,6 @@ pub fn clean_stale_temp_dirs(target: &Path) -> Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn owner_of_temp_names() {
-        assert_eq!(temp_dir_owner("ck", ".ck.tmp-1234-17a3f-0"), Some(1234));
-        assert_eq!(temp_dir_owner("ck", ".ck.tmp-removing-77"), Some(77));
-        assert_eq!(temp_dir_owner("ck", ".ck.tmp-step-100"), None, "multi-rank save ids");
-        assert_eq!(temp_dir_owner("ck", ".ck.tmp-12-zz-0"), None);
-        assert_eq!(temp_dir_owner("ck", ".other.tmp-12-ab-0"), None);
-        assert_eq!(temp_dir_owner("ck", ".ck.tmp-12-ab-0-1"), None);
-        assert_eq!(temp_dir_owner("ck", "ck"), None);
-        assert_eq!(temp_dir_owner("ck", ".ck.lock"), None);
-    }
 
     #[test]
     fn this_process_is_alive() {

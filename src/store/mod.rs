@@ -1,0 +1,22 @@
+//! The directory protocol, in one place: what a checkpoint's directory and its siblings are
+//! called ([`names`]), how a checkpoint is opened and recognised ([`open`]), how a save
+//! commits one atomically ([`commit`]), how saves of one path exclude each other and clean
+//! up after crashed ones ([`lock`]), how one is removed ([`remove`]), and which to keep
+//! ([`retention`], on top of the rest).
+//!
+//! Everything a checkpoint directory holds may have been written by someone hostile: files
+//! in it are opened through [`crate::io::Dir`] (no links, regular files only, reads capped),
+//! and nothing is removed or replaced unless its manifest parses as ours.
+
+pub mod commit;
+pub mod lock;
+pub mod names;
+pub mod open;
+pub mod remove;
+pub mod retention;
+
+pub use commit::{fsync_dir, TempCheckpointDir};
+pub use lock::{clean_stale_temp_dirs, SaveLock};
+pub use names::{is_temporary_name, lock_path, split_target, TMP_MARKER};
+pub use open::{ensure_checkpoint, open_checkpoint, read_manifest};
+pub use remove::remove_checkpoint_dir;
