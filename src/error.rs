@@ -45,12 +45,23 @@ pub enum Error {
         /// The CRC of the bytes read.
         actual: u32,
     },
-    /// The directory is not a committed checkpoint (no valid manifest, missing or wrong shards).
+    /// The directory is not a committed checkpoint of ours: no manifest (an unfinished save,
+    /// a foreign directory), a temporary directory, or (when removing or replacing) a
+    /// manifest that is not ours.
     #[error("{} is not a valid checkpoint: {reason}", path.display())]
     NotACheckpoint {
         /// The directory.
         path: PathBuf,
         /// Why it is not one.
+        reason: String,
+    },
+    /// The checkpoint's files do not match its manifest, or one of them is not what a
+    /// checkpoint holds (a link, a FIFO, a device, a directory, a file longer than stated).
+    #[error("{} is corrupt: {reason}", path.display())]
+    Corrupt {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// What is wrong, naming the file.
         reason: String,
     },
     /// Saving would replace an existing checkpoint and replacing was not asked for.

@@ -118,7 +118,7 @@ pub fn verify(config: &Config, dir: &Path, mut progress: impl FnMut(u64, u64)) -
         progress(report.bytes, total);
     }
     if seen != manifest.weight_map.len() {
-        return Err(Error::NotACheckpoint {
+        return Err(Error::Corrupt {
             path: dir.to_path_buf(),
             reason: format!(
                 "the manifest maps {} tensors, the shards hold {seen}",

@@ -60,13 +60,13 @@ pub(crate) fn open_shard(
     let path = handle.member_path(&info.file);
     let (file, len) = reader.open(handle, &info.file)?;
     if len != info.size {
-        return Err(Error::NotACheckpoint {
+        return Err(Error::Corrupt {
             path: dir.to_path_buf(),
             reason: format!("shard {} is {len} bytes, the manifest says {}", info.file, info.size),
         });
     }
     if info.header_len > len {
-        return Err(Error::NotACheckpoint {
+        return Err(Error::Corrupt {
             path: dir.to_path_buf(),
             reason: format!("shard {} is shorter than its header", info.file),
         });
@@ -106,7 +106,7 @@ pub(crate) fn open_shard(
 fn check_header(dir: &Path, path: &Path, info: &ShardInfo, prefix: &[u8], len: u64) -> Result<ParsedHeader> {
     let actual = crc32fast::hash(prefix);
     if actual != info.header_crc32 {
-        return Err(Error::NotACheckpoint {
+        return Err(Error::Corrupt {
             path: dir.to_path_buf(),
             reason: format!(
                 "header of shard {} has CRC {actual:08x}, the manifest says {:08x}",
@@ -117,7 +117,7 @@ fn check_header(dir: &Path, path: &Path, info: &ShardInfo, prefix: &[u8], len: u
     let header =
         parse_header(prefix, len).map_err(|source| Error::Format { path: path.to_path_buf(), source })?;
     if header.data_start != info.header_len || header.tensors.len() as u64 != info.tensor_count {
-        return Err(Error::NotACheckpoint {
+        return Err(Error::Corrupt {
             path: dir.to_path_buf(),
             reason: format!("shard {} does not match its manifest entry", info.file),
         });
@@ -313,7 +313,7 @@ pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<Loaded
 /// Reads an extra file of the checkpoint in `dir` and checks its size and CRC-32 against the
 /// manifest (always: these files are small). Never reads more than the manifest states.
 pub(crate) fn read_extra_file(dir: &Dir, info: &ExtraFileInfo) -> Result<Bytes> {
-    let bad = |reason: String| Error::NotACheckpoint { path: dir.path().to_path_buf(), reason };
+    let bad = |reason: String| Error::Corrupt { path: dir.path().to_path_buf(), reason };
     let bytes = dir.read_file(&info.file, info.size)?;
     let actual = crc32fast::hash(&bytes);
     if bytes.len() as u64 != info.size || actual != info.crc32 {
@@ -337,7 +337,7 @@ pub(crate) fn check_weight_map(
 ) -> Result<()> {
     for entry in &header.tensors {
         if weight_map.get(&entry.name) != Some(&info.file) {
-            return Err(Error::NotACheckpoint {
+            return Err(Error::Corrupt {
                 path: dir.to_path_buf(),
                 reason: format!(
                     "tensor {:?} in shard {} is not mapped to it by the manifest",

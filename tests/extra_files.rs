@@ -77,13 +77,13 @@ fn corrupt_or_missing_extra_files_are_refused() {
     bad[7] ^= 0xff;
     fs::write(path.join("extras.pkl"), &bad).expect("write");
     let err = io.load_checkpoint(&path, &LoadOptions::default()).expect_err("corrupt");
-    assert!(matches!(err, Error::NotACheckpoint { .. }), "{err}");
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains("extras.pkl"), "{err}");
-    assert!(matches!(verify(&config, &path, |_, _| {}), Err(Error::NotACheckpoint { .. })));
+    assert!(matches!(verify(&config, &path, |_, _| {}), Err(Error::Corrupt { .. })));
 
     // Truncated.
     fs::write(path.join("extras.pkl"), &pickled[..10]).expect("write");
-    assert!(matches!(io.load_checkpoint(&path, &LoadOptions::default()), Err(Error::NotACheckpoint { .. })));
+    assert!(matches!(io.load_checkpoint(&path, &LoadOptions::default()), Err(Error::Corrupt { .. })));
 
     // Missing.
     fs::remove_file(path.join("extras.pkl")).expect("remove");

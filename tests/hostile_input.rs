@@ -28,8 +28,8 @@ fn format_err(pred: fn(&FormatError) -> bool) -> Check {
     Box::new(move |e| matches!(e, Error::Format { source, .. } if pred(source)))
 }
 
-fn not_checkpoint() -> Check {
-    Box::new(|e| matches!(e, Error::NotACheckpoint { .. }))
+fn corrupt() -> Check {
+    Box::new(|e| matches!(e, Error::Corrupt { .. }))
 }
 
 fn io_errno(errno: i32) -> Check {
@@ -125,14 +125,14 @@ fn cases() -> Vec<Case> {
             let len = f.metadata().expect("meta").len();
             f.set_len(len - 100).expect("truncate");
         }),
-        not_checkpoint(),
+        corrupt(),
     );
     add(
         "shard truncated to 4 bytes",
         Box::new(|ck| fs::write(ck.join(SHARD), b"abcd").expect("write")),
-        not_checkpoint(),
+        corrupt(),
     );
-    add("empty shard", Box::new(|ck| fs::write(ck.join(SHARD), b"").expect("write")), not_checkpoint());
+    add("empty shard", Box::new(|ck| fs::write(ck.join(SHARD), b"").expect("write")), corrupt());
     add(
         "bit flip in the data of the last tensor",
         Box::new(|ck| flip_bit(&ck.join(SHARD), Some(10), 0)),
@@ -150,8 +150,8 @@ fn cases() -> Vec<Case> {
         }),
         Box::new(|e| matches!(e, Error::Crc { tensor, .. } if tensor == "a")),
     );
-    add("bit flip in the header", Box::new(|ck| flip_bit(&ck.join(SHARD), None, 20)), not_checkpoint());
-    add("bit flip in the header length", Box::new(|ck| flip_bit(&ck.join(SHARD), None, 1)), not_checkpoint());
+    add("bit flip in the header", Box::new(|ck| flip_bit(&ck.join(SHARD), None, 20)), corrupt());
+    add("bit flip in the header length", Box::new(|ck| flip_bit(&ck.join(SHARD), None, 1)), corrupt());
     add(
         "header length u64::MAX",
         Box::new(|ck| {
@@ -181,7 +181,7 @@ fn cases() -> Vec<Case> {
     add(
         "U+FFFD in a tensor name (weight map disagrees)",
         Box::new(|ck| rewrite_header(ck, |j| j.replacen("\"a\"", "\"\u{fffd}\"", 1))),
-        not_checkpoint_or_format(),
+        corrupt_or_format(),
     );
     add(
         "invalid UTF-8 bytes in the header",
@@ -298,21 +298,21 @@ fn cases() -> Vec<Case> {
             f.extend_from_slice(b"trailing");
             fs::write(ck.join(SHARD), f).expect("write");
         }),
-        not_checkpoint(),
+        corrupt(),
     );
     add(
         "tensor renamed in the header (weight map disagrees)",
         Box::new(|ck| {
             rewrite_header(ck, |j| j.replacen("\"c\":", "\"z\":", 1).replacen("crc32:c\"", "crc32:z\"", 1))
         }),
-        not_checkpoint(),
+        corrupt(),
     );
 
     // Manifests.
     add(
         "manifest missing",
         Box::new(|ck| fs::remove_file(ck.join(MANIFEST_FILE)).expect("rm")),
-        not_checkpoint(),
+        Box::new(|e| matches!(e, Error::NotACheckpoint { .. })),
     );
     add(
         "manifest empty",
@@ -367,12 +367,12 @@ fn cases() -> Vec<Case> {
                 m["shards"][0]["size"] = Value::from(m["shards"][0]["size"].as_u64().expect("size") + 4096)
             })
         }),
-        not_checkpoint(),
+        corrupt(),
     );
     add(
         "manifest with a wrong header CRC",
         Box::new(|ck| edit_manifest(ck, |m| m["shards"][0]["header_crc32"] = Value::from("00000000"))),
-        not_checkpoint(),
+        corrupt(),
     );
     add(
         "manifest weight_map naming an unlisted shard",
@@ -392,7 +392,7 @@ fn cases() -> Vec<Case> {
             fs::remove_file(ck.join(SHARD)).expect("rm");
             fs::create_dir(ck.join(SHARD)).expect("mkdir");
         }),
-        Box::new(|e| matches!(e, Error::Io { .. } | Error::NotACheckpoint { .. })),
+        Box::new(|e| matches!(e, Error::Corrupt { .. })),
     );
     add(
         "manifest replaced by a directory",
@@ -400,13 +400,13 @@ fn cases() -> Vec<Case> {
             fs::remove_file(ck.join(MANIFEST_FILE)).expect("rm");
             fs::create_dir(ck.join(MANIFEST_FILE)).expect("mkdir");
         }),
-        Box::new(|e| matches!(e, Error::Io { .. } | Error::NotACheckpoint { .. })),
+        Box::new(|e| matches!(e, Error::Corrupt { .. })),
     );
     v
 }
 
-fn not_checkpoint_or_format() -> Check {
-    Box::new(|e| matches!(e, Error::NotACheckpoint { .. } | Error::Format { .. } | Error::Crc { .. }))
+fn corrupt_or_format() -> Check {
+    Box::new(|e| matches!(e, Error::Corrupt { .. } | Error::Format { .. } | Error::Crc { .. }))
 }
 
 #[test]

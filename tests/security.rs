@@ -112,7 +112,7 @@ fn no_member_is_opened_through_a_link_or_unless_it_is_a_regular_file() {
                     let err = result.expect_err(&format!("{op} of {engine} {member} {how:?} must fail"));
                     let message = err.to_string();
                     assert!(
-                        matches!(&err, Error::NotACheckpoint { reason, .. } if reason.contains("not a regular file")),
+                        matches!(&err, Error::Corrupt { reason, .. } if reason.contains("not a regular file")),
                         "{op} {engine} {member} {how:?}: {message}"
                     );
                     assert!(!message.contains("outside"), "the link's target must not show: {message}");
@@ -144,7 +144,7 @@ fn reads_stop_at_the_sizes_the_manifest_states() {
     let file = fs::File::create(huge.join(MANIFEST_FILE)).expect("create");
     file.set_len(1 << 40).expect("sparse 1 TiB manifest");
     let err = uring_ckpt::load::read_manifest(&huge).expect_err("huge manifest");
-    assert!(matches!(&err, Error::NotACheckpoint { reason, .. } if reason.contains("allowed")), "{err}");
+    assert!(matches!(&err, Error::Corrupt { reason, .. } if reason.contains("allowed")), "{err}");
 }
 
 #[test]

@@ -39,12 +39,9 @@ fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
                 None => PyOSError::new_err(message),
             };
         }
-        Error::Format { .. } | Error::Crc { .. } => "CorruptCheckpointError",
-        // A directory with a manifest that does not match its files is damaged; one without
-        // a manifest (or with no directory at all) is not a checkpoint.
-        Error::NotACheckpoint { path, .. } if path.join(uring_ckpt::format::MANIFEST_FILE).exists() => {
-            "CorruptCheckpointError"
-        }
+        // A checkpoint whose files do not match its manifest is damaged; a directory without
+        // a manifest of ours is not a checkpoint.
+        Error::Format { .. } | Error::Crc { .. } | Error::Corrupt { .. } => "CorruptCheckpointError",
         Error::NotACheckpoint { .. } => "NotACheckpointError",
         Error::AlreadyExists(_) => "CheckpointExistsError",
         Error::Config(_) => "ConfigError",

@@ -100,7 +100,7 @@ impl Dir {
 
     /// Opens the regular file `name` for reading (with O_DIRECT when `direct`) and returns
     /// it with its length. A link, a directory, a FIFO, a device or a socket at `name` is an
-    /// [`Error::NotACheckpoint`] naming what was found; a missing file is an I/O error
+    /// [`Error::Corrupt`] naming what was found; a missing file is an I/O error
     /// (ENOENT).
     pub fn open_file(&self, name: &str, direct: bool) -> Result<(File, u64)> {
         let path = self.member_path(name);
@@ -130,7 +130,7 @@ impl Dir {
         let path = self.member_path(name);
         let (file, len) = self.open_file(name, false)?;
         if len > max {
-            return Err(Error::NotACheckpoint {
+            return Err(Error::Corrupt {
                 path: self.path.clone(),
                 reason: format!("{name} is {len} bytes, more than the {max} allowed"),
             });
@@ -138,7 +138,7 @@ impl Dir {
         let mut bytes = Vec::with_capacity(len as usize);
         file.take(max.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| Error::io("read", &path, e))?;
         if bytes.len() as u64 > max {
-            return Err(Error::NotACheckpoint {
+            return Err(Error::Corrupt {
                 path: self.path.clone(),
                 reason: format!("{name} grew past the {max} bytes allowed while it was read"),
             });
@@ -178,7 +178,7 @@ impl Dir {
     }
 
     fn not_regular(&self, name: &str, mode: libc::mode_t) -> Error {
-        Error::NotACheckpoint {
+        Error::Corrupt {
             path: self.path.clone(),
             reason: format!("{name} is {}, not a regular file; refusing to open it", entry_kind(mode)),
         }
@@ -276,8 +276,8 @@ mod tests {
 
     fn reason(err: Error) -> String {
         match err {
-            Error::NotACheckpoint { reason, .. } => reason,
-            other => panic!("expected NotACheckpoint, got {other}"),
+            Error::Corrupt { reason, .. } => reason,
+            other => panic!("expected Corrupt, got {other}"),
         }
     }
 

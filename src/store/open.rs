@@ -47,10 +47,12 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 pub fn ensure_checkpoint(dir: &Path, what: &str) -> Result<()> {
     match open_checkpoint(dir) {
         Ok(_) => Ok(()),
-        Err(Error::NotACheckpoint { reason, .. }) => Err(Error::NotACheckpoint {
-            path: dir.to_path_buf(),
-            reason: format!("{reason}; refusing to {what} it"),
-        }),
+        Err(Error::NotACheckpoint { reason, .. } | Error::Corrupt { reason, .. }) => {
+            Err(Error::NotACheckpoint {
+                path: dir.to_path_buf(),
+                reason: format!("{reason}; refusing to {what} it"),
+            })
+        }
         Err(Error::Format { source, .. }) => Err(Error::NotACheckpoint {
             path: dir.to_path_buf(),
             reason: format!(
