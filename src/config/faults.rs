@@ -23,10 +23,10 @@ pub struct SimulatedFaults {
 }
 
 /// The switch of one fault in a [`SimulatedFaults`].
-type Field = fn(&mut SimulatedFaults) -> &mut bool;
+pub(super) type Field = fn(&mut SimulatedFaults) -> &mut bool;
 
 /// The name of each fault in the `URING_CKPT_SIMULATE` list, and its field.
-const LIST_NAMES: [(&str, Field); 3] = [
+pub(super) const LIST_NAMES: [(&str, Field); 3] = [
     ("uring-eperm", |f| &mut f.uring_setup_eperm),
     ("direct-einval", |f| &mut f.direct_io_einval),
     ("register-enomem", |f| &mut f.register_enomem),
