@@ -5,10 +5,15 @@
 //! on top). Every constructor that hands out a `Config` validates it; a `Config` built by hand
 //! (its fields are public) should be checked with [`Config::validate`].
 //!
+//! Each setting is declared once, in the field list of [`Config`] (type, default, docs): the
+//! struct, its `Default`, its TOML form (serde), its environment variable (`URING_CKPT_` and
+//! the field name in upper case) and its [`ConfigBuilder`] setter all follow from that list,
+//! and a unit test checks the table below and the one in README.md against it.
+//!
 //! # Reference
 //!
 //! Sizes are written as integers (bytes) or as strings such as `"8MiB"`, `"4 GiB"`, `"512k"`
-//! or `"1.5GiB"` (see [`parse_size`]: `k`/`M`/`G`/`T` and `KiB`/`MiB`/`GiB`/`TiB` are
+//! or `"1.5GiB"` (see [`Size`] and [`parse_size`]: `k`/`M`/`G`/`T` and `KiB`/`MiB`/`GiB`/`TiB` are
 //! powers of 1024, `KB`/`MB`/`GB`/`TB` powers of 1000). Booleans in the environment accept
 //! `1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`.
 //!
