@@ -17,64 +17,17 @@
 //! (named by their save id) are left alone.
 
 use std::collections::BTreeSet;
-use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
-
 use super::names::{lock_path, split_target, temp_dir_owner};
+// Configuration, so defined in `crate::config`; also named here, where it is used.
+pub use crate::config::LockMode;
 use crate::error::{Error, Result};
-
-/// What a save does when another save of the same checkpoint path holds the lock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LockMode {
-    /// Fail at once with [`Error::Locked`], which names the lock file. The default: two
-    /// trainers writing one path is a bug to report, not to hide.
-    #[default]
-    Fail,
-    /// Wait until the other save finishes, then save.
-    Wait,
-}
-
-impl LockMode {
-    /// The lowercase name used in TOML, in environment variables and in logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LockMode::Fail => "fail",
-            LockMode::Wait => "wait",
-        }
-    }
-
-    pub(crate) fn parse(s: &str) -> std::result::Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "fail" => Ok(LockMode::Fail),
-            "wait" => Ok(LockMode::Wait),
-            _ => Err(format!("unknown lock mode {s:?}; expected fail or wait")),
-        }
-    }
-}
-
-impl FromStr for LockMode {
-    type Err = Error;
-
-    /// Parses `fail` or `wait`, in any case.
-    fn from_str(s: &str) -> Result<Self> {
-        LockMode::parse(s).map_err(Error::Config)
-    }
-}
-
-impl fmt::Display for LockMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Opens (creating) the lock file at `path`: a link planted there is refused, not
 /// followed, and so is anything but a regular file (a FIFO, a device, a directory).
