@@ -46,10 +46,10 @@ use bytes::Bytes;
 use crate::checkpoint::{mib_per_s, Checkpoint, LoadedCheckpoint, SaveReport, TensorData, TensorView};
 use crate::checkpoint_io::{CheckpointIO, LoadOptions, UringCheckpointIO};
 use crate::config::{AsyncMode, Config};
+use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::io::AlignedBuf;
 use crate::staging::TensorSource;
-use crate::{Error, Result};
 
 /// Snapshot copies are split into pieces of at most this size, shared among threads.
 const SNAPSHOT_PIECE: usize = 64 << 20;

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 
+use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::io::stats::LatencySummary;
 use crate::io::EngineReport;
 use crate::staging::TensorSource;
-use crate::{Error, Result};
 
 /// One tensor to save: its name, dtype, shape and where its bytes are (borrowed, not copied).
 #[derive(Clone)]

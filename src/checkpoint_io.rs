@@ -18,14 +18,7 @@ use crate::shard_writer::{write_shard, ShardOptions, ShardVolume};
 use crate::store::TempCheckpointDir;
 use crate::{Error, Result};
 
-/// What to load.
-#[derive(Debug, Clone, Default)]
-pub struct LoadOptions {
-    /// Load only these tensors (all when `None`). An unknown name is an error.
-    pub names: Option<Vec<String>>,
-    /// Check every tensor's CRC-32; `None` uses the config's `verify_on_load`.
-    pub verify: Option<bool>,
-}
+pub use crate::load::LoadOptions;
 
 /// Saving, loading and removing checkpoints, as Lightning's `CheckpointIO` does.
 pub trait CheckpointIO: Send + Sync {

@@ -45,7 +45,7 @@
 use std::io;
 use std::path::Path;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The action configured at `name`, if any: `Some(argument)`.
 #[cfg(feature = "failpoints")]

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod checkpoint_io;
 pub mod io;
 pub mod load;
+pub mod retention;
 mod shard_writer;
 pub mod staging;
 pub mod store;
@@ -29,7 +30,7 @@ pub use config::{AsyncMode, Config, EngineKind, FsyncPolicy};
 pub use format::Dtype;
 
 /// The directory protocol's modules, also at the top level where they used to live.
-pub use store::{commit, lock, retention};
+pub use store::{commit, lock};
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

@@ -13,12 +13,11 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::checkpoint::{mib_per_s, LoadReport, LoadedCheckpoint, LoadedTensor};
-use crate::checkpoint_io::LoadOptions;
 use crate::config::Config;
+use crate::error::{Error, Result};
 use crate::format::{parse_header, ExtraFileInfo, ParsedHeader, ShardInfo, TensorEntry};
 use crate::io::aligned::{round_down_u64, round_up, round_up_u64};
 use crate::io::{open_reader, AlignedBuf, Dir, FileId, Reader};
-use crate::{Error, Result};
 
 /// Bytes per read call when loading a whole shard (the verifier hashes one segment while
 /// the next is read): eight chunks, between 1 MiB and 256 MiB; 64 MiB by default.
@@ -27,6 +26,15 @@ pub(crate) fn segment_len(config: &Config) -> usize {
 }
 
 pub(crate) use crate::store::open_checkpoint;
+/// What to load.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Load only these tensors (all when `None`). An unknown name is an error.
+    pub names: Option<Vec<String>>,
+    /// Check every tensor's CRC-32; `None` uses the config's `verify_on_load`.
+    pub verify: Option<bool>,
+}
+
 pub use crate::store::read_manifest;
 
 /// One shard opened for reading, with its header checked.

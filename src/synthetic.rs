@@ -25,9 +25,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::checkpoint::{Checkpoint, TensorData, TensorView};
+use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::io::AlignedBuf;
-use crate::{Error, Result};
 
 /// Where each tensor starts in the arena, in bytes.
 const TENSOR_ALIGN: u64 = 64;

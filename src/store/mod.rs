@@ -1,8 +1,8 @@
 //! The directory protocol, in one place: what a checkpoint's directory and its siblings are
 //! called ([`names`]), how a checkpoint is opened and recognised ([`open`]), how a save
 //! commits one atomically ([`commit`]), how saves of one path exclude each other and clean
-//! up after crashed ones ([`lock`]), how one is removed ([`remove`]), and which to keep
-//! ([`retention`], on top of the rest).
+//! up after crashed ones ([`lock`]), and how one is removed ([`remove`]). Which
+//! checkpoints to keep ([`crate::retention`]) sits above this layer and the loader.
 //!
 //! Everything a checkpoint directory holds may have been written by someone hostile: files
 //! in it are opened through [`crate::io::Dir`] (no links, regular files only, reads capped),
@@ -13,7 +13,6 @@ pub mod lock;
 pub mod names;
 pub mod open;
 pub mod remove;
-pub mod retention;
 
 pub use commit::{fsync_dir, TempCheckpointDir};
 pub use lock::{clean_stale_temp_dirs, SaveLock};

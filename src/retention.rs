@@ -24,15 +24,15 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::commit::fsync_dir;
-use super::lock::{process_alive, LockMode, SaveLock};
-use super::names::{split_target, temp_dir_owner, unique_suffix, TMP_MARKER};
-use super::remove::remove_checkpoint_dir;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::format::MANIFEST_FILE;
 use crate::io::Dir;
+use crate::store::commit::fsync_dir;
+use crate::store::lock::{process_alive, LockMode, SaveLock};
+use crate::store::names::{split_target, temp_dir_owner, unique_suffix, TMP_MARKER};
+use crate::store::remove::remove_checkpoint_dir;
 
 /// Name of the pointer file in a checkpoint directory's parent.
 pub const LATEST_FILE: &str = "latest";
