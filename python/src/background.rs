@@ -14,7 +14,7 @@ use uring_ckpt::UringCheckpointIO;
 
 use crate::config::Config;
 use crate::cuda::Gpu;
-use crate::errors::to_py_err;
+use crate::errors::OrRaise;
 use crate::report::{save_report_json, CudaUse};
 use crate::tensors::{lend, parse_dtype};
 
@@ -82,7 +82,7 @@ impl SaveHandle {
                 None => Ok(None),
             };
         };
-        let converted = result.map_err(|e| to_py_err(py, e)).and_then(|r| save_report_json(&r, self.cuda));
+        let converted = result.or_raise(py).and_then(|r| save_report_json(&r, self.cuda));
         let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
         *outcome = Some(match &converted {
             Ok(report) => Ok(report.clone()),
@@ -128,7 +128,7 @@ impl Drop for AsyncWriter {
 impl AsyncWriter {
     #[new]
     fn new(py: Python<'_>, config: &Config) -> PyResult<Self> {
-        let io = AsyncCheckpointIO::from_config(config.inner.clone()).map_err(|e| to_py_err(py, e))?;
+        let io = AsyncCheckpointIO::from_config(config.inner.clone()).or_raise(py)?;
         Ok(AsyncWriter { gpu: Gpu::default(), io: Arc::new(io) })
     }
 
@@ -158,21 +158,19 @@ impl AsyncWriter {
                 entry.extract()?;
             let source = lend(py, &self.gpu, &kind, &obj)?;
             cuda.count(&kind, source.len());
-            checkpoint.add(name, parse_dtype(&dtype)?, &shape, source).map_err(|e| to_py_err(py, e))?;
+            checkpoint.add(name, parse_dtype(&dtype)?, &shape, source).or_raise(py)?;
         }
         if cuda.tensors > 0 {
             self.gpu.prepare_staging(py, self.io.inner());
         }
         let extras: Vec<(String, Bound<'_, PyBytes>)> = extra_files.extract()?;
         for (name, bytes) in &extras {
-            checkpoint
-                .add_extra_file(name.clone(), Bytes::copy_from_slice(bytes.as_bytes()))
-                .map_err(|e| to_py_err(py, e))?;
+            checkpoint.add_extra_file(name.clone(), Bytes::copy_from_slice(bytes.as_bytes())).or_raise(py)?;
         }
         checkpoint.metadata = metadata;
         let io = self.io.clone();
         let started = py.detach(|| io.save_checkpoint(checkpoint, &path));
-        let handle = started.map_err(|e| to_py_err(py, e))?;
+        let handle = started.or_raise(py)?;
         let staged = handle.staged();
         Ok(SaveHandle {
             path: handle.path().to_path_buf(),
@@ -192,6 +190,6 @@ impl AsyncWriter {
     /// handle was dropped without its result being looked at.
     fn teardown(&self, py: Python<'_>) -> PyResult<()> {
         let io = self.io.clone();
-        py.detach(|| io.teardown()).map_err(|e| to_py_err(py, e))
+        py.detach(|| io.teardown()).or_raise(py)
     }
 }

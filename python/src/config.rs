@@ -7,7 +7,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict};
 
-use crate::errors::to_py_err;
+use crate::errors::OrRaise;
 
 /// A checkpoint configuration (see the crate's `config` module for every key). Build one from
 /// keyword arguments with the TOML keys: `Config(engine="uring", chunk_size="8MiB")`.
@@ -55,7 +55,7 @@ impl Config {
             Some(d) => toml_table(d)?,
             None => toml::Table::new(),
         };
-        let inner = uring_ckpt::Config::from_toml_str(&table.to_string()).map_err(|e| to_py_err(py, e))?;
+        let inner = uring_ckpt::Config::from_toml_str(&table.to_string()).or_raise(py)?;
         Ok(Config { inner })
     }
 
@@ -64,7 +64,7 @@ impl Config {
     #[staticmethod]
     #[pyo3(signature = (path=None))]
     fn load(py: Python<'_>, path: Option<PathBuf>) -> PyResult<Self> {
-        let inner = uring_ckpt::Config::load(path.as_deref()).map_err(|e| to_py_err(py, e))?;
+        let inner = uring_ckpt::Config::load(path.as_deref()).or_raise(py)?;
         Ok(Config { inner })
     }
 
@@ -78,7 +78,7 @@ impl Config {
                 table.insert(k, v);
             }
         }
-        let inner = uring_ckpt::Config::from_toml_str(&table.to_string()).map_err(|e| to_py_err(py, e))?;
+        let inner = uring_ckpt::Config::from_toml_str(&table.to_string()).or_raise(py)?;
         Ok(Config { inner })
     }
 

@@ -117,7 +117,7 @@ impl Gpu {
     /// Validates and holds a CUDA torch tensor's device memory.
     #[cfg(feature = "cuda")]
     pub(crate) fn hold<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<CudaTensor<'py>> {
-        use crate::errors::to_py_err;
+        use crate::errors::{to_py_err, OrRaise};
         if !cuda_available() {
             return Err(to_py_err(
                 py,
@@ -126,7 +126,7 @@ impl Gpu {
         }
         let (address, len, storage) = crate::torch::torch_memory(py, obj, "cuda")?;
         let ordinal: i32 = obj.getattr("device")?.getattr("index")?.extract()?;
-        let ctx = self.context(ordinal).map_err(|e| to_py_err(py, e))?;
+        let ctx = self.context(ordinal).or_raise(py)?;
         // SAFETY: `address`/`len` are the `data_ptr()` and `numel() * element_size()` of a
         // dense, contiguous tensor on CUDA device `ordinal` with no lazy conjugate/negative
         // bit (checked by `torch_memory`), so they are device memory of `len` bytes in that
@@ -139,8 +139,7 @@ impl Gpu {
         // once the save no longer reads it (sync: returned; async: `staged`); a caller
         // writing the tensor from another thread meanwhile races, as documented for the CPU
         // path.
-        let source =
-            unsafe { CudaTensorSource::from_raw(ctx, address as u64, len) }.map_err(|e| to_py_err(py, e))?;
+        let source = unsafe { CudaTensorSource::from_raw(ctx, address as u64, len) }.or_raise(py)?;
         Ok(CudaTensor { source, keep: [obj.clone(), storage] })
     }
 

@@ -38,3 +38,15 @@ pub(crate) fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
         Err(import_error) => import_error,
     }
 }
+
+/// A crate result raised as its Python exception ([`to_py_err`]).
+pub(crate) trait OrRaise<T> {
+    /// The value, or the error as the matching `uring_ckpt` exception.
+    fn or_raise(self, py: Python<'_>) -> PyResult<T>;
+}
+
+impl<T> OrRaise<T> for uring_ckpt::Result<T> {
+    fn or_raise(self, py: Python<'_>) -> PyResult<T> {
+        self.map_err(|e| to_py_err(py, e))
+    }
+}

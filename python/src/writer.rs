@@ -11,7 +11,7 @@ use uring_ckpt::{Checkpoint, CheckpointIO, Dtype, LoadOptions, UringCheckpointIO
 use crate::buffers::Buffer;
 use crate::config::Config;
 use crate::cuda::Gpu;
-use crate::errors::to_py_err;
+use crate::errors::OrRaise;
 use crate::report::{report_json, save_report_json, CudaUse};
 use crate::tensors::{hold, parse_dtype, Held};
 
@@ -31,9 +31,9 @@ impl Writer {
     fn new(py: Python<'_>, config: Option<&Config>) -> PyResult<Self> {
         let config = match config {
             Some(c) => c.inner.clone(),
-            None => uring_ckpt::Config::load(None).map_err(|e| to_py_err(py, e))?,
+            None => uring_ckpt::Config::load(None).or_raise(py)?,
         };
-        let io = UringCheckpointIO::new(config).map_err(|e| to_py_err(py, e))?;
+        let io = UringCheckpointIO::new(config).or_raise(py)?;
         Ok(Writer { gpu: Gpu::default(), io })
     }
 
@@ -84,16 +84,13 @@ impl Writer {
         let extras: Vec<(String, Bound<'_, PyBytes>)> = extra_files.extract()?;
         let mut checkpoint = Checkpoint::new();
         for ((name, dtype, shape), memory) in specs.iter().zip(&held) {
-            checkpoint
-                .add_source(name.clone(), *dtype, shape, memory.data())
-                .map_err(|e| to_py_err(py, e))?;
+            checkpoint.add_source(name.clone(), *dtype, shape, memory.data()).or_raise(py)?;
         }
         for (name, bytes) in &extras {
-            checkpoint.add_extra_file(name.clone(), bytes.as_bytes()).map_err(|e| to_py_err(py, e))?;
+            checkpoint.add_extra_file(name.clone(), bytes.as_bytes()).or_raise(py)?;
         }
         checkpoint.metadata = metadata;
-        let report =
-            py.detach(|| self.io.save_checkpoint(&checkpoint, &path)).map_err(|e| to_py_err(py, e))?;
+        let report = py.detach(|| self.io.save_checkpoint(&checkpoint, &path)).or_raise(py)?;
         drop(checkpoint);
         drop(held);
         save_report_json(&report, cuda)
@@ -111,7 +108,7 @@ impl Writer {
         verify: Option<bool>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let options = LoadOptions { names, verify };
-        let loaded = py.detach(|| self.io.load_checkpoint(&path, &options)).map_err(|e| to_py_err(py, e))?;
+        let loaded = py.detach(|| self.io.load_checkpoint(&path, &options)).or_raise(py)?;
         let tensors = PyList::empty(py);
         for t in loaded.tensors {
             // SAFETY: `t.data` is one tensor of the finished load, moved into the `Buffer`:
@@ -130,23 +127,20 @@ impl Writer {
     /// Deletes the checkpoint at `path` atomically (a missing path is not an error; a
     /// directory that is not a checkpoint is refused).
     fn remove(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        py.detach(|| self.io.remove_checkpoint(&path)).map_err(|e| to_py_err(py, e))
+        py.detach(|| self.io.remove_checkpoint(&path)).or_raise(py)
     }
 
     /// Checks every shard, tensor CRC and extra file of the checkpoint at `path`; returns the
     /// report as JSON.
     fn verify(&self, py: Python<'_>, path: PathBuf) -> PyResult<String> {
-        let report = py
-            .detach(|| uring_ckpt::inspect::verify(self.io.config(), &path, |_, _| {}))
-            .map_err(|e| to_py_err(py, e))?;
+        let report =
+            py.detach(|| uring_ckpt::inspect::verify(self.io.config(), &path, |_, _| {})).or_raise(py)?;
         report_json(&report)
     }
 
     /// Reads the manifest and shard headers of the checkpoint at `path`; returns JSON.
     fn inspect(&self, py: Python<'_>, path: PathBuf) -> PyResult<String> {
-        let info = py
-            .detach(|| uring_ckpt::inspect::inspect(self.io.config(), &path))
-            .map_err(|e| to_py_err(py, e))?;
+        let info = py.detach(|| uring_ckpt::inspect::inspect(self.io.config(), &path)).or_raise(py)?;
         report_json(&info)
     }
 }
