@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyList};
 use uring_ckpt::async_io::{AsyncCheckpointIO, Durable, OwnedCheckpoint, Staged};
 use uring_ckpt::UringCheckpointIO;
 
@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::cuda::Gpu;
 use crate::errors::OrRaise;
 use crate::report::{save_report_json, CudaUse};
-use crate::tensors::{lend, parse_dtype};
+use crate::tensors::{entries, lend, Entry};
 
 /// A background save: its staged and durable completions.
 #[pyclass(module = "uring_ckpt._uring_ckpt", frozen)]
@@ -152,13 +152,11 @@ impl AsyncWriter {
     ) -> PyResult<SaveHandle> {
         let mut checkpoint = OwnedCheckpoint::new();
         let mut cuda = CudaUse::default();
-        for entry in tensors.iter() {
-            let entry = entry.cast_into::<PyTuple>()?;
-            let (name, dtype, shape, kind, obj): (String, String, Vec<u64>, String, Bound<'_, PyAny>) =
-                entry.extract()?;
+        for entry in entries(tensors) {
+            let Entry { name, dtype, shape, kind, obj } = entry?;
             let source = lend(py, &self.gpu, &kind, &obj)?;
             cuda.count(&kind, source.len());
-            checkpoint.add(name, parse_dtype(&dtype)?, &shape, source).or_raise(py)?;
+            checkpoint.add(name, dtype, &shape, source).or_raise(py)?;
         }
         if cuda.tensors > 0 {
             self.gpu.prepare_staging(py, self.io.inner());

@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
 use uring_ckpt::checkpoint::TensorData;
 use uring_ckpt::staging::{HostPtrSource, TensorSource};
 use uring_ckpt::Dtype;
@@ -21,8 +22,26 @@ pub(crate) fn dtypes() -> Vec<&'static str> {
     NAMES.get_or_init(|| Dtype::ALL.iter().map(|d| d.as_str()).collect()).clone()
 }
 
-pub(crate) fn parse_dtype(name: &str) -> PyResult<Dtype> {
-    Dtype::parse(name).ok_or_else(|| PyValueError::new_err(format!("unknown safetensors dtype {name:?}")))
+/// One `(name, dtype, shape, kind, obj)` entry of a save's tensor list, its dtype parsed.
+pub(crate) struct Entry<'py> {
+    pub(crate) name: String,
+    pub(crate) dtype: Dtype,
+    pub(crate) shape: Vec<u64>,
+    /// `"torch"`, `"cuda"` or `"buffer"` (see [`hold`]).
+    pub(crate) kind: String,
+    pub(crate) obj: Bound<'py, PyAny>,
+}
+
+/// The entries of a save's tensor list, in order.
+pub(crate) fn entries<'py>(tensors: &Bound<'py, PyList>) -> impl Iterator<Item = PyResult<Entry<'py>>> {
+    tensors.iter().map(|entry| {
+        let entry = entry.cast_into::<PyTuple>()?;
+        let (name, dtype, shape, kind, obj): (String, String, Vec<u64>, String, Bound<'_, PyAny>) =
+            entry.extract()?;
+        let dtype = Dtype::parse(&dtype)
+            .ok_or_else(|| PyValueError::new_err(format!("unknown safetensors dtype {dtype:?}")))?;
+        Ok(Entry { name, dtype, shape, kind, obj })
+    })
 }
 
 /// The memory behind one tensor to save, and what keeps it alive.

@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::cuda::Gpu;
 use crate::errors::OrRaise;
 use crate::report::{report_json, save_report_json, CudaUse};
-use crate::tensors::{hold, parse_dtype, Held};
+use crate::tensors::{entries, hold, Entry, Held};
 
 /// A checkpoint writer and reader with one configuration; keeps its staging buffers between
 /// saves. All I/O runs with the GIL released.
@@ -69,11 +69,9 @@ impl Writer {
         let mut specs: Vec<(String, Dtype, Vec<u64>)> = Vec::with_capacity(tensors.len());
         let mut held: Vec<Held<'_>> = Vec::with_capacity(tensors.len());
         let mut cuda = CudaUse::default();
-        for entry in tensors.iter() {
-            let entry = entry.cast_into::<PyTuple>()?;
-            let (name, dtype, shape, kind, obj): (String, String, Vec<u64>, String, Bound<'_, PyAny>) =
-                entry.extract()?;
-            specs.push((name, parse_dtype(&dtype)?, shape));
+        for entry in entries(tensors) {
+            let Entry { name, dtype, shape, kind, obj } = entry?;
+            specs.push((name, dtype, shape));
             let memory = hold(py, &self.gpu, &kind, &obj)?;
             cuda.count(&kind, memory.data().len());
             held.push(memory);
