@@ -28,13 +28,23 @@ pub(crate) struct SaveHandle {
     cuda: CudaUse,
 }
 
+/// A copy of a stored outcome (the error a new reference to the same exception).
+fn copy_outcome(py: Python<'_>, outcome: &PyResult<String>) -> PyResult<String> {
+    match outcome {
+        Ok(report) => Ok(report.clone()),
+        Err(e) => Err(e.clone_ref(py)),
+    }
+}
+
+/// `timeout` seconds (negative ones as zero).
+fn seconds(timeout: f64) -> Duration {
+    Duration::from_secs_f64(timeout.max(0.0))
+}
+
 impl SaveHandle {
     fn stored(&self, py: Python<'_>) -> Option<PyResult<String>> {
         let outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
-        outcome.as_ref().map(|r| match r {
-            Ok(report) => Ok(report.clone()),
-            Err(e) => Err(e.clone_ref(py)),
-        })
+        outcome.as_ref().map(|r| copy_outcome(py, r))
     }
 }
 
@@ -50,7 +60,7 @@ impl SaveHandle {
     #[pyo3(signature = (timeout=None))]
     fn wait_staged(&self, py: Python<'_>, timeout: Option<f64>) -> bool {
         py.detach(|| match timeout {
-            Some(t) => self.staged.wait_timeout(Duration::from_secs_f64(t.max(0.0))),
+            Some(t) => self.staged.wait_timeout(seconds(t)),
             None => {
                 self.staged.wait();
                 true
@@ -69,7 +79,7 @@ impl SaveHandle {
             let mut slot = self.durable.lock().unwrap_or_else(|e| e.into_inner());
             let durable = slot.as_ref()?;
             if let Some(t) = timeout {
-                if !durable.wait_timeout(Duration::from_secs_f64(t.max(0.0))) {
+                if !durable.wait_timeout(seconds(t)) {
                     return None;
                 }
             }
@@ -84,10 +94,7 @@ impl SaveHandle {
         };
         let converted = result.or_raise(py).and_then(|r| save_report_json(&r, self.cuda));
         let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
-        *outcome = Some(match &converted {
-            Ok(report) => Ok(report.clone()),
-            Err(e) => Err(e.clone_ref(py)),
-        });
+        *outcome = Some(copy_outcome(py, &converted));
         converted.map(Some)
     }
 

@@ -45,6 +45,14 @@ fn toml_table(dict: &Bound<'_, PyDict>) -> PyResult<toml::Table> {
     Ok(table)
 }
 
+impl Config {
+    /// The configuration with the keys of `table` set and the defaults elsewhere, validated.
+    fn from_table(py: Python<'_>, table: &toml::Table) -> PyResult<Self> {
+        let inner = uring_ckpt::Config::from_toml_str(&table.to_string()).or_raise(py)?;
+        Ok(Config { inner })
+    }
+}
+
 #[pymethods]
 impl Config {
     /// Defaults, with the given keys (TOML names) set. Environment variables are not read.
@@ -55,8 +63,7 @@ impl Config {
             Some(d) => toml_table(d)?,
             None => toml::Table::new(),
         };
-        let inner = uring_ckpt::Config::from_toml_str(&table.to_string()).or_raise(py)?;
-        Ok(Config { inner })
+        Config::from_table(py, &table)
     }
 
     /// The TOML file at `path`, then the `URING_CKPT_*` environment on top; with no path, the
@@ -78,8 +85,7 @@ impl Config {
                 table.insert(k, v);
             }
         }
-        let inner = uring_ckpt::Config::from_toml_str(&table.to_string()).or_raise(py)?;
-        Ok(Config { inner })
+        Config::from_table(py, &table)
     }
 
     /// The configuration as TOML (every key).
