@@ -1,6 +1,6 @@
 //! The CUDA side of a writer: `cuda_built`/`cuda_available`, the primary context of each
 //! device saved from, CUDA torch tensors held for a save (or lent to a background one) as
-//! [`uring_ckpt::staging::cuda::CudaTensorSource`]s, and the page-locking of the staging pool.
+//! `uring_ckpt::staging::cuda::CudaTensorSource`s, and the page-locking of the staging pool.
 //!
 //! Everything that touches CUDA is behind the crate's `cuda` feature; without it [`Gpu`] is
 //! empty, refuses CUDA tensors and reports nothing page-locked.

@@ -7,21 +7,21 @@
 //! copy).
 //!
 //! With the `cuda` feature, CUDA torch tensors are saved from device memory: each becomes a
-//! [`uring_ckpt::staging::cuda::CudaTensorSource`] in the primary context of its device (the
+//! `uring_ckpt::staging::cuda::CudaTensorSource` in the primary context of its device (the
 //! one torch uses), copied chunk by chunk into the (page-locked) staging buffers.
 //!
 //! The modules, each knowing only the ones listed before it:
 //!
-//! - [`errors`]: crate errors as `uring_ckpt` exceptions;
-//! - [`config`]: `Config`, from keyword arguments, a file or another one;
-//! - [`buffers`]: `Buffer`, loaded bytes exported through the buffer protocol (unsafe);
-//! - [`report`]: reports as JSON, with the count of tensors read from device memory;
-//! - [`torch`]: a torch tensor's memory, checked to be one dense byte range;
-//! - [`cuda`]: `cuda_built`/`cuda_available` and a writer's CUDA side (`Gpu`; feature `cuda`);
-//! - [`tensors`]: a save's tensor entries held for a synchronous save or lent to a
+//! - `errors`: crate errors as `uring_ckpt` exceptions;
+//! - `config`: `Config`, from keyword arguments, a file or another one;
+//! - `buffers`: `Buffer`, loaded bytes exported through the buffer protocol (unsafe);
+//! - `report`: reports as JSON, with the count of tensors read from device memory;
+//! - `torch`: a torch tensor's memory, checked to be one dense byte range;
+//! - `cuda`: `cuda_built`/`cuda_available` and a writer's CUDA side (`Gpu`; feature `cuda`);
+//! - `tensors`: a save's tensor entries held for a synchronous save or lent to a
 //!   background one; `dtypes`;
-//! - [`writer`]: `Writer`, synchronous saves, loads, removal, verification, inspection;
-//! - [`background`]: `AsyncWriter` and its `SaveHandle`s.
+//! - `writer`: `Writer`, synchronous saves, loads, removal, verification, inspection;
+//! - `background`: `AsyncWriter` and its `SaveHandle`s.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 

@@ -1,6 +1,6 @@
 //! A save's tensor entries, `(name, dtype, shape, kind, obj)`, turned into what the core
-//! takes: memory held for a synchronous save ([`Held`], borrowed as
-//! [`TensorData`]), or lent to a background save as an owned [`TensorSource`].
+//! takes: memory held for a synchronous save ([`Held`], borrowed as [`TensorData`]), or
+//! lent to a background save as an owned [`TensorSource`].
 
 use std::sync::{Arc, OnceLock};
 
