@@ -265,7 +265,10 @@ impl<T> Completion<T> {
     }
 
     fn wait_done_timeout(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let Some(deadline) = Instant::now().checked_add(timeout) else {
+            drop(self.wait_done()); // past any representable instant: wait without a limit
+            return true;
+        };
         let mut slot = lock(&self.slot);
         while !slot.done {
             let now = Instant::now();

@@ -38,7 +38,8 @@ fn copy_outcome(py: Python<'_>, outcome: &PyResult<String>) -> PyResult<String> 
 
 /// `timeout` seconds (negative ones as zero).
 fn seconds(timeout: f64) -> Duration {
-    Duration::from_secs_f64(timeout.max(0.0))
+    // NaN and negative wait nothing; infinity (or more than a Duration holds) waits "forever".
+    Duration::try_from_secs_f64(timeout.max(0.0)).unwrap_or(Duration::MAX)
 }
 
 impl SaveHandle {
