@@ -247,7 +247,7 @@ def _simple_np_dtype(dtype: Any) -> bool:
         and dtype.kind in "biufc"
         and not dtype.hasobject
         and dtype.fields is None
-        and dtype.subarray is None
+        and dtype.subdtype is None
         and dtype.str[1:] in _NP_DTYPE_CODES
     )
 
