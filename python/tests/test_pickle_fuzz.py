@@ -30,7 +30,11 @@ ROUND_TRIPS = 400
 
 def u(text: str) -> bytes:
     raw = text.encode()
-    return P.SHORT_BINUNICODE + bytes([len(raw)]) + raw if len(raw) < 256 else P.BINUNICODE + struct.pack("<I", len(raw)) + raw
+    return (
+        P.SHORT_BINUNICODE + bytes([len(raw)]) + raw
+        if len(raw) < 256
+        else P.BINUNICODE + struct.pack("<I", len(raw)) + raw
+    )
 
 
 def const(value) -> bytes:
@@ -46,8 +50,13 @@ def rich_state() -> dict:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     adam = {  # what Adam.state_dict() holds (a real step costs seconds of imports)
-        "state": {i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p)} for i, p in enumerate(model.parameters())},
-        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "foreach": None, "params": [0, 1, 2, 3]}],
+        "state": {
+            i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p)}
+            for i, p in enumerate(model.parameters())
+        },
+        "param_groups": [
+            {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "foreach": None, "params": [0, 1, 2, 3]}
+        ],
     }
     return {
         "epoch": 1,
@@ -95,7 +104,7 @@ def corpus(tmp_path_factory):
 
 def allowed_check():
     """A function that raises AssertionError when a value holds anything not allowed."""
-    from lightning.fabric.utilities.data import AttributeDict  # noqa: F401 - as allowed as it gets
+    from lightning.fabric.utilities.data import AttributeDict
 
     tables = _safe_pickle.tables()
     leaf_types = {
@@ -132,7 +141,7 @@ def allowed_check():
             t = type(v)
             if id(v) in allowed_objects or t in leaf_types:
                 continue
-            if isinstance(v, np.dtype) or isinstance(v, np.generic):
+            if isinstance(v, (np.dtype, np.generic)):
                 assert _safe_pickle._simple_np_dtype(v if isinstance(v, np.dtype) else v.dtype), repr(v)
                 continue
             if t in containers:
@@ -243,7 +252,11 @@ def mutate(rng: random.Random, data: bytes, others: list[bytes], words: list[byt
             s = rng.randrange(len(o))
             b[at:at] = o[s : s + rng.randint(1, 64)]
         else:  # retarget an allowed global of the stream
-            b = bytearray(bytes(b).replace(u("collections") + P.MEMOIZE + u("OrderedDict"), u("os") + P.MEMOIZE + u("system"), 1))
+            b = bytearray(
+                bytes(b).replace(
+                    u("collections") + P.MEMOIZE + u("OrderedDict"), u("os") + P.MEMOIZE + u("system"), 1
+                )
+            )
     return bytes(b)
 
 

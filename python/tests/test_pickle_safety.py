@@ -11,6 +11,7 @@ the live payloads through plain ``pickle`` to show that they do run there.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copyreg
 import io
 import json
@@ -183,11 +184,20 @@ CASES: dict[str, Case] = {
         False,
         UNSAFE,
     ),
-    "numpy_dtype_suffix_name": (lambda m, t: pk(sg("numpy", "_core.numeric.builtins.FakeDType")), False, UNSAFE),
+    "numpy_dtype_suffix_name": (
+        lambda m, t: pk(sg("numpy", "_core.numeric.builtins.FakeDType")),
+        False,
+        UNSAFE,
+    ),
     "torch_load_trusted_mode_file": (
         # torch.load(f, None, pickle_module) defaults to weights_only=False.
         lambda m, t: pk(
-            call(sg("torch", "load"), u(_torch_file(m, t)), P.NONE, call(sg("importlib", "import_module"), u("pickle")))
+            call(
+                sg("torch", "load"),
+                u(_torch_file(m, t)),
+                P.NONE,
+                call(sg("importlib", "import_module"), u("pickle")),
+            )
         ),
         True,
         UNSAFE,
@@ -202,7 +212,11 @@ CASES: dict[str, Case] = {
         True,
         UNSAFE,
     ),
-    "codecs_encode": (lambda m, t: pk(call(sg("_codecs", "encode"), u(_code(m)), u("latin1"))), False, UNSAFE),
+    "codecs_encode": (
+        lambda m, t: pk(call(sg("_codecs", "encode"), u(_code(m)), u("latin1"))),
+        False,
+        UNSAFE,
+    ),
     "torch_rebuild_tensor": (
         lambda m, t: pk(call(sg("torch._utils", "_rebuild_tensor_v2"), P.NONE, const(0), const((2,)))),
         False,
@@ -229,7 +243,11 @@ CASES: dict[str, Case] = {
         False,
         UNSAFE,
     ),
-    "newobj_of_popen": (lambda m, t: pk(sg("subprocess", "Popen") + const((["touch", m],)) + P.NEWOBJ), False, UNSAFE),
+    "newobj_of_popen": (
+        lambda m, t: pk(sg("subprocess", "Popen") + const((["touch", m],)) + P.NEWOBJ),
+        False,
+        UNSAFE,
+    ),
     "newobj_ex": (
         lambda m, t: pk(sg("collections", "OrderedDict") + tup() + P.EMPTY_DICT + P.NEWOBJ_EX),
         False,
@@ -238,7 +256,18 @@ CASES: dict[str, Case] = {
     "persid_text_opcode": (lambda m, t: pk(P.PERSID + b"w\n"), False, UNSAFE),
     "stack_global_from_non_constants": (
         # The module name comes out of a tuple built at run time.
-        lambda m, t: pk(const(("os",)) + P.POP + u("os") + P.TUPLE1 + P.POP + u("os") + P.DUP + P.POP + u("system") + P.STACK_GLOBAL),
+        lambda m, t: pk(
+            const(("os",))
+            + P.POP
+            + u("os")
+            + P.TUPLE1
+            + P.POP
+            + u("os")
+            + P.DUP
+            + P.POP
+            + u("system")
+            + P.STACK_GLOBAL
+        ),
         False,
         UNSAFE,
     ),
@@ -280,16 +309,28 @@ CASES: dict[str, Case] = {
         False,
         UNSAFE,
     ),
-    "build_on_a_device": (lambda m, t: pk(call(sg("torch", "device"), u("cpu")) + const({"a": 1}) + P.BUILD), False, UNSAFE),
+    "build_on_a_device": (
+        lambda m, t: pk(call(sg("torch", "device"), u("cpu")) + const({"a": 1}) + P.BUILD),
+        False,
+        UNSAFE,
+    ),
     # -- container opcodes on objects that are not the built-in containers ----------------
     "setitem_on_a_tensor": (lambda m, t: pk(pid() + const(0) + const(7.0) + P.SETITEM), False, UNSAFE),
     "append_to_a_bytearray": (lambda m, t: pk(const(bytearray(b"ab")) + const(1) + P.APPEND), False, UNSAFE),
     "additems_on_a_tensor": (lambda m, t: pk(pid() + P.MARK + const(1.0) + P.ADDITEMS), False, UNSAFE),
     # -- allowed callables asked to allocate without bound ---------------------------------
-    "bytearray_of_a_terabyte": (lambda m, t: pk(call(sg("builtins", "bytearray"), const(10**12))), False, UNSAFE),
+    "bytearray_of_a_terabyte": (
+        lambda m, t: pk(call(sg("builtins", "bytearray"), const(10**12))),
+        False,
+        UNSAFE,
+    ),
     "set_copy_bomb": (lambda m, t: pk(_set_bomb(3000)), False, UNSAFE),
     "tuple_dag_hash_bomb": (lambda m, t: pk(P.EMPTY_DICT + _dag(60) + P.NONE + P.SETITEM), False, UNSAFE),
-    "numpy_object_dtype": (lambda m, t: pk(call(sg("numpy", "dtype"), u("O"), P.NEWFALSE, P.NEWTRUE)), False, UNSAFE),
+    "numpy_object_dtype": (
+        lambda m, t: pk(call(sg("numpy", "dtype"), u("O"), P.NEWFALSE, P.NEWTRUE)),
+        False,
+        UNSAFE,
+    ),
     "numpy_dtype_state_with_fields": (
         lambda m, t: pk(
             call(sg("numpy", "dtype"), u("f8"), P.NEWFALSE, P.NEWTRUE)
@@ -335,16 +376,34 @@ CASES: dict[str, Case] = {
     "pid_numpy_wrong_dtype": (lambda m, t: pk(pid("n", "numpy", "<f4")), False, CORRUPT),
     "pid_numpy_object_dtype": (lambda m, t: pk(pid("n", "numpy", "|O")), False, CORRUPT),
     "pid_numpy_structured_dtype": (lambda m, t: pk(pid("n", "numpy", "i2,i2")), False, CORRUPT),
-    "pid_with_a_shape": (lambda m, t: pk(const((TAG, "w", "torch", "float32", "cpu", False, False, (3, 2))) + P.BINPERSID), False, CORRUPT),
-    "pid_not_a_tuple": (lambda m, t: pk(u("w") + P.BINPERSID), False, CORRUPT),
-    "pid_a_list": (lambda m, t: pk(const([TAG, "w", "torch", "float32", "cpu", False, False]) + P.BINPERSID), False, CORRUPT),
-    "pid_tensor_valued_field": (
-        lambda m, t: pk(tup(u(TAG), u("w"), u("torch"), u("float32"), u("cpu"), pid(), P.NEWFALSE) + P.BINPERSID),
+    "pid_with_a_shape": (
+        lambda m, t: pk(const((TAG, "w", "torch", "float32", "cpu", False, False, (3, 2))) + P.BINPERSID),
         False,
         CORRUPT,
     ),
-    "pid_grad_on_an_int_tensor": (lambda m, t: pk(pid("i", "torch", "int64", "cpu", True, True)), False, CORRUPT),
-    "pid_bad_device": (lambda m, t: pk(pid("w", "torch", "float32", "no-such-device:x", False, False)), False, CORRUPT),
+    "pid_not_a_tuple": (lambda m, t: pk(u("w") + P.BINPERSID), False, CORRUPT),
+    "pid_a_list": (
+        lambda m, t: pk(const([TAG, "w", "torch", "float32", "cpu", False, False]) + P.BINPERSID),
+        False,
+        CORRUPT,
+    ),
+    "pid_tensor_valued_field": (
+        lambda m, t: pk(
+            tup(u(TAG), u("w"), u("torch"), u("float32"), u("cpu"), pid(), P.NEWFALSE) + P.BINPERSID
+        ),
+        False,
+        CORRUPT,
+    ),
+    "pid_grad_on_an_int_tensor": (
+        lambda m, t: pk(pid("i", "torch", "int64", "cpu", True, True)),
+        False,
+        CORRUPT,
+    ),
+    "pid_bad_device": (
+        lambda m, t: pk(pid("w", "torch", "float32", "no-such-device:x", False, False)),
+        False,
+        CORRUPT,
+    ),
 }
 
 
@@ -421,10 +480,8 @@ def test_control_live_payloads_run_under_plain_pickle(tmp_path, name, ext_codes)
     build, _, _ = CASES[name]
     marker = tmp_path / "marker"
     data = build(str(marker), str(tmp_path))
-    try:
+    with contextlib.suppress(Exception):  # the side effect happens before whatever fails next
         pickle.loads(data)
-    except Exception:
-        pass  # the side effect happens before whatever fails next
     deadline = time.monotonic() + 5
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -448,9 +505,8 @@ def test_add_safe_globals_cannot_allow_blocked_modules(tmp_path):
     path = tmp_path / "c"
     base_checkpoint(path)
     forge(path, pk(call(sg("posix", "system"), u(_shell(str(marker))))))
-    with torch.serialization.safe_globals([os.system]):
-        with pytest.raises(UNSAFE, match="never allowed"):
-            uring_ckpt.load(path)
+    with torch.serialization.safe_globals([os.system]), pytest.raises(UNSAFE, match="never allowed"):
+        uring_ckpt.load(path)
     assert not marker.exists()
 
 
@@ -486,10 +542,10 @@ def test_allowed_values_round_trip_with_the_default(tmp_path):
     uring_ckpt.save(state, tmp_path / "c")
     back = uring_ckpt.load(tmp_path / "c")
     assert back["state_dict"]._metadata == sd._metadata
-    for key in state:
+    for key, value in state.items():
         if key != "state_dict":
-            assert back[key] == state[key], key
-            assert type(back[key]) is type(state[key]), key
+            assert back[key] == value, key
+            assert type(back[key]) is type(value), key
     assert back["dd"].default_factory is None and back["deque"].maxlen == 5
     assert [type(x) for x in back["numpy"]] == [type(x) for x in state["numpy"]]
     assert back["numpy"][3].byteorder == ">"
@@ -506,9 +562,8 @@ def test_add_safe_globals_allows_a_class_exactly(tmp_path):
     path = tmp_path / "d"
     base_checkpoint(path)
     forge(path, pk(sg(Config.__module__, "Config.__init__.__globals__")))
-    with torch.serialization.safe_globals([Config]):
-        with pytest.raises(UNSAFE, match="dotted"):
-            uring_ckpt.load(path)
+    with torch.serialization.safe_globals([Config]), pytest.raises(UNSAFE, match="dotted"):
+        uring_ckpt.load(path)
     assert uring_ckpt.load(tmp_path / "c", weights_only=False)["cfg"].lr == 0.1
 
 

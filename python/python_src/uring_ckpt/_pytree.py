@@ -416,7 +416,9 @@ class Restorer:
         """Raises unless ``pid`` is ``(PID_TAG, name, kind, dtype, device, requires_grad,
         is_param)`` with fields of those types (only then is it hashed)."""
         if not (type(pid) is tuple and len(pid) == 7 and type(pid[0]) is str and pid[0] == PID_TAG):
-            raise self._corrupt(f"persistent id {_safe_pickle._short(pid)} is not a uring_ckpt tensor reference")
+            raise self._corrupt(
+                f"persistent id {_safe_pickle._short(pid)} is not a uring_ckpt tensor reference"
+            )
         _, name, kind, dtype_name, device, requires_grad, is_param = pid
         if not (
             type(name) is str
@@ -478,7 +480,9 @@ class Restorer:
         (what the saver wrote, ``"<f4"``); anything else is a forged reference."""
         native = _NUMPY_FROM_SAFETENSORS.get(shard_dtype)
         if np is None or native is None or not _NUMPY_DTYPE_STR.fullmatch(dtype_name):
-            raise self._corrupt(f"tensor {name!r}: numpy dtype {dtype_name!r} for a {shard_dtype} shard tensor")
+            raise self._corrupt(
+                f"tensor {name!r}: numpy dtype {dtype_name!r} for a {shard_dtype} shard tensor"
+            )
         want = np.dtype(native)
         if np.dtype(dtype_name) != want:
             raise self._corrupt(

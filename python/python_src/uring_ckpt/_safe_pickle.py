@@ -160,7 +160,10 @@ _BLOCKED_BUILTINS = frozenset(
 )
 
 _ATTRIBUTE_DICTS = frozenset(
-    {("lightning.fabric.utilities.data", "AttributeDict"), ("lightning_fabric.utilities.data", "AttributeDict")}
+    {
+        ("lightning.fabric.utilities.data", "AttributeDict"),
+        ("lightning_fabric.utilities.data", "AttributeDict"),
+    }
 )
 
 _CONSTANT_OPS = frozenset(
@@ -189,7 +192,7 @@ _UNKNOWN = object()
 def _short(obj: Any, limit: int = 120) -> str:
     try:
         text = repr(obj)
-    except Exception:  # a hostile repr: say what it is instead
+    except Exception:  # noqa: BLE001 - a hostile or broken repr: say what it is instead
         text = f"<{type(obj).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -235,7 +238,9 @@ def torch_dtypes_by_name() -> dict[str, Any]:
 
 _torch_dtypes_cache: dict[str, Any] | None = None
 
-_NP_DTYPE_CODES = frozenset({"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8", "c8", "c16"})
+_NP_DTYPE_CODES = frozenset(
+    {"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8", "c8", "c16"}
+)
 """The numpy dtype codes a sidecar may build (``np.dtype('f8', False, True)``): plain
 numbers and bools, no objects, structures, sub-arrays, strings or datetimes."""
 
@@ -256,7 +261,7 @@ class _Entry:
     """An allowed global: the object a GLOBAL pushes, and what REDUCE does with it (None:
     it cannot be called)."""
 
-    __slots__ = ("value", "reduce")
+    __slots__ = ("reduce", "value")
 
     def __init__(self, value: Any, reduce: Callable[[_Machine, tuple], Any] | None = None) -> None:
         self.value = value
@@ -587,7 +592,9 @@ def _scan(data: bytes, tabs: _Tables, user: dict[str, Any], where: str) -> list[
         name = op.name
         if name not in _ALLOWED_OPS:
             why = _REFUSED_WHY.get(name, "weights_only loads read the binary opcodes of protocols 2 to 5")
-            raise UnsafeCheckpointError(f"{where}: weights_only load refuses opcode {name} at byte {pos}: {why}")
+            raise UnsafeCheckpointError(
+                f"{where}: weights_only load refuses opcode {name} at byte {pos}: {why}"
+            )
         if name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"):
             last.append(arg)
         elif name in ("BINGET", "LONG_BINGET"):
