@@ -128,6 +128,14 @@ def _dag(levels: int) -> bytes:
     return out + P.BINGET + bytes([levels])
 
 
+def _list_dag(levels: int) -> bytes:
+    """l0 = [], l(k+1) = [lk, lk]: printing l(levels) takes 2**levels steps."""
+    out = P.EMPTY_LIST + P.MEMOIZE + P.POP
+    for k in range(levels):
+        out += P.EMPTY_LIST + P.MARK + (P.BINGET + bytes([k])) * 2 + P.APPENDS + P.MEMOIZE + P.POP
+    return out + P.BINGET + bytes([levels])
+
+
 def _set_bomb(copies: int) -> bytes:
     """A 1000-element list, then set(list) built over and over: copies x 1000 elements."""
     body = P.EMPTY_LIST + P.MEMOIZE + P.MARK + b"".join(const(i) for i in range(1000)) + P.APPENDS + P.POP
@@ -326,6 +334,21 @@ CASES: dict[str, Case] = {
     ),
     "set_copy_bomb": (lambda m, t: pk(_set_bomb(3000)), False, UNSAFE),
     "tuple_dag_hash_bomb": (lambda m, t: pk(P.EMPTY_DICT + _dag(60) + P.NONE + P.SETITEM), False, UNSAFE),
+    "error_message_repr_bomb_in_pid": (
+        lambda m, t: pk(_list_dag(60) + P.TUPLE1 + P.BINPERSID),
+        False,
+        CORRUPT,
+    ),
+    "error_message_repr_bomb_in_reduce": (
+        lambda m, t: pk(_list_dag(60) + P.MEMOIZE + P.BINGET + b"\x3c" + P.TUPLE1 + P.REDUCE),
+        False,
+        UNSAFE,
+    ),
+    "error_message_repr_bomb_in_dtype_state": (
+        lambda m, t: pk(call(sg("numpy", "dtype"), u("f8"), P.NEWFALSE, P.NEWTRUE) + _dag(60) + P.BUILD),
+        False,
+        UNSAFE,
+    ),
     "numpy_object_dtype": (
         lambda m, t: pk(call(sg("numpy", "dtype"), u("O"), P.NEWFALSE, P.NEWTRUE)),
         False,

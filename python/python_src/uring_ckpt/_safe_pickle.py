@@ -189,11 +189,29 @@ _UNKNOWN = object()
 """What the pre-scan knows about a stack value that is not a string constant."""
 
 
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def _leaf(obj: Any) -> str:
+    t = type(obj)
+    if t in _PLAIN:
+        try:
+            return repr(obj[:100] if t is str or t is bytes else obj)
+        except ValueError:  # an int too long to print
+            return f"<{t.__name__}>"
+    if isinstance(obj, type):
+        return f"<class {getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}>"
+    return f"<{t.__name__}>"
+
+
 def _short(obj: Any, limit: int = 120) -> str:
-    try:
-        text = repr(obj)
-    except Exception:  # noqa: BLE001 - a hostile or broken repr: say what it is instead
-        text = f"<{type(obj).__name__}>"
+    """A bounded description of a value of the stream. Never ``repr()`` of a container:
+    one that nests memo references (a DAG) would take 2**depth to print."""
+    if type(obj) is tuple or type(obj) is list:
+        inner = ", ".join(_leaf(x) for x in obj[:8]) + (", ..." if len(obj) > 8 else "")
+        text = f"({inner})" if type(obj) is tuple else f"[{inner}]"
+    else:
+        text = _leaf(obj)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -986,10 +1004,15 @@ def load(data: bytes, persistent_load: Callable[[Any], Any], where: str = "extra
         return _Machine(len(data), persistent_load, tabs, user, where).run(ops)
     except CorruptCheckpointError:
         raise
-    except Exception as e:  # hostile input: whatever failed, the caller gets the typed error
-        raise UnsafeCheckpointError(
-            f"{where}: weights_only load failed on a malformed sidecar: {type(e).__name__}: {_short(str(e), 200)}"
-        ) from e
+    except Exception as e:  # noqa: BLE001 - hostile input: whatever failed, the caller gets the typed error
+        # Described from its arguments only when they are plain values: the str() of an
+        # exception holding a stream value could take as long as that value's repr().
+        plain = all(type(a) in _PLAIN for a in e.args)
+        detail = "; ".join(_short(a, 200) for a in e.args[:3]) if plain else "(a value of the stream)"
+        error = UnsafeCheckpointError(
+            f"{where}: weights_only load failed on a malformed sidecar: {type(e).__name__}: {detail}"
+        )
+        raise error from (e if plain else None)
 
 
 __all__ = ["load", "refusal", "tables", "torch_dtypes_by_name"]
