@@ -107,7 +107,7 @@ def allowed_check():
     try:
         from lightning.fabric.utilities.data import AttributeDict
     except ImportError:  # without Lightning the global is refused anyway
-        AttributeDict = dict  # noqa: N806
+        AttributeDict = dict
 
     tables = _safe_pickle.tables()
     leaf_types = {
