@@ -128,3 +128,33 @@ def test_async_plugin_snapshot_isolation_and_errors(tmp_path):
         plugin.save_checkpoint({}, tmp_path / "c.ckpt", storage_options={"x": 1})
     plugin.remove_checkpoint(tmp_path / "a.ckpt")
     assert not (tmp_path / "a.ckpt").exists()
+
+
+class _Exec:
+    """Pickles as exec(code): what a hostile checkpoint would carry."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def test_resume_refuses_a_hostile_sidecar_by_default(tmp_path):
+    t1 = trainer(tmp_path, UringCheckpointIO(), max_steps=2, every_n_train_steps=2, save_top_k=-1)
+    t1.fit(Tiny(), loader())
+    path = tmp_path / "ckpts" / "epoch=0-step=2.ckpt"
+    marker = tmp_path / "marker"
+    state = uring_ckpt.load(path)
+    state["payload"] = _Exec(f"open({str(marker)!r}, 'w').close()")
+    uring_ckpt.save(state, path, replace=True)
+
+    # Trainer.fit(ckpt_path=...) passes weights_only=None: the plugin reads it as safe.
+    t2 = trainer(tmp_path / "second", UringCheckpointIO(), max_steps=3, every_n_train_steps=100)
+    with pytest.raises(uring_ckpt.UnsafeCheckpointError, match="builtins.exec"):
+        t2.fit(Tiny(), loader(), ckpt_path=str(path))
+    assert not marker.exists()
+    # Only an explicit weights_only=False unpickles everything (and so runs the payload).
+    t3 = trainer(tmp_path / "third", UringCheckpointIO(), max_steps=3, every_n_train_steps=100)
+    t3.fit(Tiny(), loader(), ckpt_path=str(path), weights_only=False)
+    assert marker.exists() and t3.global_step == 3

@@ -154,7 +154,11 @@ def test_layouts_tying_and_odd_values(tmp_path):
         a_set={1, 2, 3},
     )
     uring_ckpt.save(state, tmp_path / "c")
-    back = uring_ckpt.load(tmp_path / "c")
+    # The complex128 tensor is pickled by torch's own reducer (torch._utils rebuild
+    # functions and a storage unpickled with torch.load): only a trusted load rebuilds it.
+    with pytest.raises(uring_ckpt.UnsafeCheckpointError, match="weights_only=False"):
+        uring_ckpt.load(tmp_path / "c")
+    back = uring_ckpt.load(tmp_path / "c", weights_only=False)
     assert type(back) is collections.OrderedDict
     for key in ("transposed", "sliced", "expanded", "conj", "empty", "scalar", "complex128"):
         assert torch.equal(back[key], state[key].resolve_conj()), key
@@ -186,7 +190,11 @@ def test_numpy_arrays_stay_numpy(tmp_path):
         "np_scalar": np.float32(1.5),
     }
     uring_ckpt.save(arrays, tmp_path / "c")
-    back = uring_ckpt.load(tmp_path / "c")
+    # The string array is pickled by numpy's reducer (numpy._core.numeric._frombuffer): only
+    # a trusted load rebuilds it; the rest loads with the default weights_only=True.
+    with pytest.raises(uring_ckpt.UnsafeCheckpointError, match="numpy"):
+        uring_ckpt.load(tmp_path / "c")
+    back = uring_ckpt.load(tmp_path / "c", weights_only=False)
     for key, a in arrays.items():
         assert type(back[key]) is type(a), key
         np.testing.assert_array_equal(back[key], a)
@@ -233,9 +241,13 @@ def test_weights_only_refuses_arbitrary_globals(tmp_path):
     uring_ckpt.save({"w": torch.ones(2), "f": threading.Event}, tmp_path / "bad")
     import pickle
 
-    with pytest.raises(pickle.UnpicklingError, match="threading"):
-        uring_ckpt.load(tmp_path / "bad", weights_only=True)
-    assert uring_ckpt.load(tmp_path / "bad")["f"] is threading.Event
+    for kwargs in ({}, {"weights_only": True}):  # safe by default
+        with pytest.raises(pickle.UnpicklingError, match="threading.Event") as info:
+            uring_ckpt.load(tmp_path / "bad", **kwargs)
+        assert isinstance(info.value, uring_ckpt.UnsafeCheckpointError)
+        assert isinstance(info.value, uring_ckpt.CorruptCheckpointError)
+        assert "weights_only=False" in str(info.value) and "add_safe_globals" in str(info.value)
+    assert uring_ckpt.load(tmp_path / "bad", weights_only=False)["f"] is threading.Event
 
 
 def test_replace_and_remove(tmp_path):

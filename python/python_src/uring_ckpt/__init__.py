@@ -14,7 +14,15 @@ tensors are written from their own memory (no copy); changing them from another 
 thread meanwhile races with the write, as it would with ``torch.save``. Use
 :class:`AsyncSaver` to snapshot them and write in the background.
 
-The sidecar is a pickle: load only checkpoints you trust, or pass ``weights_only=True``.
+Loading is safe by default, as ``torch.load`` is since torch 2.6: ``load`` (and the Lightning
+plugins) read the pickled sidecar with ``weights_only=True``, a restricted unpickler that never
+runs code. It builds plain containers and numbers, strings and bytes, tensors and arrays from the
+shards, torch dtypes/devices/sizes, numpy dtypes and scalars, ``pathlib`` paths and Lightning's
+``AttributeDict``; anything else raises :class:`UnsafeCheckpointError`. For a checkpoint you
+trust that holds other objects, pass ``weights_only=False`` (the sidecar is then unpickled by
+``pickle``, which runs whatever it names), or allow the extra classes exactly with
+``torch.serialization.add_safe_globals([MyConfig])`` (or the ``torch.serialization.safe_globals``
+context manager).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from ._errors import (
     NotACheckpointError,
     TensorNotFoundError,
     UnavailableError,
+    UnsafeCheckpointError,
 )
 from ._uring_ckpt import Config, Writer, __version__, cuda_available
 
@@ -55,6 +64,7 @@ __all__ = [
     "SaveFuture",
     "TensorNotFoundError",
     "UnavailableError",
+    "UnsafeCheckpointError",
     "__version__",
     "cuda_available",
     "inspect",
@@ -150,7 +160,7 @@ def load(
     device: Any = "cpu",
     names: list[str] | None = None,
     verify: bool = True,
-    weights_only: bool = False,
+    weights_only: bool = True,
     config: ConfigLike = None,
 ) -> Any:
     """Loads the checkpoint at ``path`` and rebuilds the structure that was saved, tensors as
@@ -160,15 +170,27 @@ def load(
     mapping saved device names to new ones, or None for the device each tensor was saved
     from). ``names``: load only these tensors (their flattened names, e.g.
     ``"state_dict/layer.weight"``) and return them as a flat dict. ``verify``: check every
-    tensor's CRC-32. ``weights_only``: unpickle the sidecar with an allow-list of globals
-    (containers, torch dtypes/devices, numpy scalars, ``torch.serialization`` safe globals).
+    tensor's CRC-32.
+
+    ``weights_only`` (default True, as ``torch.load`` since torch 2.6): unpickle the sidecar
+    with a restricted unpickler that never runs code, whatever the files hold. It builds
+    containers (dict, list, tuple, set, ``OrderedDict``, ``defaultdict``, ``Counter``,
+    ``deque``), numbers, strings, bytes, the checkpoint's tensors and arrays, torch
+    dtypes/devices/``Size``, plain numpy dtypes and scalars, ``pathlib`` POSIX paths,
+    Lightning's ``AttributeDict``, and the globals added with
+    ``torch.serialization.add_safe_globals`` (matched exactly). Anything else raises
+    :class:`UnsafeCheckpointError` (a :class:`CorruptCheckpointError` and a
+    ``pickle.UnpicklingError``), whose message names the global. ``weights_only=False``:
+    unpickle with ``pickle``, for checkpoints you trust only (it runs what the sidecar names).
+    Either way a sidecar whose tensor references do not match the shards raises
+    :class:`CorruptCheckpointError`.
 
     Loaded CPU tensors use the read buffers directly (no copy) and are writable.
     """
     writer = _writer(config)
     tensors, metadata, extras, _report = writer.load(os.fspath(path), names, verify)
     buffers = {name: (dtype, shape, buf) for name, dtype, shape, buf in tensors}
-    restorer = _pytree.Restorer(buffers, device)
+    restorer = _pytree.Restorer(buffers, device, where=os.path.join(os.fspath(path), _pytree.SIDECAR))
     if names is not None:
         return {name: restorer.plain(name) for name in names}
     sidecar = extras.get(_pytree.SIDECAR)

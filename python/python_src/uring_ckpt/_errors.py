@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
@@ -12,6 +14,7 @@ __all__ = [
     "NotACheckpointError",
     "TensorNotFoundError",
     "UnavailableError",
+    "UnsafeCheckpointError",
 ]
 
 
@@ -27,6 +30,14 @@ class NotACheckpointError(CheckpointError):
 class CorruptCheckpointError(CheckpointError):
     """The checkpoint's files do not match its manifest: a CRC mismatch, a truncated or
     unparsable shard or manifest, a missing or altered sidecar file."""
+
+
+class UnsafeCheckpointError(CorruptCheckpointError, pickle.UnpicklingError):
+    """A ``weights_only`` load (the default) refused the pickled sidecar: it names a global
+    that is not on the allow-list, uses an opcode that could run code, or is malformed.
+    Load a checkpoint you trust with ``weights_only=False``, or allow a global that cannot
+    run code with ``torch.serialization.add_safe_globals([...])``. Also a
+    ``pickle.UnpicklingError``, as ``torch.load``'s refusals are."""
 
 
 class CheckpointExistsError(CheckpointError, FileExistsError):

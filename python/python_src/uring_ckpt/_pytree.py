@@ -23,11 +23,16 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import pickle
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from . import _safe_pickle
+from ._errors import CorruptCheckpointError
 
 try:  # numpy and torch are both optional; either may be missing.
     import numpy as np
@@ -118,6 +123,7 @@ _NUMPY_DTYPES = {
     "uint64": "U64",
 }
 _NUMPY_FROM_SAFETENSORS = {v: k for k, v in _NUMPY_DTYPES.items()}
+_NUMPY_DTYPE_STR = re.compile(r"[<>|=]?[a-z][0-9]{1,2}")
 
 
 def torch_dtype_map() -> dict[Any, str]:
@@ -336,53 +342,6 @@ def flatten(state: Any, *, snapshot: bool = False) -> Flattened:
 # Loading
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Refuses every global except plain containers, torch dtypes/devices/sizes, numpy
-    dtypes/scalars and what ``torch.serialization.add_safe_globals`` allowed."""
-
-    _SAFE: frozenset[tuple[str, str]] = frozenset(
-        {
-            ("collections", "OrderedDict"),
-            ("collections", "defaultdict"),
-            ("collections", "deque"),
-            ("builtins", "set"),
-            ("builtins", "frozenset"),
-            ("builtins", "slice"),
-            ("builtins", "complex"),
-            ("builtins", "range"),
-            ("builtins", "bytearray"),
-            ("torch", "Size"),
-            ("torch", "device"),
-            ("numpy", "dtype"),
-            ("numpy.core.multiarray", "scalar"),
-            ("numpy._core.multiarray", "scalar"),
-        }
-    )
-
-    def find_class(self, module: str, name: str) -> Any:
-        torch = _torch()
-        if (module, name) in self._SAFE or (
-            module == "torch" and torch is not None and _is_torch_dtype(name)
-        ):
-            return super().find_class(module, name)
-        if module.startswith("numpy.dtypes") or module == "numpy" and name.endswith("DType"):
-            return super().find_class(module, name)
-        if torch is not None:
-            for g in torch.serialization.get_safe_globals():
-                obj = g[0] if isinstance(g, tuple) else g
-                if getattr(obj, "__module__", None) == module and getattr(obj, "__qualname__", None) == name:
-                    return obj
-        raise pickle.UnpicklingError(
-            f"weights_only load refuses global {module}.{name}; load with weights_only=False if the "
-            "checkpoint is trusted, or allow it with torch.serialization.add_safe_globals"
-        )
-
-
-def _is_torch_dtype(name: str) -> bool:
-    torch = _torch()
-    return isinstance(getattr(torch, name, None), torch.dtype)
-
-
 class Restorer:
     """Turns loaded tensor buffers into torch tensors or numpy arrays, once per name."""
 
@@ -391,9 +350,11 @@ class Restorer:
         buffers: dict[str, tuple[str, list[int], Any]],
         device: Any,
         prefer_torch: bool = True,
+        where: str = SIDECAR,
     ) -> None:
         self.buffers = buffers
         self.device = device
+        self.where = where
         self.torch: Any = _torch() if prefer_torch else None
         self._base: dict[str, Any] = {}
         self._objs: dict[tuple, Any] = {}
@@ -439,37 +400,95 @@ class Restorer:
     # -- persistent ids of the sidecar ---------------------------------------------------------
 
     def __call__(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 7 and pid[0] == PID_TAG):
-            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-        obj = self._objs.get(pid)
-        if obj is None:
-            obj = self._restore(pid)
-            self._objs[pid] = obj
-        return obj
+        """Resolves a persistent id of the sidecar. Every field is checked against the
+        shards before anything is built: a forged sidecar that names a tensor the shards do
+        not have, or gives it another dtype, raises :class:`CorruptCheckpointError`."""
+        cached = self._objs.get(pid) if self._valid_pid(pid) else None
+        if cached is None:
+            cached = self._restore(pid)
+            self._objs[pid] = cached
+        return cached
+
+    def _corrupt(self, message: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{self.where}: {message}")
+
+    def _valid_pid(self, pid: Any) -> bool:
+        """Raises unless ``pid`` is ``(PID_TAG, name, kind, dtype, device, requires_grad,
+        is_param)`` with fields of those types (only then is it hashed)."""
+        if not (type(pid) is tuple and len(pid) == 7 and type(pid[0]) is str and pid[0] == PID_TAG):
+            raise self._corrupt(
+                f"persistent id {_safe_pickle._short(pid)} is not a uring_ckpt tensor reference"
+            )
+        _, name, kind, dtype_name, device, requires_grad, is_param = pid
+        if not (
+            type(name) is str
+            and type(kind) is str
+            and kind in ("torch", "numpy")
+            and type(dtype_name) is str
+            and type(device) is str
+            and type(requires_grad) is bool
+            and type(is_param) is bool
+        ):
+            raise self._corrupt(f"malformed tensor reference {_safe_pickle._short(pid)}")
+        if name not in self.buffers:
+            raise self._corrupt(f"tensor {name!r} is in the sidecar but not in the shards")
+        return True
+
+    def _check_bytes(self, name: str, itemsize: int) -> None:
+        dtype, shape, buf = self.buffers[name]
+        want = math.prod(shape) * itemsize
+        if len(buf) != want:
+            raise self._corrupt(
+                f"tensor {name!r}: {len(buf)} bytes in the shard for shape {list(shape)} of {dtype} ({want} expected)"
+            )
 
     def _restore(self, pid: tuple) -> Any:
         _, name, kind, dtype_name, device, requires_grad, is_param = pid
-        if name not in self.buffers:
-            raise pickle.UnpicklingError(f"tensor {name!r} is in the sidecar but not in the shards")
-        _, shape, buf = self.buffers[name]
+        shard_dtype, shape, buf = self.buffers[name]
         if kind == "numpy":
+            np_dtype = self._numpy_dtype_of(name, dtype_name, shard_dtype)
             if name not in self._base:
-                self._base[name] = self._numpy_from(buf, np.dtype(dtype_name), shape)
+                self._check_bytes(name, np_dtype.itemsize)
+                self._base[name] = self._numpy_from(buf, np_dtype, shape)
             return self._base[name]
         torch = self.torch
         if torch is None:
             return self._numpy_fallback(name)
+        dtype = _safe_pickle.torch_dtypes_by_name().get(dtype_name)
+        if dtype is None or torch_dtype_map().get(dtype) != shard_dtype:
+            raise self._corrupt(
+                f"tensor {name!r}: the sidecar says dtype {dtype_name!r}, the shard stores {shard_dtype}"
+            )
+        if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+            raise self._corrupt(f"tensor {name!r} of dtype {dtype_name} cannot require gradients")
         if name not in self._base:
-            dtype = getattr(torch, dtype_name, None)
-            if not isinstance(dtype, torch.dtype):
-                raise pickle.UnpicklingError(f"tensor {name!r} has dtype {dtype_name}, unknown to this torch")
-            self._base[name] = self._to_device(self._torch_from(buf, dtype, shape), device)
+            self._check_bytes(name, dtype.itemsize)
+            try:
+                target = torch.device(device)
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise self._corrupt(f"tensor {name!r}: bad device {device!r} ({e})") from None
+            self._base[name] = self._to_device(self._torch_from(buf, dtype, shape), str(target))
         t = self._base[name]
         if is_param:
             return torch.nn.Parameter(t, requires_grad=requires_grad)
         if requires_grad:
             return t.detach().requires_grad_(True)
         return t
+
+    def _numpy_dtype_of(self, name: str, dtype_name: str, shard_dtype: str) -> Any:
+        """The numpy dtype of a ``"numpy"`` reference: the shard's, in native byte order
+        (what the saver wrote, ``"<f4"``); anything else is a forged reference."""
+        native = _NUMPY_FROM_SAFETENSORS.get(shard_dtype)
+        if np is None or native is None or not _NUMPY_DTYPE_STR.fullmatch(dtype_name):
+            raise self._corrupt(
+                f"tensor {name!r}: numpy dtype {dtype_name!r} for a {shard_dtype} shard tensor"
+            )
+        want = np.dtype(native)
+        if np.dtype(dtype_name) != want:
+            raise self._corrupt(
+                f"tensor {name!r}: the sidecar says numpy dtype {dtype_name!r}, the shard stores {shard_dtype}"
+            )
+        return want
 
     def _numpy_fallback(self, name: str) -> Any:
         dtype, shape, buf = self.buffers[name]
@@ -499,10 +518,16 @@ def _numpy_dtype(dtype: str) -> Any:
     return np.dtype(raw)
 
 
-def unflatten(sidecar: bytes, restorer: Restorer, *, weights_only: bool = False) -> Any:
-    """Rebuilds the state pickled by :func:`flatten`, taking tensors from ``restorer``."""
-    cls = _RestrictedUnpickler if weights_only else pickle.Unpickler
-    unpickler = cls(io.BytesIO(sidecar))
+def unflatten(sidecar: bytes, restorer: Restorer, *, weights_only: bool = True) -> Any:
+    """Rebuilds the state pickled by :func:`flatten`, taking tensors from ``restorer``.
+
+    With ``weights_only`` (the default) the sidecar is read by the restricted unpickler
+    of :mod:`uring_ckpt._safe_pickle`, which never runs code and raises
+    :class:`UnsafeCheckpointError` for anything off its allow-list; without it, by
+    ``pickle``, which runs whatever the sidecar names (trusted checkpoints only)."""
+    if weights_only:
+        return _safe_pickle.load(sidecar, restorer, restorer.where)
+    unpickler = pickle.Unpickler(io.BytesIO(sidecar))
     unpickler.persistent_load = restorer  # type: ignore[assignment]
     return unpickler.load()
 

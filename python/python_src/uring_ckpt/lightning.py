@@ -6,6 +6,12 @@ directory holding shards, ``extras.pkl`` and ``manifest.json``); ``ModelCheckpoi
 ``Trainer.fit(ckpt_path=...)`` work with it as with a file. Saving to an existing path
 replaces that checkpoint atomically, as Lightning expects (``last.ckpt``).
 
+Loading is safe by default: ``load_checkpoint`` with ``weights_only=None`` (what the Trainer
+passes unless told otherwise) or ``True`` reads the sidecar with uring_ckpt's restricted
+unpickler, which never runs code (see :func:`uring_ckpt.load`); a refused global raises
+:class:`uring_ckpt.UnsafeCheckpointError`. Only an explicit ``weights_only=False``
+(``Trainer.fit(..., weights_only=False)``) unpickles everything, for checkpoints you trust.
+
 Works with ``lightning`` (``lightning.pytorch``) or, failing that, ``pytorch_lightning``.
 """
 
@@ -58,11 +64,14 @@ class UringCheckpointIO(CheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
+        """Loads the checkpoint directory at ``path``. ``weights_only``: None (the default)
+        and True read the sidecar with the restricted unpickler, which never runs code; only
+        False unpickles everything (trusted checkpoints only)."""
         state: dict[str, Any] = uring_ckpt.load(
             path,
             device=_device(map_location),
             verify=self.verify_on_load,
-            weights_only=bool(weights_only),
+            weights_only=weights_only is not False,
             config=self.config,
         )
         return state
