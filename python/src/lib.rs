@@ -52,6 +52,7 @@ fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
         Error::TensorNotFound(_) => "TensorNotFoundError",
         Error::Unavailable(_) => "UnavailableError",
         Error::Locked(_) => "CheckpointLockedError",
+        Error::Internal(_) => "CheckpointError",
     };
     match py
         .import("uring_ckpt._errors")
@@ -407,8 +408,8 @@ struct Gpu {
 /// The staging pool's registration with CUDA.
 #[cfg(feature = "cuda")]
 struct PageLocked {
-    /// Unregisters the buffers when dropped.
-    _staging: uring_ckpt::staging::cuda::CudaStaging,
+    /// The registrar (the pool unregisters each buffer before freeing it).
+    _staging: Arc<uring_ckpt::staging::cuda::CudaStaging>,
     /// Buffers page-locked.
     registered: usize,
 }
@@ -477,15 +478,10 @@ impl Gpu {
             self.staging
                 .get_or_init(|| {
                     ran = true;
-                    let staging = CudaStaging::new(ctx);
-                    let registered = io.prepare_staging(|buf| {
-                        let result = staging.register(buf);
-                        if let Err(e) = &result {
-                            refused.get_or_insert_with(|| e.to_string());
-                        }
-                        result
-                    });
-                    PageLocked { _staging: staging, registered }
+                    let staging = Arc::new(CudaStaging::new(ctx));
+                    let registration = io.prepare_staging(staging.clone());
+                    refused = registration.first_error.map(|e| e.to_string());
+                    PageLocked { _staging: staging, registered: registration.registered }
                 })
                 .registered
         });
