@@ -71,7 +71,7 @@ pub enum Payload<'a> {
     /// goes back to the writer's pool once the kernel is done with it.
     Staged(StagingBuf),
     /// Caller memory written without a copy (zero-copy). Its address must be aligned to
-    /// [`Writer::mem_align`] and its length to [`Writer::align`] when direct I/O is on.
+    /// [`EngineReport::mem_align`] and its length to [`EngineReport::align`] when direct I/O is on.
     Borrowed(&'a [u8]),
 }
 

@@ -156,7 +156,7 @@ fn transfer(job: &Job) -> io::Result<usize> {
 }
 
 /// The thread-pool side of a writer: each operation is one job for a worker thread, which
-/// writes all of it (see [`transfer`]). Files, operations and buffers are the [`Core`]'s.
+/// writes all of it (see `transfer`). Files, operations and buffers are the writer core's.
 pub struct PwriteEngine {
     pool: Pool,
     depth: usize,

@@ -35,7 +35,7 @@ fn build_ring(config: &Config) -> io::Result<IoUring> {
 }
 
 /// The io_uring side of a writer: the ring and its batching of SQEs. Files, operations and
-/// buffers are the [`Core`]'s.
+/// buffers are the writer core's.
 pub struct UringEngine {
     ring: IoUring,
     depth: usize,
