@@ -144,7 +144,7 @@ impl<'a> Core<'a> {
     }
 
     /// Reports the first failure once, then refuses all further work.
-    fn check(&mut self) -> Result<()> {
+    pub(super) fn check(&mut self) -> Result<()> {
         if let Some(err) = self.error.take() {
             self.failed = true;
             return Err(err);
@@ -217,6 +217,17 @@ impl<'a> Core<'a> {
         self.inflight = 0;
     }
 
+    /// An idle staging buffer, if one is free.
+    pub(super) fn take_free(&mut self) -> Option<StagingBuf> {
+        self.free.pop()
+    }
+
+    /// Idle staging buffers.
+    #[cfg(test)]
+    pub(super) fn free_buffers(&self) -> usize {
+        self.free.len()
+    }
+
     fn give_back(&mut self, mut buf: StagingBuf) {
         buf.clear();
         self.free.push(buf);
@@ -230,7 +241,7 @@ impl<'a> Core<'a> {
     }
 
     /// Takes a slot for a new operation on `file`.
-    fn begin(&mut self, file: FileId, data: OpData<'a>, offset: u64) -> Result<usize> {
+    pub(super) fn begin(&mut self, file: FileId, data: OpData<'a>, offset: u64) -> Result<usize> {
         self.files.get(file, "write")?.inflight += 1;
         let op = Op { file: file.0, data, offset, done: 0, retries: 0, started: Instant::now() };
         let idx = match self.free_ops.pop() {
@@ -292,7 +303,7 @@ impl<'a, E: Engine<'a>> Writer<'a> for EngineWriter<'a, E> {
     fn take_buffer(&mut self) -> Result<StagingBuf> {
         self.core.check()?;
         loop {
-            if let Some(buf) = self.core.free.pop() {
+            if let Some(buf) = self.core.take_free() {
                 return Ok(buf);
             }
             if self.core.inflight == 0 {
@@ -425,7 +436,7 @@ mod tests {
         }
         w.finish(file, 5 * 4096).expect("finish");
         assert_eq!(w.stats().ops, 5);
-        assert_eq!(w.core.free.len(), 2, "every buffer is back");
+        assert_eq!(w.core.free_buffers(), 2, "every buffer is back");
         assert!(w.write(file, Payload::Borrowed(&[1]), 0).is_err(), "closed file");
     }
 
@@ -449,7 +460,7 @@ mod tests {
         }
         let buf = StagingBuf::new(PoolBuf::detached(4096), None);
         assert!(w.write(file, Payload::Staged(buf), 0).is_err());
-        assert_eq!(w.core.free.len(), 3, "a refused write's buffer goes back to the free list");
+        assert_eq!(w.core.free_buffers(), 3, "a refused write's buffer goes back to the free list");
     }
 
     #[test]

@@ -425,3 +425,80 @@ fn drain_ring(ring: &mut IoUring, mut inflight: usize) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FsyncPolicy;
+    use crate::io::pool::{staging_align, Shape, StagingPool};
+
+    const LEN: usize = 8192;
+
+    /// A core with one staging buffer holding `LEN` bytes queued as operation 0 on a fresh
+    /// file (not started), and an engine with a ring; the data written is `data`.
+    fn setup(dir: &Path, data: &[u8]) -> (UringEngine, Core<'static>, usize, FileId, StagingPool) {
+        let config = Config::builder().chunk_size(64 * 1024).queue_depth(4).build().expect("config");
+        let report = probe::plan(&config, dir).expect("plan");
+        let pool = StagingPool::new();
+        let shape = Shape { chunk: 64 * 1024, align: staging_align(report.align, report.mem_align) };
+        let free = pool.lend(shape, 1).into_iter().map(|b| StagingBuf::new(b, None)).collect();
+        let engine =
+            UringEngine { ring: build_ring(&config).expect("ring"), depth: 4, unsubmitted: 0, batch: 1 };
+        let mut core = Core::new(report, FsyncPolicy::Never, "write", free);
+        let file = core.files.create(&dir.join("f"), LEN as u64, &core.report.clone()).expect("create");
+        let mut buf = core.take_free().expect("buffer");
+        buf.extend_from_slice(data);
+        let idx = core.begin(file, OpData::Staged(buf), 0).expect("begin");
+        (engine, core, idx, file, pool)
+    }
+
+    fn finish(engine: &mut UringEngine, core: &mut Core<'_>, file: FileId) -> Vec<u8> {
+        while core.in_flight() > 0 {
+            engine.wait(core).expect("wait");
+        }
+        let open = core.files.take(file, "finish").expect("open");
+        std::fs::read(&open.path).expect("read back")
+    }
+
+    fn scratch() -> tempfile::TempDir {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("tmp");
+        std::fs::create_dir_all(&base).expect("target/tmp");
+        tempfile::tempdir_in(base).expect("scratch")
+    }
+
+    #[test]
+    fn a_short_completion_resubmits_the_rest() {
+        let dir = scratch();
+        let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8 + 1).collect();
+        let (mut engine, mut core, idx, file, _pool) = setup(dir.path(), &data);
+        // As if the kernel had written only the first 4096 bytes: the rest is submitted.
+        engine.complete(&mut core, idx, 4096);
+        assert_eq!(core.in_flight(), 1, "the rest is in flight");
+        let written = finish(&mut engine, &mut core, file);
+        assert_eq!(&written[4096..], &data[4096..], "the rest landed at its offset");
+        assert!(written[..4096].iter().all(|&b| b == 0), "the first part was not rewritten");
+        core.check().expect("no error");
+        assert_eq!((core.stats.ops, core.stats.bytes), (1, LEN as u64), "one complete write");
+        assert_eq!(core.free_buffers(), 1, "the buffer is back");
+    }
+
+    #[test]
+    fn a_transient_error_retries_and_a_hard_one_poisons() {
+        let dir = scratch();
+        let data = vec![9u8; LEN];
+        let (mut engine, mut core, idx, file, _pool) = setup(dir.path(), &data);
+        engine.complete(&mut core, idx, -libc::EAGAIN);
+        assert_eq!(finish(&mut engine, &mut core, file), data, "retried in full");
+        core.check().expect("no error");
+
+        let (mut engine, mut core, idx, _file, _pool) = setup(dir.path(), &data);
+        core.op_mut(idx).expect("op").done = 4096; // as if the first half had been written
+        engine.complete(&mut core, idx, -libc::EIO); // and the rest failed
+        assert_eq!(core.in_flight(), 0, "a hard error retires the write");
+        let err = core.check().expect_err("EIO");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        assert!(err.to_string().contains("at offset 4096"), "{err}");
+        assert!(core.check().expect_err("poisoned").to_string().contains("earlier write"));
+        assert_eq!(core.free_buffers(), 1, "the failed write's buffer is back");
+    }
+}
