@@ -42,7 +42,9 @@ pub fn staging_align(direct_align: usize, mem_align: usize) -> usize {
 
 /// A registration hook run by a [`StagingPool`] for each of its buffers.
 ///
-/// The pool calls the hooks with its lock held: a hook must not call back into the pool.
+/// The pool calls the hooks with its lock held, also from the drop of a [`PoolBuf`]
+/// (possibly while a thread unwinds): a hook must not call back into the pool, and must
+/// report failures as errors (or log them), never panic.
 pub trait Registrar: Send + Sync {
     /// What registers (for logs), e.g. "CUDA page-locking".
     fn name(&self) -> &str;
@@ -242,8 +244,8 @@ impl StagingPool {
 }
 
 impl Inner {
-    /// The state, even if a thread panicked while holding the lock (every update of it is
-    /// complete before anything that can panic runs).
+    /// The state, even if a thread panicked while holding the lock (no code that holds it
+    /// panics: hooks may not, see [`Registrar`]).
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
