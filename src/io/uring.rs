@@ -71,10 +71,13 @@ impl<'a> EngineWriter<'a, UringEngine> {
                     .iter()
                     .map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.capacity() })
                     .collect();
-                // SAFETY: every iovec describes a live buffer lent to this writer for its
-                // whole life. The ring, which holds the registration, is dropped before the
-                // writer's core, so before any of these buffers goes back to the pool (and
-                // a StagingBuf only names a slot of the ring it was registered with).
+                // SAFETY: every iovec describes a live buffer lent to this writer. The
+                // kernel pins the registered pages until the table goes with the ring, so
+                // no memory is reused under it even if a buffer leaves the writer early
+                // (dropped by a failing stream, it goes back to the pool); and only a
+                // StagingBuf of this writer names a slot, for the memory registered there.
+                // The ring is dropped before the writer's core, so the buffers the writer
+                // holds go back to the pool after the registration has ended.
                 unsafe { ring.submitter().register_buffers(&iovecs) }
             };
             match result {
