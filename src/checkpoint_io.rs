@@ -5,14 +5,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::checkpoint::{mib_per_s, Checkpoint, LoadedCheckpoint, SaveReport, TensorView};
 use crate::config::Config;
 use crate::format::{Manifest, ShardInfo};
+use crate::io::pool::{self, Registration, Shape, StagingPool};
 use crate::io::stats::overlap_ratio;
-use crate::io::{self, AlignedBuf, EngineReport, IoStats};
+use crate::io::{self, EngineReport, IoStats, Registrar};
 use crate::load;
 use crate::shard_writer::{write_shard, ShardOptions, ShardVolume};
 use crate::store::TempCheckpointDir;
@@ -65,7 +66,8 @@ pub struct RankShards {
 }
 
 /// The default [`CheckpointIO`]: io_uring + O_DIRECT (with fallbacks), sharded, atomic.
-/// Staging buffers are allocated once and reused by later saves.
+/// Staging buffers are allocated once, in one [`StagingPool`] shared by the shard writers of
+/// every save, and reused by later saves.
 ///
 /// [`save_checkpoint_staged`](CheckpointIO::save_checkpoint_staged) reports "staged" once
 /// every shard writer has copied its last tensor byte into a staging buffer. To make that
@@ -75,7 +77,7 @@ pub struct RankShards {
 /// zero-copy for large aligned host tensors.
 pub struct UringCheckpointIO {
     config: Config,
-    buffers: Mutex<Vec<AlignedBuf>>,
+    pool: StagingPool,
 }
 
 /// Calls a save's `on_staged` once: when the last shard has been appended, or at the end.
@@ -132,7 +134,7 @@ impl UringCheckpointIO {
     /// A checkpoint writer with this (validated) config.
     pub fn new(config: Config) -> Result<Self> {
         config.validate()?;
-        Ok(UringCheckpointIO { config, buffers: Mutex::new(Vec::new()) })
+        Ok(UringCheckpointIO { config, pool: StagingPool::new() })
     }
 
     /// The config in use.
@@ -140,27 +142,33 @@ impl UringCheckpointIO {
         &self.config
     }
 
-    /// Allocates the staging pool now (saves reuse it) and hands each buffer to `register`,
-    /// e.g. `staging::cuda::CudaStaging::register` (feature `cuda`) to page-lock it for device copies.
-    /// A buffer that `register` refuses stays usable (pageable); the first refusal is
-    /// logged. Returns how many buffers were registered.
-    pub fn prepare_staging(&self, mut register: impl FnMut(&AlignedBuf) -> Result<()>) -> usize {
-        let Ok(mut pool) = self.buffers.lock() else { return 0 };
-        let existing = std::mem::take(&mut *pool);
-        *pool = io::probe::fill_pool(existing, &self.config, 4096);
-        let mut registered = 0;
-        let mut refused = false;
-        for buf in pool.iter() {
-            match register(buf) {
-                Ok(()) => registered += 1,
-                Err(e) if !refused => {
-                    refused = true;
-                    log::warn!("staging buffer registration refused ({e}); copies use pageable memory");
-                }
-                Err(_) => {}
-            }
+    /// The staging pool that saves borrow their buffers from.
+    pub fn staging_pool(&self) -> &StagingPool {
+        &self.pool
+    }
+
+    /// Allocates the staging pool now (saves reuse it) and adds `registrar` to it, e.g.
+    /// `staging::cuda::CudaStaging` (feature `cuda`) to page-lock the buffers for device
+    /// copies. The pool registers every buffer with it (buffers a running save holds when
+    /// they come back) and unregisters each before freeing it. A buffer that `registrar`
+    /// refuses stays usable (pageable); the first refusal is logged and returned.
+    pub fn prepare_staging(&self, registrar: Arc<dyn Registrar>) -> Registration {
+        let shape = self.pool.shape().unwrap_or(Shape {
+            chunk: self.config.chunk_size as usize,
+            align: pool::staging_align(pool::PAGE_ALIGN, pool::PAGE_ALIGN),
+        });
+        let capacity = self.pool.stats().capacity.max(self.config.staging_buffers().max(2));
+        self.pool.resize(shape, capacity);
+        let name = registrar.name().to_owned();
+        let registration = self.pool.add_registrar(registrar);
+        if let Some(e) = &registration.first_error {
+            log::warn!(
+                "{name} refused {} of {} staging buffers ({e}); copies into those use pageable memory",
+                registration.refused,
+                registration.refused + registration.registered
+            );
         }
-        registered
+        registration
     }
 
     /// Writes this rank's tensors as shards into the shared temporary directory of `path`
@@ -249,22 +257,21 @@ impl UringCheckpointIO {
         let options = ShardOptions { zero_copy: signal.callback.is_none(), on_appended: Some(&on_appended) };
         let workers = plan.len().min(std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4));
         let per_worker = worker_config(&self.config, workers);
-        let mut pool = self.buffers.lock().map(|mut b| std::mem::take(&mut *b)).unwrap_or_default();
+        // Each writer borrows an equal share of the pool for its lifetime; the pool keeps
+        // what the workers of a save need together (at least the configured pool).
+        let share = per_worker.staging_buffers().max(2);
+        self.pool.set_capacity(self.config.staging_buffers().max(2).max(workers * share));
         let next = AtomicUsize::new(0);
         let names: Vec<String> = (0..plan.len()).map(|i| shard_file_name(rank, i)).collect();
 
         let outcomes: Vec<Result<WorkerOutcome>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..workers)
-                .map(|w| {
-                    let take = if w + 1 == workers {
-                        pool.len()
-                    } else {
-                        pool.len().min(per_worker.staging_buffers())
-                    };
-                    let buffers: Vec<AlignedBuf> = pool.drain(..take).collect();
-                    let (plan, names, next, per_worker) = (&plan, &names, &next, &per_worker);
+                .map(|_| {
+                    let (plan, names, next, per_worker, pool) =
+                        (&plan, &names, &next, &per_worker, &self.pool);
+                    let staging = (pool, share);
                     scope.spawn(move || {
-                        run_worker(per_worker, dir, buffers, plan, names, next, &checkpoint.metadata, options)
+                        run_worker(per_worker, dir, staging, plan, names, next, &checkpoint.metadata, options)
                     })
                 })
                 .collect();
@@ -282,7 +289,6 @@ impl UringCheckpointIO {
         let mut volume = ShardVolume::default();
         let mut engine: Option<EngineReport> = None;
         let mut first_error = None;
-        let mut returned = Vec::new();
         for outcome in outcomes {
             match outcome {
                 Ok(out) => {
@@ -290,15 +296,11 @@ impl UringCheckpointIO {
                     stats.merge(&out.stats);
                     volume.add(&out.volume);
                     engine.get_or_insert(out.engine);
-                    returned.extend(out.buffers);
                 }
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
             }
-        }
-        if let Ok(mut cache) = self.buffers.lock() {
-            cache.extend(returned);
         }
         if let Some(err) = first_error {
             return Err(err);
@@ -356,22 +358,23 @@ struct WorkerOutcome {
     stats: IoStats,
     volume: ShardVolume,
     engine: EngineReport,
-    buffers: Vec<AlignedBuf>,
 }
 
-/// One writer thread: takes the next unwritten shard until none is left.
+/// One writer thread: takes the next unwritten shard until none is left. Its writer borrows
+/// `staging.1` buffers of the pool `staging.0`; they go back when the writer drops, whether
+/// this returns or unwinds.
 #[allow(clippy::too_many_arguments)]
 fn run_worker<'a>(
     config: &Config,
     dir: &Path,
-    buffers: Vec<AlignedBuf>,
+    staging: (&StagingPool, usize),
     plan: &[Vec<&TensorView<'a>>],
     names: &[String],
     next: &AtomicUsize,
     metadata: &BTreeMap<String, String>,
     options: ShardOptions<'_>,
 ) -> Result<WorkerOutcome> {
-    let mut writer = io::open_writer(config, dir, buffers)?;
+    let mut writer = io::open_writer(config, dir, staging.0, staging.1)?;
     let mut shards = Vec::new();
     let mut volume = ShardVolume::default();
     loop {
@@ -387,7 +390,7 @@ fn run_worker<'a>(
     }
     let stats = writer.stats().clone();
     let engine = writer.report().clone();
-    Ok(WorkerOutcome { shards, stats, volume, engine, buffers: writer.into_buffers() })
+    Ok(WorkerOutcome { shards, stats, volume, engine })
 }
 
 /// Each of `workers` writers gets an equal part of the staging pool (at least two chunks).

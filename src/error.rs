@@ -82,6 +82,9 @@ pub enum Error {
     /// A feature (io_uring, O_DIRECT, CUDA) is not available on this system.
     #[error("{0} is unavailable")]
     Unavailable(String),
+    /// An invariant of this library did not hold (a bug: please report it).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 fn offset_suffix(offset: Option<u64>) -> String {

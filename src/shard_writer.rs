@@ -139,7 +139,8 @@ struct Stream {
     file: FileId,
     /// File offset of the next byte of the stream.
     pos: u64,
-    /// The staging buffer being filled, which starts at `cur_offset`.
+    /// The staging buffer being filled, which starts at `cur_offset`. If the stream ends in
+    /// an error (or a panic) it is dropped with it, which sends it back to the staging pool.
     cur: Option<StagingBuf>,
     cur_offset: u64,
     /// Capacity of a staging buffer.

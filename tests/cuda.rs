@@ -49,9 +49,8 @@ fn device_memory_saves_through_the_async_layer() {
     for mode in [AsyncMode::Stream, AsyncMode::Snapshot] {
         let inner = UringCheckpointIO::new(config.clone()).expect("config");
         let io = AsyncCheckpointIO::new(inner, AsyncOptions { mode, max_saves_in_flight: 1 }).expect("io");
-        // Declared after `io`, so dropped first: unregisters before the pool is freed.
-        let staging = CudaStaging::new(ctx.clone());
-        let registered = io.inner().prepare_staging(|buf| staging.register(buf));
+        // The pool page-locks its buffers and unlocks each before freeing it.
+        let registered = io.inner().prepare_staging(Arc::new(CudaStaging::new(ctx.clone()))).registered;
         eprintln!("{mode}: {registered} staging buffers page-locked");
 
         let len = (24 << 20) + 3;
@@ -74,7 +73,6 @@ fn device_memory_saves_through_the_async_layer() {
         );
         let loaded = io.load_checkpoint(&path, &LoadOptions::default()).expect("load");
         assert!(loaded.get("gpu").expect("tensor").data[..] == old[..], "{mode}: device tensor differs");
-        drop(staging);
         drop(io);
         let _ = UringCheckpointIO::new(config.clone()).and_then(|io| io.remove_checkpoint(&path));
     }

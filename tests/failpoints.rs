@@ -116,6 +116,9 @@ fn every_fault_ends_in_a_typed_error_or_the_documented_outcome() {
     for (i, case) in cases.iter().enumerate() {
         let what =
             format!("case {i}: {:?} {} = {} -> {:?}", case.engine, case.point, case.action, case.expect);
+        // Held for the whole case: failpoints are process-wide, so no other test's fault
+        // (armed under its own scenario) may fire in any save of this case.
+        let scenario = fail::FailScenario::setup();
         let dir = scratch();
         let path = dir.path().join("ckpt");
         let mut config = fault_config(case.engine);
@@ -129,11 +132,9 @@ fn every_fault_ends_in_a_typed_error_or_the_documented_outcome() {
         std::fs::remove_dir_all(&reference).expect("remove reference");
         let before = files_of(&path);
 
-        let scenario = fail::FailScenario::setup();
         fail::cfg(case.point, case.action).expect("failpoint action");
         let result = save(&config, &new, &path);
         fail::remove(case.point);
-        drop(scenario);
 
         assert_eq!(entries(dir.path()), vec!["ckpt"], "{what}: no temporary directory or lock may remain");
         match (case.expect, result) {
@@ -173,6 +174,7 @@ fn every_fault_ends_in_a_typed_error_or_the_documented_outcome() {
             (expect, result) => panic!("{what}: expected {expect:?}, got {result:?}"),
         }
         assert_eq!(entries(dir.path()), vec!["ckpt"], "{what}");
+        drop(scenario);
         tried += 1;
     }
     println!("fault cases tried: {tried}; each: typed error or documented outcome, previous checkpoint intact, nothing left behind");

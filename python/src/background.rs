@@ -122,8 +122,9 @@ pub(crate) struct AsyncWriter {
 }
 
 impl Drop for AsyncWriter {
-    /// With the staging pool page-locked, waits for the saves still running (they hold the
-    /// pool): the buffers are unregistered right after, when `gpu` drops.
+    /// With the staging pool page-locked, waits for the saves still running, so that their
+    /// device copies end before the CUDA contexts in `gpu` go (the pool itself unregisters
+    /// each buffer before freeing it).
     fn drop(&mut self) {
         if self.gpu.prepared() {
             let io = self.io.clone();

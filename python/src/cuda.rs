@@ -107,8 +107,8 @@ pub(crate) struct Gpu {
 /// The staging pool's registration with CUDA.
 #[cfg(feature = "cuda")]
 struct PageLocked {
-    /// Unregisters the buffers when dropped.
-    _staging: uring_ckpt::staging::cuda::CudaStaging,
+    /// The registrar (the pool unregisters each buffer before freeing it).
+    _staging: std::sync::Arc<uring_ckpt::staging::cuda::CudaStaging>,
     /// Buffers page-locked.
     registered: usize,
 }
@@ -185,15 +185,10 @@ impl Gpu {
             self.staging
                 .get_or_init(|| {
                     ran = true;
-                    let staging = CudaStaging::new(ctx);
-                    let registered = io.prepare_staging(|buf| {
-                        let result = staging.register(buf);
-                        if let Err(e) = &result {
-                            refused.get_or_insert_with(|| e.to_string());
-                        }
-                        result
-                    });
-                    PageLocked { _staging: staging, registered }
+                    let staging = std::sync::Arc::new(CudaStaging::new(ctx));
+                    let registration = io.prepare_staging(staging.clone());
+                    refused = registration.first_error.map(|e| e.to_string());
+                    PageLocked { _staging: staging, registered: registration.registered }
                 })
                 .registered
         });
@@ -228,7 +223,8 @@ impl Gpu {
         }
     }
 
-    /// Whether the staging pool was page-locked (and is unregistered when this drops).
+    /// Whether the staging pool was page-locked (the pool unregisters each buffer before it
+    /// frees it).
     pub(crate) fn prepared(&self) -> bool {
         #[cfg(feature = "cuda")]
         {

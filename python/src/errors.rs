@@ -28,6 +28,7 @@ pub(crate) fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
         Error::TensorNotFound(_) => "TensorNotFoundError",
         Error::Unavailable(_) => "UnavailableError",
         Error::Locked(_) => "CheckpointLockedError",
+        Error::Internal(_) => "CheckpointError",
     };
     match py
         .import("uring_ckpt._errors")

@@ -200,6 +200,8 @@ impl AsRef<[u8]> for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        #[cfg(test)]
+        super::pool::testing::freeing(self.ptr.as_ptr() as usize);
         match self.backing {
             // SAFETY: ptr was allocated with exactly this layout and is freed once.
             Backing::Heap(layout) => unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) },

@@ -1,14 +1,13 @@
 //! The baseline engine: plain `std::fs` writes through the page cache, then fsync. What
 //! most checkpoint code does today, and the fallback when O_DIRECT is refused.
 
-use std::fs::File;
-use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use super::file::{check_read, open_for_write, truncate_and_sync, ReadFiles};
-use super::{AlignedBuf, EngineReport, FileId, IoStats, Payload, Reader, StagingBuf, Writer};
+use super::core::WriteFiles;
+use super::file::{check_read, truncate_and_sync, ReadFiles};
+use super::{pool_exhausted, EngineReport, FileId, IoStats, Payload, PoolBuf, Reader, StagingBuf, Writer};
 use crate::config::{Config, FsyncPolicy};
 use crate::{Error, Result};
 
@@ -16,31 +15,24 @@ use crate::{Error, Result};
 pub struct BufferedWriter {
     report: EngineReport,
     fsync: FsyncPolicy,
-    files: Vec<Option<(File, PathBuf)>>,
+    files: WriteFiles,
     free: Vec<StagingBuf>,
     stats: IoStats,
 }
 
 impl BufferedWriter {
     /// A writer with these staging buffers.
-    pub fn new(config: &Config, mut report: EngineReport, buffers: Vec<AlignedBuf>) -> Self {
+    pub fn new(config: &Config, mut report: EngineReport, buffers: Vec<PoolBuf>) -> Self {
         report.direct_io = false;
         report.registered_buffers = false;
         report.queue_depth = 1;
         BufferedWriter {
             report,
             fsync: config.fsync,
-            files: Vec::new(),
+            files: WriteFiles::default(),
             free: buffers.into_iter().map(|b| StagingBuf::new(b, None)).collect(),
             stats: IoStats::default(),
         }
-    }
-
-    fn file(&self, file: FileId) -> Result<&(File, PathBuf)> {
-        self.files
-            .get(file.0)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| Error::io("write", "(closed file)", io::Error::from_raw_os_error(libc::EBADF)))
     }
 }
 
@@ -49,16 +41,12 @@ impl<'a> Writer<'a> for BufferedWriter {
         &self.report
     }
 
-    fn create(&mut self, path: &Path, _len: u64) -> Result<FileId> {
-        let file = open_for_write(path, false)?;
-        self.files.push(Some((file, path.to_path_buf())));
-        Ok(FileId(self.files.len() - 1))
+    fn create(&mut self, path: &Path, len: u64) -> Result<FileId> {
+        self.files.create(path, len, &self.report)
     }
 
     fn take_buffer(&mut self) -> Result<StagingBuf> {
-        self.free
-            .pop()
-            .ok_or_else(|| Error::Config("staging pool exhausted: every buffer is lent out".into()))
+        self.free.pop().ok_or_else(pool_exhausted)
     }
 
     fn return_buffer(&mut self, mut buf: StagingBuf) {
@@ -68,13 +56,14 @@ impl<'a> Writer<'a> for BufferedWriter {
 
     fn write(&mut self, file: FileId, payload: Payload<'a>, offset: u64) -> Result<()> {
         let started = Instant::now();
-        let (f, path) = self.file(file)?;
-        let result = crate::failpoint::io("buffered.write")
-            .and_then(|()| match &payload {
-                Payload::Staged(buf) => f.write_all_at(buf, offset),
-                Payload::Borrowed(slice) => f.write_all_at(slice, offset),
-            })
-            .map_err(|e| Error::io_at("write", path, offset, e));
+        let result = self.files.get(file, "write").and_then(|f| {
+            crate::failpoint::io("buffered.write")
+                .and_then(|()| match &payload {
+                    Payload::Staged(buf) => f.file.write_all_at(buf, offset),
+                    Payload::Borrowed(slice) => f.file.write_all_at(slice, offset),
+                })
+                .map_err(|e| Error::io_at("write", &f.path, offset, e))
+        });
         let len = payload.len();
         if let Payload::Staged(buf) = payload {
             self.return_buffer(buf);
@@ -85,17 +74,12 @@ impl<'a> Writer<'a> for BufferedWriter {
     }
 
     fn finish(&mut self, file: FileId, len: u64) -> Result<()> {
-        self.file(file)?;
-        let (f, path) = self.files[file.0].take().expect("checked above");
-        truncate_and_sync(&f, &path, len, self.fsync)
+        let open = self.files.take(file, "finish")?;
+        truncate_and_sync(&open.file, &open.path, len, self.fsync)
     }
 
     fn stats(&self) -> &IoStats {
         &self.stats
-    }
-
-    fn into_buffers(self: Box<Self>) -> Vec<AlignedBuf> {
-        self.free.into_iter().map(|b| b.into_parts().0).collect()
     }
 }
 

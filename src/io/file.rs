@@ -12,6 +12,11 @@ use super::{Dir, EngineReport, FileId};
 use crate::config::FsyncPolicy;
 use crate::{Error, Result};
 
+/// The error for an operation `op` on a [`FileId`] that is not (or no longer) open.
+pub(crate) fn closed_file(op: &'static str) -> Error {
+    Error::io(op, "(closed file)", io::Error::from_raw_os_error(libc::EBADF))
+}
+
 /// Opens `path` for writing, with O_DIRECT when `direct`.
 pub(crate) fn open_for_write(path: &Path, direct: bool) -> Result<File> {
     let mut options = OpenOptions::new();
@@ -145,10 +150,7 @@ impl ReadFiles {
 
     /// The open file behind `id`.
     pub fn get(&self, id: FileId) -> Result<&ReadFile> {
-        self.0
-            .get(id.0)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| Error::io("read", "(closed file)", io::Error::from_raw_os_error(libc::EBADF)))
+        self.0.get(id.0).and_then(Option::as_ref).ok_or_else(|| closed_file("read"))
     }
 
     /// Closes `id` (a no-op if it is not open).

@@ -4,12 +4,16 @@
 //! [`open_writer`] and [`open_reader`] pick the engine from the [`Config`] and fall back,
 //! logging why, when the system refuses io_uring, O_DIRECT or buffer registration.
 //!
-//! Format, staging and commit code never know which engine runs.
+//! Format, staging and commit code never know which engine runs. Staging memory belongs to
+//! one [`pool::StagingPool`]; a writer borrows its share of buffers for its lifetime and
+//! every buffer goes back to the pool when the writer (or whoever holds it) drops it.
 
 pub mod aligned;
 pub mod buffered;
+mod core;
 pub mod dir;
 pub(crate) mod file;
+pub mod pool;
 pub mod probe;
 pub mod pwrite;
 pub mod stats;
@@ -20,26 +24,29 @@ use std::path::Path;
 
 pub use aligned::AlignedBuf;
 pub use dir::Dir;
+pub use pool::{PoolBuf, Registrar, StagingPool};
 pub use stats::IoStats;
 
 use crate::config::{Config, EngineKind};
 use crate::{Error, Result};
 
-/// A staging buffer lent out by a [`Writer`]. Only a writer makes them, so a buffer that
-/// claims a registered slot really is the memory registered there.
+/// A staging buffer lent out by a [`Writer`] (which borrowed it from the [`StagingPool`]).
+/// Only a writer makes them, so a buffer that claims a registered slot really is the memory
+/// registered there. Dropping one sends its memory back to the pool.
 #[derive(Debug)]
 pub struct StagingBuf {
-    buf: AlignedBuf,
+    buf: PoolBuf,
     slot: Option<u16>,
 }
 
 impl StagingBuf {
-    pub(crate) fn new(buf: AlignedBuf, slot: Option<u16>) -> StagingBuf {
+    pub(crate) fn new(buf: PoolBuf, slot: Option<u16>) -> StagingBuf {
         StagingBuf { buf, slot }
     }
 
-    pub(crate) fn into_parts(self) -> (AlignedBuf, Option<u16>) {
-        (self.buf, self.slot)
+    /// The pool's buffer, for an engine that must give it up for lost.
+    pub(crate) fn into_pool_buf(self) -> PoolBuf {
+        self.buf
     }
 }
 
@@ -66,7 +73,7 @@ pub enum Payload<'a> {
     /// goes back to the writer's pool once the kernel is done with it.
     Staged(StagingBuf),
     /// Caller memory written without a copy (zero-copy). Its address must be aligned to
-    /// [`Writer::mem_align`] and its length to [`Writer::align`] when direct I/O is on.
+    /// [`EngineReport::mem_align`] and its length to [`EngineReport::align`] when direct I/O is on.
     Borrowed(&'a [u8]),
 }
 
@@ -88,7 +95,8 @@ impl Payload<'_> {
 /// Writes files through one engine. Writes may complete out of order and in the
 /// background; every method that can observe a failed write returns it. After an error the
 /// writer refuses further work. Dropping a writer waits until the kernel has released every
-/// buffer and every borrowed slice it was given.
+/// buffer and every borrowed slice it was given, then its staging buffers go back to the
+/// pool they came from.
 pub trait Writer<'a>: Send {
     /// What this writer is and which fallbacks led to it.
     fn report(&self) -> &EngineReport;
@@ -111,8 +119,6 @@ pub trait Writer<'a>: Send {
     fn finish(&mut self, file: FileId, len: u64) -> Result<()>;
     /// Latency and volume of the writes so far.
     fn stats(&self) -> &IoStats;
-    /// Waits for everything in flight and hands back the staging buffers for reuse.
-    fn into_buffers(self: Box<Self>) -> Vec<AlignedBuf>;
 }
 
 /// Reads files through one engine.
@@ -167,22 +173,31 @@ pub struct EngineReport {
 }
 
 /// Opens a writer for files under `dir`, choosing the engine from `config` and falling back
-/// as the system requires. `buffers` are staging buffers to reuse (from an earlier writer's
-/// [`Writer::into_buffers`]); missing ones are allocated.
+/// as the system requires. The writer borrows `buffers` staging buffers of `chunk_size`
+/// bytes from `pool` (allocated there if it has too few) for its lifetime.
 pub fn open_writer<'a>(
     config: &Config,
     dir: &Path,
-    buffers: Vec<AlignedBuf>,
+    pool: &StagingPool,
+    buffers: usize,
 ) -> Result<Box<dyn Writer<'a> + 'a>> {
     let plan = probe::plan(config, dir)?;
-    let buffers = probe::fill_pool(buffers, config, plan.align.max(plan.mem_align));
-    open_planned_writer(config, plan, buffers)
+    let shape = pool::Shape {
+        chunk: usize::try_from(config.chunk_size)
+            .map_err(|_| Error::Config("chunk_size overflows".into()))?,
+        align: pool::staging_align(plan.align, plan.mem_align),
+    };
+    let buffers = pool.lend(shape, buffers.max(1));
+    let writer = open_planned_writer(config, plan, buffers)?;
+    #[cfg(test)]
+    let writer = testing::wrap(dir, writer);
+    Ok(writer)
 }
 
 fn open_planned_writer<'a>(
     config: &Config,
     mut plan: EngineReport,
-    buffers: Vec<AlignedBuf>,
+    buffers: Vec<PoolBuf>,
 ) -> Result<Box<dyn Writer<'a> + 'a>> {
     match plan.engine {
         #[cfg(target_os = "linux")]
@@ -259,4 +274,111 @@ pub(crate) fn poisoned() -> Error {
         "(writer)",
         std::io::Error::other("an earlier write of this save failed; the save is abandoned"),
     )
+}
+
+/// The error for a writer whose staging buffers are all lent out with nothing in flight to
+/// wait for (a caller holding buffers it never returns: a bug).
+pub(crate) fn pool_exhausted() -> Error {
+    Error::Internal("staging pool exhausted: every buffer is lent out and no write is in flight".into())
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Faults injected into the writers of saves under one directory, for tests of what
+    //! happens to staging memory when a worker fails or panics mid-save.
+
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use super::{EngineReport, FileId, IoStats, Payload, StagingBuf, Writer};
+    use crate::{Error, Result};
+
+    /// What a faulty writer does at its `at`-th write (counted across every writer of the
+    /// armed directory, from 1).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Fault {
+        /// The write fails with EIO (the payload is dropped, not written).
+        FailWrite { at: usize },
+        /// The writer's thread panics (with the payload in hand).
+        PanicWrite { at: usize },
+    }
+
+    struct Armed {
+        parent: PathBuf,
+        fault: Fault,
+        writes: Arc<AtomicUsize>,
+    }
+
+    static ARMED: Mutex<Vec<Armed>> = Mutex::new(Vec::new());
+
+    /// Disarms its fault when dropped.
+    pub(crate) struct Guard(PathBuf);
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            ARMED.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| a.parent != self.0);
+        }
+    }
+
+    /// Makes every writer opened below `parent` faulty, until the guard drops.
+    pub(crate) fn arm(parent: &Path, fault: Fault) -> Guard {
+        let armed = Armed { parent: parent.to_path_buf(), fault, writes: Arc::new(AtomicUsize::new(0)) };
+        ARMED.lock().unwrap_or_else(|e| e.into_inner()).push(armed);
+        Guard(parent.to_path_buf())
+    }
+
+    /// Wraps `writer` if a fault is armed for a parent of `dir`.
+    pub(crate) fn wrap<'a>(dir: &Path, writer: Box<dyn Writer<'a> + 'a>) -> Box<dyn Writer<'a> + 'a> {
+        let armed = ARMED.lock().unwrap_or_else(|e| e.into_inner());
+        match armed.iter().find(|a| dir.starts_with(&a.parent)) {
+            Some(a) => Box::new(Faulty { inner: writer, fault: a.fault, writes: a.writes.clone() }),
+            None => writer,
+        }
+    }
+
+    struct Faulty<'a> {
+        inner: Box<dyn Writer<'a> + 'a>,
+        fault: Fault,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl<'a> Writer<'a> for Faulty<'a> {
+        fn report(&self) -> &EngineReport {
+            self.inner.report()
+        }
+
+        fn create(&mut self, path: &Path, len: u64) -> Result<FileId> {
+            self.inner.create(path, len)
+        }
+
+        fn take_buffer(&mut self) -> Result<StagingBuf> {
+            self.inner.take_buffer()
+        }
+
+        fn return_buffer(&mut self, buf: StagingBuf) {
+            self.inner.return_buffer(buf);
+        }
+
+        fn write(&mut self, file: FileId, payload: Payload<'a>, offset: u64) -> Result<()> {
+            let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
+            match self.fault {
+                Fault::FailWrite { at } if n == at => {
+                    drop(payload);
+                    let err = std::io::Error::from_raw_os_error(libc::EIO);
+                    Err(Error::io_at("write (injected)", "(faulty writer)", offset, err))
+                }
+                Fault::PanicWrite { at } if n == at => panic!("injected panic at write {n}"),
+                _ => self.inner.write(file, payload, offset),
+            }
+        }
+
+        fn finish(&mut self, file: FileId, len: u64) -> Result<()> {
+            self.inner.finish(file, len)
+        }
+
+        fn stats(&self) -> &IoStats {
+            self.inner.stats()
+        }
+    }
 }

@@ -196,21 +196,6 @@ pub fn registration_refused(report: &mut EngineReport, err: &io::Error) {
     report.registered_buffers = false;
 }
 
-/// Reuses `buffers` that fit the config and alignment, allocating the rest of the pool.
-pub fn fill_pool(mut buffers: Vec<AlignedBuf>, config: &Config, align: usize) -> Vec<AlignedBuf> {
-    let chunk = config.chunk_size as usize;
-    let want = config.staging_buffers().max(2);
-    buffers.retain(|b| b.capacity() == chunk && b.align() >= align);
-    buffers.truncate(want);
-    for b in &mut buffers {
-        b.clear();
-    }
-    while buffers.len() < want {
-        buffers.push(AlignedBuf::zeroed(chunk, align.max(4096)));
-    }
-    buffers
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

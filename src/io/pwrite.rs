@@ -1,24 +1,18 @@
 //! The thread-pool engine: `pwrite`/`pread` (with O_DIRECT) on a few threads, for kernels
 //! and containers where io_uring is unavailable. Same buffers and promises as io_uring.
 
-use std::fs::File;
 use std::io;
-use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::aligned::round_up;
-use super::file::{
-    check_direct, check_read, open_for_write, preallocate, truncate_and_sync, zero_past_eof, ReadFiles,
-};
-use super::{
-    is_transient, poisoned, AlignedBuf, EngineReport, FileId, IoStats, Payload, Reader, StagingBuf, Writer,
-};
-use crate::config::{Config, FsyncPolicy};
+use super::core::{Core, Engine, EngineWriter};
+use super::file::{check_read, zero_past_eof, ReadFiles};
+use super::{is_transient, EngineReport, FileId, IoStats, PoolBuf, Reader, StagingBuf};
+use crate::config::Config;
 use crate::{Error, Result};
 
 #[derive(Clone, Copy)]
@@ -160,227 +154,60 @@ fn transfer(job: &Job) -> io::Result<usize> {
     Ok(done)
 }
 
-enum OpData<'a> {
-    Staged(StagingBuf),
-    Borrowed(&'a [u8]),
-}
-
-struct PwriteOp<'a> {
-    file: usize,
-    data: OpData<'a>,
-    offset: u64,
-}
-
-struct OpenFile {
-    file: File,
-    path: PathBuf,
-    inflight: usize,
+/// The thread-pool side of a writer: each operation is one job for a worker thread, which
+/// writes all of it (see `transfer`). Files, operations and buffers are the writer core's.
+pub struct PwriteEngine {
+    pool: Pool,
+    depth: usize,
 }
 
 /// Writes through the thread pool.
-pub struct PwriteWriter<'a> {
-    pool: Pool,
-    report: EngineReport,
-    fsync: FsyncPolicy,
-    files: Vec<Option<OpenFile>>,
-    free: Vec<StagingBuf>,
-    ops: Vec<Option<PwriteOp<'a>>>,
-    free_ops: Vec<usize>,
-    inflight: usize,
-    error: Option<Error>,
-    failed: bool,
-    stats: IoStats,
-    _borrows: PhantomData<&'a [u8]>,
-}
+pub type PwriteWriter<'a> = EngineWriter<'a, PwriteEngine>;
 
-impl<'a> PwriteWriter<'a> {
+impl<'a> EngineWriter<'a, PwriteEngine> {
     /// Starts `io_threads` workers.
-    pub fn new(config: &Config, mut report: EngineReport, buffers: Vec<AlignedBuf>) -> Result<Self> {
+    pub fn new(config: &Config, mut report: EngineReport, buffers: Vec<PoolBuf>) -> Result<Self> {
         report.registered_buffers = false;
         report.queue_depth = config.io_threads;
-        Ok(PwriteWriter {
-            pool: Pool::new(config.io_threads as usize)?,
-            report,
-            fsync: config.fsync,
-            files: Vec::new(),
-            free: buffers.into_iter().map(|b| StagingBuf::new(b, None)).collect(),
-            ops: Vec::new(),
-            free_ops: Vec::new(),
-            inflight: 0,
-            error: None,
-            failed: false,
-            stats: IoStats::default(),
-            _borrows: PhantomData,
-        })
-    }
-
-    fn check(&mut self) -> Result<()> {
-        if let Some(err) = self.error.take() {
-            self.failed = true;
-            return Err(err);
-        }
-        if self.failed {
-            return Err(poisoned());
-        }
-        Ok(())
-    }
-
-    fn wait_one(&mut self) {
-        let done = self.pool.recv();
-        let Some(op) = self.ops.get_mut(done.id).and_then(Option::take) else {
-            self.error.get_or_insert(Error::io(
-                "write",
-                "(pwrite pool)",
-                done.result.err().unwrap_or_else(|| io::Error::other("lost reply")),
-            ));
-            self.inflight = 0;
-            return;
-        };
-        self.free_ops.push(done.id);
-        self.inflight -= 1;
-        let len = match &op.data {
-            OpData::Staged(buf) => buf.len(),
-            OpData::Borrowed(slice) => slice.len(),
-        };
-        let file = self.files[op.file].as_mut();
-        match done.result {
-            Ok(_) => self.stats.record(len, done.latency),
-            Err(e) => {
-                let path = file.as_ref().map(|f| f.path.clone()).unwrap_or_default();
-                self.error.get_or_insert(Error::io_at("pwrite", path, op.offset, e));
-            }
-        }
-        if let Some(file) = file {
-            file.inflight -= 1;
-        }
-        if let OpData::Staged(mut buf) = op.data {
-            buf.clear();
-            self.free.push(buf);
-        }
-    }
-}
-
-impl<'a> Writer<'a> for PwriteWriter<'a> {
-    fn report(&self) -> &EngineReport {
-        &self.report
-    }
-
-    fn create(&mut self, path: &Path, len: u64) -> Result<FileId> {
-        self.check()?;
-        let file = open_for_write(path, self.report.direct_io)?;
-        preallocate(&file, path, len, &self.report);
-        self.files.push(Some(OpenFile { file, path: path.to_path_buf(), inflight: 0 }));
-        Ok(FileId(self.files.len() - 1))
-    }
-
-    fn take_buffer(&mut self) -> Result<StagingBuf> {
-        self.check()?;
-        while self.free.is_empty() {
-            if self.inflight == 0 {
-                return Err(Error::Config("staging pool exhausted: every buffer is lent out".into()));
-            }
-            self.wait_one();
-            self.check()?;
-        }
-        Ok(self.free.pop().expect("free list is not empty"))
-    }
-
-    fn return_buffer(&mut self, mut buf: StagingBuf) {
-        buf.clear();
-        self.free.push(buf);
-    }
-
-    fn write(&mut self, file: FileId, payload: Payload<'a>, offset: u64) -> Result<()> {
-        self.check()?;
-        let (fd, path) = match self.files.get(file.0).and_then(Option::as_ref) {
-            Some(f) => (f.file.as_raw_fd(), f.path.clone()),
-            None => {
-                return Err(Error::io("write", "(closed file)", io::Error::from_raw_os_error(libc::EBADF)))
-            }
-        };
-        let data = match payload {
-            Payload::Staged(buf) if buf.is_empty() => {
-                self.return_buffer(buf);
-                return Ok(());
-            }
-            Payload::Borrowed([]) => return Ok(()),
-            Payload::Staged(buf) => OpData::Staged(buf),
-            Payload::Borrowed(slice) => OpData::Borrowed(slice),
-        };
-        let (ptr, len) = match &data {
-            OpData::Staged(buf) => (buf.as_ptr(), buf.len()),
-            OpData::Borrowed(slice) => (slice.as_ptr(), slice.len()),
-        };
-        if let Err(err) = check_direct(&self.report, &path, ptr, len, offset) {
-            if let OpData::Staged(buf) = data {
-                self.return_buffer(buf);
-            }
-            return Err(err);
-        }
         // Keep at most two transfers per thread queued so back-pressure reaches the caller.
-        while self.inflight >= 2 * self.report.queue_depth as usize {
-            self.wait_one();
-            self.check()?;
-        }
-        let op = PwriteOp { file: file.0, data, offset };
-        let id = match self.free_ops.pop() {
-            Some(id) => {
-                self.ops[id] = Some(op);
-                id
-            }
-            None => {
-                self.ops.push(Some(op));
-                self.ops.len() - 1
-            }
+        let engine = PwriteEngine {
+            pool: Pool::new(config.io_threads as usize)?,
+            depth: 2 * config.io_threads as usize,
         };
-        if let Some(f) = self.files[file.0].as_mut() {
-            f.inflight += 1;
-        }
-        self.inflight += 1;
-        self.pool.send(Job { id, direction: Direction::Write, fd, ptr: ptr as usize, len, offset });
-        Ok(())
-    }
-
-    fn finish(&mut self, file: FileId, len: u64) -> Result<()> {
-        self.check()?;
-        loop {
-            let pending = match self.files.get(file.0).and_then(Option::as_ref) {
-                Some(f) => f.inflight,
-                None => {
-                    return Err(Error::io(
-                        "finish",
-                        "(closed file)",
-                        io::Error::from_raw_os_error(libc::EBADF),
-                    ))
-                }
-            };
-            if pending == 0 {
-                break;
-            }
-            self.wait_one();
-            self.check()?;
-        }
-        let open = self.files[file.0].take().expect("checked above");
-        truncate_and_sync(&open.file, &open.path, len, self.fsync)
-    }
-
-    fn stats(&self) -> &IoStats {
-        &self.stats
-    }
-
-    fn into_buffers(mut self: Box<Self>) -> Vec<AlignedBuf> {
-        while self.inflight > 0 {
-            self.wait_one();
-        }
-        std::mem::take(&mut self.free).into_iter().map(|b| b.into_parts().0).collect()
+        let free = buffers.into_iter().map(|b| StagingBuf::new(b, None)).collect();
+        Ok(EngineWriter::from_parts(engine, Core::new(report, config.fsync, "pwrite", free)))
     }
 }
 
-impl Drop for PwriteWriter<'_> {
-    fn drop(&mut self) {
-        // Every job points into memory this writer holds: wait for all replies first.
-        while self.inflight > 0 {
-            self.wait_one();
+impl<'a> Engine<'a> for PwriteEngine {
+    fn max_in_flight(&self) -> usize {
+        self.depth
+    }
+
+    fn start(&mut self, core: &mut Core<'a>, id: usize) -> Result<()> {
+        let op = core.op(id).ok_or_else(|| Error::Internal(format!("write {id} is not in flight")))?;
+        let fd = core.fd_of(op)?;
+        let bytes = op.data.as_slice();
+        let (ptr, len) = (bytes.as_ptr() as usize, bytes.len());
+        self.pool.send(Job { id, direction: Direction::Write, fd, ptr, len, offset: op.offset });
+        Ok(())
+    }
+
+    fn wait(&mut self, core: &mut Core<'a>) -> Result<()> {
+        let done = self.pool.recv();
+        if core.op(done.id).is_none() {
+            let err = done.result.err().unwrap_or_else(|| io::Error::other("lost reply"));
+            core.abandon(Error::io("write", "(pwrite pool)", err));
+            return Ok(());
+        }
+        let outcome = done.result.map(|_| done.latency).map_err(|e| core.io_error(done.id, e));
+        core.retire(done.id, outcome);
+        Ok(())
+    }
+
+    fn drain(&mut self, core: &mut Core<'a>) {
+        while core.in_flight() > 0 {
+            let _ = self.wait(core);
         }
     }
 }

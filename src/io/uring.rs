@@ -4,24 +4,17 @@
 //! Every operation owns (or borrows for `'a`) its memory until its completion arrives;
 //! dropping the writer first drains the ring so the kernel never writes from freed memory.
 
-use std::fs::File;
 use std::io;
-use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
 
 use super::aligned::round_up;
-use super::file::{
-    check_direct, check_read, open_for_write, preallocate, truncate_and_sync, zero_past_eof, ReadFiles,
-};
-use super::{
-    is_transient, poisoned, probe, resultify, AlignedBuf, EngineReport, FileId, IoStats, Payload, Reader,
-    StagingBuf, Writer,
-};
-use crate::config::{Config, FsyncPolicy};
+use super::core::{Core, Engine, EngineWriter, OpData};
+use super::file::{check_read, zero_past_eof, ReadFiles};
+use super::{is_transient, probe, resultify, EngineReport, FileId, IoStats, PoolBuf, Reader, StagingBuf};
+use crate::config::Config;
 use crate::{Error, Result};
 
 /// Transient errors (EINTR/EAGAIN/EBUSY) tolerated for one operation before giving up.
@@ -40,61 +33,28 @@ fn build_ring(config: &Config) -> io::Result<IoUring> {
     builder.build(config.queue_depth.next_power_of_two().max(2))
 }
 
-struct OpenFile {
-    file: File,
-    path: PathBuf,
-    inflight: usize,
-}
-
-enum OpData<'a> {
-    Staged(StagingBuf),
-    Borrowed(&'a [u8]),
-}
-
-impl OpData<'_> {
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            OpData::Staged(buf) => buf,
-            OpData::Borrowed(slice) => slice,
-        }
-    }
-}
-
-struct WriteOp<'a> {
-    file: usize,
-    data: OpData<'a>,
-    offset: u64,
-    done: usize,
-    retries: u32,
-    started: Instant,
+/// The io_uring side of a writer: the ring and its batching of SQEs. Files, operations and
+/// buffers are the writer core's.
+pub struct UringEngine {
+    ring: IoUring,
+    depth: usize,
+    unsubmitted: usize,
+    batch: usize,
 }
 
 /// Writes through io_uring.
-pub struct UringWriter<'a> {
-    ring: IoUring,
-    report: EngineReport,
-    fsync: FsyncPolicy,
-    files: Vec<Option<OpenFile>>,
-    free: Vec<StagingBuf>,
-    ops: Vec<Option<WriteOp<'a>>>,
-    free_ops: Vec<usize>,
-    inflight: usize,
-    unsubmitted: usize,
-    batch: usize,
-    error: Option<Error>,
-    failed: bool,
-    stats: IoStats,
-    _borrows: PhantomData<&'a [u8]>,
-}
+pub type UringWriter<'a> = EngineWriter<'a, UringEngine>;
 
-impl<'a> UringWriter<'a> {
-    /// Sets up the ring and registers the staging buffers. On failure the buffers come back
-    /// with the error, so the caller can fall back to another engine.
+impl<'a> EngineWriter<'a, UringEngine> {
+    /// Sets up the ring and registers the staging buffers lent to this writer with it
+    /// (`WriteFixed` slots). The registration lasts as long as the ring, which is closed
+    /// before the buffers go back to the pool. On failure the buffers come back with the
+    /// error, so the caller can fall back to another engine.
     pub fn new(
         config: &Config,
         mut report: EngineReport,
-        buffers: Vec<AlignedBuf>,
-    ) -> std::result::Result<Self, (Error, Vec<AlignedBuf>)> {
+        buffers: Vec<PoolBuf>,
+    ) -> std::result::Result<Self, (Error, Vec<PoolBuf>)> {
         let ring = match build_ring(config) {
             Ok(ring) => ring,
             Err(e) => return Err((Error::io("io_uring_setup", "(ring)", e), buffers)),
@@ -110,9 +70,13 @@ impl<'a> UringWriter<'a> {
                     .iter()
                     .map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.capacity() })
                     .collect();
-                // SAFETY: every iovec describes a live AlignedBuf owned by this writer. The
-                // buffers are only freed after the ring (which holds the registration) is
-                // dropped or once no slot can name them again (see StagingBuf).
+                // SAFETY: every iovec describes a live buffer lent to this writer. The
+                // kernel pins the registered pages until the table goes with the ring, so
+                // no memory is reused under it even if a buffer leaves the writer early
+                // (dropped by a failing stream, it goes back to the pool); and only a
+                // StagingBuf of this writer names a slot, for the memory registered there.
+                // The ring is dropped before the writer's core, so the buffers the writer
+                // holds go back to the pool after the registration has ended.
                 unsafe { ring.submitter().register_buffers(&iovecs) }
             };
             match result {
@@ -126,78 +90,50 @@ impl<'a> UringWriter<'a> {
             .enumerate()
             .map(|(i, b)| StagingBuf::new(b, registered.then_some(i as u16)))
             .collect();
-        let queue_depth = config.queue_depth as usize;
-        Ok(UringWriter {
-            ring,
-            report,
-            fsync: config.fsync,
-            files: Vec::new(),
-            free,
-            ops: Vec::with_capacity(queue_depth),
-            free_ops: Vec::new(),
-            inflight: 0,
-            unsubmitted: 0,
-            batch: (queue_depth / 4).max(1),
-            error: None,
-            failed: false,
-            stats: IoStats::default(),
-            _borrows: PhantomData,
-        })
+        let depth = config.queue_depth as usize;
+        let engine = UringEngine { ring, depth, unsubmitted: 0, batch: (depth / 4).max(1) };
+        Ok(EngineWriter::from_parts(engine, Core::new(report, config.fsync, "write", free)))
     }
+}
 
-    fn check(&mut self) -> Result<()> {
-        if let Some(err) = self.error.take() {
-            self.failed = true;
-            return Err(err);
-        }
-        if self.failed {
-            return Err(poisoned());
-        }
-        Ok(())
-    }
-
-    fn open_file(&mut self, file: FileId) -> Result<&mut OpenFile> {
-        self.files
-            .get_mut(file.0)
-            .and_then(Option::as_mut)
-            .ok_or_else(|| Error::io("write", "(closed file)", io::Error::from_raw_os_error(libc::EBADF)))
-    }
-
+impl UringEngine {
     /// Pushes the SQE for the unwritten rest of operation `idx`.
-    fn push(&mut self, idx: usize) -> Result<()> {
-        let op = self.ops[idx].as_ref().expect("pushed operation exists");
-        let fd = types::Fd(self.files[op.file].as_ref().expect("file of a live op is open").file.as_raw_fd());
-        let bytes = op.data.as_slice();
-        let ptr = bytes[op.done..].as_ptr();
-        let mut len = (bytes.len() - op.done) as u32;
-        if let Some(Ok(())) = crate::failpoint::write("uring.write.submit") {
-            len = crate::failpoint::short_len(len as usize, self.report.align) as u32;
-        }
-        let offset = op.offset + op.done as u64;
-        let sqe = match &op.data {
-            OpData::Staged(buf) if op.done == 0 && buf.slot.is_some() => {
-                let slot = buf.slot.unwrap_or_default();
-                opcode::WriteFixed::new(fd, ptr, len, slot).offset(offset).build()
+    fn push(&mut self, core: &mut Core<'_>, idx: usize) -> Result<()> {
+        let sqe = {
+            let op = core.op(idx).ok_or_else(|| Error::Internal(format!("write {idx} is not in flight")))?;
+            let fd = types::Fd(core.fd_of(op)?);
+            let bytes = op.data.as_slice();
+            let ptr = bytes[op.done..].as_ptr();
+            let mut len = (bytes.len() - op.done) as u32;
+            if let Some(Ok(())) = crate::failpoint::write("uring.write.submit") {
+                len = crate::failpoint::short_len(len as usize, core.report.align) as u32;
             }
-            _ => opcode::Write::new(fd, ptr, len).offset(offset).build(),
-        }
-        .user_data(idx as u64);
+            let offset = op.offset + op.done as u64;
+            match &op.data {
+                OpData::Staged(buf) if op.done == 0 && buf.slot.is_some() => {
+                    let slot = buf.slot.unwrap_or_default();
+                    opcode::WriteFixed::new(fd, ptr, len, slot).offset(offset).build()
+                }
+                _ => opcode::Write::new(fd, ptr, len).offset(offset).build(),
+            }
+            .user_data(idx as u64)
+        };
         loop {
             // SAFETY: the SQE points into memory owned by (Staged) or borrowed for 'a by
-            // (Borrowed) the operation in self.ops[idx], which stays there until its
-            // completion is reaped; Drop drains every completion before that memory can go.
+            // (Borrowed) operation `idx` of the core, which stays there until its completion
+            // is reaped; the writer's drop drains every completion before that memory can go.
             let pushed = unsafe { self.ring.submission().push(&sqe) };
             if pushed.is_ok() {
                 break;
             }
-            self.submit(0)?; // queue full: hand what is queued to the kernel first
+            self.submit(core, 0)?; // queue full: hand what is queued to the kernel first
         }
         self.unsubmitted += 1;
         Ok(())
     }
 
     /// Submits queued SQEs and waits for `want` completions, retrying EINTR.
-    fn submit(&mut self, want: usize) -> Result<()> {
+    fn submit(&mut self, core: &mut Core<'_>, want: usize) -> Result<()> {
         let mut again = 0u32;
         loop {
             let result = match crate::failpoint::error("uring.submit") {
@@ -207,8 +143,8 @@ impl<'a> UringWriter<'a> {
             };
             match result {
                 Ok(_) => {
-                    self.stats.submits += 1;
-                    self.stats.sqes_submitted += self.unsubmitted as u64;
+                    core.stats.submits += 1;
+                    core.stats.sqes_submitted += self.unsubmitted as u64;
                     self.unsubmitted = 0;
                     return Ok(());
                 }
@@ -216,12 +152,12 @@ impl<'a> UringWriter<'a> {
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && again < MAX_RETRIES => {
                     // The kernel is short of resources for now: reap, then try again.
                     again += 1;
-                    self.reap();
+                    self.reap(core);
                     std::thread::yield_now();
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     // The completion queue is full: reap before submitting more.
-                    self.reap();
+                    self.reap(core);
                     if want > 0 {
                         return Ok(());
                     }
@@ -231,196 +167,79 @@ impl<'a> UringWriter<'a> {
         }
     }
 
-    /// Waits for at least one completion and handles what has completed.
-    fn wait_one(&mut self) -> Result<()> {
-        self.submit(1)?;
-        self.reap();
-        Ok(())
-    }
-
     /// Handles every completion in the queue.
-    fn reap(&mut self) {
+    fn reap(&mut self, core: &mut Core<'_>) {
         let done: Vec<(u64, i32)> =
             self.ring.completion().map(|cqe| (cqe.user_data(), cqe.result())).collect();
         for (user_data, res) in done {
-            self.complete(user_data as usize, res);
+            self.complete(core, user_data as usize, res);
         }
     }
 
-    fn complete(&mut self, idx: usize, res: i32) {
+    /// Handles the completion `res` of operation `idx`: a short write or a transient error
+    /// resubmits the rest, anything else retires it.
+    fn complete(&mut self, core: &mut Core<'_>, idx: usize, res: i32) {
         let res = match crate::failpoint::error("uring.write.complete") {
             Some(injected) => -injected.raw_os_error().unwrap_or(libc::EIO),
             None => res,
         };
-        let Some(op) = self.ops[idx].as_mut() else { return };
-        let total = op.data.as_slice().len();
-        let path = || self.files[op.file].as_ref().map(|f| f.path.clone()).unwrap_or_default();
-        match resultify(res) {
-            Ok(0) => {
-                let err = io::Error::new(io::ErrorKind::WriteZero, "write returned 0 bytes");
-                let failure = Error::io_at("write", path(), op.offset + op.done as u64, err);
-                self.error.get_or_insert(failure);
-            }
+        let Some(op) = core.op_mut(idx) else { return };
+        let outcome = match resultify(res) {
+            Ok(0) => Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0 bytes")),
             Ok(n) => {
                 op.done += n;
-                if op.done < total {
-                    // Short write: submit the rest.
-                    if let Err(err) = self.push(idx) {
-                        self.error.get_or_insert(err);
-                    } else {
-                        return;
-                    }
+                if op.done < op.data.as_slice().len() {
+                    return self.resubmit(core, idx); // short write: submit the rest
                 }
+                Ok(op.started.elapsed())
             }
             Err(e) if is_transient(&e) && op.retries < MAX_RETRIES => {
                 op.retries += 1;
-                if let Err(err) = self.push(idx) {
-                    self.error.get_or_insert(err);
-                } else {
-                    return;
-                }
+                return self.resubmit(core, idx);
             }
-            Err(e) => {
-                let failure = Error::io_at("write", path(), op.offset + op.done as u64, e);
-                self.error.get_or_insert(failure);
-            }
-        }
-        self.retire(idx);
+            Err(e) => Err(e),
+        };
+        let outcome = outcome.map_err(|e| core.io_error(idx, e));
+        core.retire(idx, outcome);
     }
 
-    fn retire(&mut self, idx: usize) {
-        let Some(op) = self.ops[idx].take() else { return };
-        self.free_ops.push(idx);
-        self.inflight -= 1;
-        if let Some(file) = self.files[op.file].as_mut() {
-            file.inflight -= 1;
+    fn resubmit(&mut self, core: &mut Core<'_>, idx: usize) {
+        if let Err(err) = self.push(core, idx) {
+            core.retire(idx, Err(err));
         }
-        if op.done == op.data.as_slice().len() {
-            self.stats.record(op.done, op.started.elapsed());
-        }
-        if let OpData::Staged(mut buf) = op.data {
-            buf.clear();
-            self.free.push(buf);
-        }
-    }
-
-    fn drain(&mut self) -> Result<()> {
-        while self.inflight > 0 {
-            self.wait_one()?;
-        }
-        Ok(())
     }
 }
 
-impl<'a> Writer<'a> for UringWriter<'a> {
-    fn report(&self) -> &EngineReport {
-        &self.report
+impl<'a> Engine<'a> for UringEngine {
+    fn max_in_flight(&self) -> usize {
+        self.depth
     }
 
-    fn create(&mut self, path: &Path, len: u64) -> Result<FileId> {
-        self.check()?;
-        let file = open_for_write(path, self.report.direct_io)?;
-        preallocate(&file, path, len, &self.report);
-        self.files.push(Some(OpenFile { file, path: path.to_path_buf(), inflight: 0 }));
-        Ok(FileId(self.files.len() - 1))
-    }
-
-    fn take_buffer(&mut self) -> Result<StagingBuf> {
-        self.check()?;
-        while self.free.is_empty() {
-            if self.inflight == 0 {
-                return Err(Error::Config("staging pool exhausted: every buffer is lent out".into()));
-            }
-            self.wait_one()?;
-            self.check()?;
-        }
-        Ok(self.free.pop().expect("free list is not empty"))
-    }
-
-    fn return_buffer(&mut self, mut buf: StagingBuf) {
-        buf.clear();
-        self.free.push(buf);
-    }
-
-    fn write(&mut self, file: FileId, payload: Payload<'a>, offset: u64) -> Result<()> {
-        self.check()?;
-        let data = match payload {
-            Payload::Staged(buf) if buf.is_empty() => {
-                self.return_buffer(buf);
-                return Ok(());
-            }
-            Payload::Borrowed([]) => return Ok(()),
-            Payload::Staged(buf) => OpData::Staged(buf),
-            Payload::Borrowed(slice) => OpData::Borrowed(slice),
-        };
-        let report = &self.report;
-        let open = self.files.get(file.0).and_then(Option::as_ref);
-        let path = open.map(|f| f.path.clone()).unwrap_or_default();
-        if let Err(err) = check_direct(report, &path, data.as_slice().as_ptr(), data.as_slice().len(), offset)
-        {
-            if let OpData::Staged(buf) = data {
-                self.return_buffer(buf);
-            }
-            return Err(err);
-        }
-        while self.inflight >= self.report.queue_depth as usize {
-            self.wait_one()?;
-            self.check()?;
-        }
-        self.open_file(file)?.inflight += 1;
-        let op = WriteOp { file: file.0, data, offset, done: 0, retries: 0, started: Instant::now() };
-        let idx = match self.free_ops.pop() {
-            Some(idx) => {
-                self.ops[idx] = Some(op);
-                idx
-            }
-            None => {
-                self.ops.push(Some(op));
-                self.ops.len() - 1
-            }
-        };
-        self.inflight += 1;
-        self.push(idx)?;
+    fn start(&mut self, core: &mut Core<'a>, idx: usize) -> Result<()> {
+        self.push(core, idx)?;
         if self.unsubmitted >= self.batch {
-            self.submit(0)?;
+            self.submit(core, 0)?;
         }
         Ok(())
     }
 
-    fn finish(&mut self, file: FileId, len: u64) -> Result<()> {
-        self.check()?;
-        while self.open_file(file)?.inflight > 0 {
-            self.wait_one()?;
-            self.check()?;
-        }
-        let open = self.files[file.0].take().expect("open_file checked it");
-        truncate_and_sync(&open.file, &open.path, len, self.fsync)
+    fn wait(&mut self, core: &mut Core<'a>) -> Result<()> {
+        self.submit(core, 1)?;
+        self.reap(core);
+        Ok(())
     }
 
-    fn stats(&self) -> &IoStats {
-        &self.stats
-    }
-
-    fn into_buffers(mut self: Box<Self>) -> Vec<AlignedBuf> {
-        let _ = self.drain();
-        std::mem::take(&mut self.free).into_iter().map(|b| b.into_parts().0).collect()
-    }
-}
-
-impl Drop for UringWriter<'_> {
-    fn drop(&mut self) {
-        while self.inflight > 0 {
+    fn drain(&mut self, core: &mut Core<'a>) {
+        while core.in_flight() > 0 {
             match self.ring.submit_and_wait(1) {
-                Ok(_) => self.reap(),
+                Ok(_) => self.reap(core),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.reap(),
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.reap(core),
                 Err(e) => {
                     // The kernel may still use these buffers: leak them rather than free
                     // memory it could write from.
-                    log::error!("cannot drain io_uring ({e}); leaking {} buffers", self.inflight);
-                    for op in self.ops.drain(..).flatten() {
-                        std::mem::forget(op);
-                    }
+                    log::error!("cannot drain io_uring ({e})");
+                    core.leak_in_flight();
                     break;
                 }
             }
@@ -606,5 +425,83 @@ fn drain_ring(ring: &mut IoUring, mut inflight: usize) {
                 inflight -= ring.completion().count().min(inflight);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FsyncPolicy;
+    use crate::io::pool::{staging_align, Shape, StagingPool};
+    use std::path::Path;
+
+    const LEN: usize = 8192;
+
+    /// A core with one staging buffer holding `LEN` bytes queued as operation 0 on a fresh
+    /// file (not started), and an engine with a ring; the data written is `data`.
+    fn setup(dir: &Path, data: &[u8]) -> (UringEngine, Core<'static>, usize, FileId, StagingPool) {
+        let config = Config::builder().chunk_size(64 * 1024).queue_depth(4).build().expect("config");
+        let report = probe::plan(&config, dir).expect("plan");
+        let pool = StagingPool::new();
+        let shape = Shape { chunk: 64 * 1024, align: staging_align(report.align, report.mem_align) };
+        let free = pool.lend(shape, 1).into_iter().map(|b| StagingBuf::new(b, None)).collect();
+        let engine =
+            UringEngine { ring: build_ring(&config).expect("ring"), depth: 4, unsubmitted: 0, batch: 1 };
+        let mut core = Core::new(report, FsyncPolicy::Never, "write", free);
+        let file = core.files.create(&dir.join("f"), LEN as u64, &core.report.clone()).expect("create");
+        let mut buf = core.take_free().expect("buffer");
+        buf.extend_from_slice(data);
+        let idx = core.begin(file, OpData::Staged(buf), 0).expect("begin");
+        (engine, core, idx, file, pool)
+    }
+
+    fn finish(engine: &mut UringEngine, core: &mut Core<'_>, file: FileId) -> Vec<u8> {
+        while core.in_flight() > 0 {
+            engine.wait(core).expect("wait");
+        }
+        let open = core.files.take(file, "finish").expect("open");
+        std::fs::read(&open.path).expect("read back")
+    }
+
+    fn scratch() -> tempfile::TempDir {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("tmp");
+        std::fs::create_dir_all(&base).expect("target/tmp");
+        tempfile::tempdir_in(base).expect("scratch")
+    }
+
+    #[test]
+    fn a_short_completion_resubmits_the_rest() {
+        let dir = scratch();
+        let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8 + 1).collect();
+        let (mut engine, mut core, idx, file, _pool) = setup(dir.path(), &data);
+        // As if the kernel had written only the first 4096 bytes: the rest is submitted.
+        engine.complete(&mut core, idx, 4096);
+        assert_eq!(core.in_flight(), 1, "the rest is in flight");
+        let written = finish(&mut engine, &mut core, file);
+        assert_eq!(&written[4096..], &data[4096..], "the rest landed at its offset");
+        assert!(written[..4096].iter().all(|&b| b == 0), "the first part was not rewritten");
+        core.check().expect("no error");
+        assert_eq!((core.stats.ops, core.stats.bytes), (1, LEN as u64), "one complete write");
+        assert_eq!(core.free_buffers(), 1, "the buffer is back");
+    }
+
+    #[test]
+    fn a_transient_error_retries_and_a_hard_one_poisons() {
+        let dir = scratch();
+        let data = vec![9u8; LEN];
+        let (mut engine, mut core, idx, file, _pool) = setup(dir.path(), &data);
+        engine.complete(&mut core, idx, -libc::EAGAIN);
+        assert_eq!(finish(&mut engine, &mut core, file), data, "retried in full");
+        core.check().expect("no error");
+
+        let (mut engine, mut core, idx, _file, _pool) = setup(dir.path(), &data);
+        core.op_mut(idx).expect("op").done = 4096; // as if the first half had been written
+        engine.complete(&mut core, idx, -libc::EIO); // and the rest failed
+        assert_eq!(core.in_flight(), 0, "a hard error retires the write");
+        let err = core.check().expect_err("EIO");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        assert!(err.to_string().contains("at offset 4096"), "{err}");
+        assert!(core.check().expect_err("poisoned").to_string().contains("earlier write"));
+        assert_eq!(core.free_buffers(), 1, "the failed write's buffer is back");
     }
 }

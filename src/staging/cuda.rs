@@ -9,16 +9,18 @@
 //!   `cuMemcpyDtoHAsync` on the source's own (non-blocking) stream, straight into the
 //!   staging buffer, and synchronizes that stream.
 //! - [`CudaStaging`]: page-locks host buffers with `cuMemHostRegister` so those copies run
-//!   at full DMA speed. Use it on the staging pool through
-//!   [`crate::UringCheckpointIO::prepare_staging`]: the same buffers the io_uring ring
-//!   registers. When registration fails (a `RLIMIT_MEMLOCK`, say), copies go to pageable
-//!   memory, slower but correct, and the failure is logged.
+//!   at full DMA speed. It is a [`Registrar`] of the staging pool, added through
+//!   [`crate::UringCheckpointIO::prepare_staging`]: the pool page-locks each of its buffers
+//!   (the same buffers the io_uring ring registers) once, and unlocks each
+//!   (`cuMemHostUnregister`) before freeing it. When registration fails (a
+//!   `RLIMIT_MEMLOCK`, say), copies go to pageable memory, slower but correct, and the
+//!   failure is logged.
 
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys};
 
-use crate::io::AlignedBuf;
+use crate::io::{AlignedBuf, Registrar};
 use crate::staging::TensorSource;
 use crate::{Error, Result};
 
@@ -200,9 +202,10 @@ impl Drop for CudaTensorSource {
     }
 }
 
-/// Page-locks host buffers (`cuMemHostRegister`) for fast device-to-host copies, and
-/// unregisters them when dropped. Drop it before the buffers are freed (keep it next to the
-/// [`crate::UringCheckpointIO`] whose pool it registered, declared after it).
+/// Page-locks host buffers (`cuMemHostRegister`) for fast device-to-host copies: a
+/// [`Registrar`] of the staging pool, which calls [`Registrar::unregister`] before it frees a
+/// buffer. Anything still registered when this is dropped (a buffer an engine had to give
+/// up for lost) is unregistered then.
 #[derive(Debug)]
 pub struct CudaStaging {
     ctx: Arc<CudaContext>,
@@ -215,19 +218,32 @@ impl CudaStaging {
         CudaStaging { ctx, registered: Mutex::new(Vec::new()) }
     }
 
+    /// Buffers registered now.
+    pub fn registered(&self) -> usize {
+        self.registered.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    fn addresses(&self) -> Result<std::sync::MutexGuard<'_, Vec<usize>>> {
+        self.registered.lock().map_err(|_| Error::Unavailable("CUDA staging (poisoned)".into()))
+    }
+}
+
+impl Registrar for CudaStaging {
+    fn name(&self) -> &str {
+        "CUDA page-locking"
+    }
+
     /// Page-locks `buf` (its whole capacity). Registering the same buffer twice is a no-op.
     /// On failure the buffer stays pageable: copies into it still work, more slowly.
-    pub fn register(&self, buf: &AlignedBuf) -> Result<()> {
+    fn register(&self, buf: &AlignedBuf) -> Result<()> {
         let addr = buf.as_ptr() as usize;
-        let mut registered =
-            self.registered.lock().map_err(|_| Error::Unavailable("CUDA staging (poisoned)".into()))?;
+        let mut registered = self.addresses()?;
         if registered.contains(&addr) {
             return Ok(());
         }
         self.ctx.bind()?;
-        // SAFETY: `buf` is a live allocation of `capacity()` bytes; it is unregistered
-        // (in Drop) before this value goes, which the type's docs ask to happen before the
-        // buffer is freed.
+        // SAFETY: `buf` is a live allocation of `capacity()` bytes; the staging pool calls
+        // `unregister` for it before the memory is freed (the Registrar contract).
         unsafe {
             sys::cuMemHostRegister_v2(
                 buf.as_ptr() as *mut _,
@@ -241,9 +257,20 @@ impl CudaStaging {
         Ok(())
     }
 
-    /// Buffers registered so far.
-    pub fn registered(&self) -> usize {
-        self.registered.lock().map(|r| r.len()).unwrap_or(0)
+    fn unregister(&self, buf: &AlignedBuf) {
+        let addr = buf.as_ptr() as usize;
+        let Ok(mut registered) = self.addresses() else { return };
+        let Some(i) = registered.iter().position(|&a| a == addr) else { return };
+        registered.swap_remove(i);
+        if let Err(e) = self.ctx.bind() {
+            log::warn!("cannot unregister a page-locked staging buffer: {e}");
+            return;
+        }
+        // SAFETY: `addr` is the start of memory this registrar registered and that is still
+        // allocated (the pool unregisters before freeing); it is unregistered once.
+        if let Err(e) = unsafe { sys::cuMemHostUnregister(addr as *mut _) }.result() {
+            log::warn!("cuMemHostUnregister failed: {e}");
+        }
     }
 }
 
@@ -254,7 +281,8 @@ impl Drop for CudaStaging {
         }
         if let Ok(registered) = self.registered.lock() {
             for &addr in registered.iter() {
-                // SAFETY: `addr` was registered by `register` and is unregistered once.
+                // SAFETY: `addr` was registered by `register`, not unregistered since, and
+                // its memory is never freed (only buffers given up for lost remain here).
                 let _ = unsafe { sys::cuMemHostUnregister(addr as *mut _) };
             }
         }

@@ -19,8 +19,8 @@
 //!
 //! | pipeline step | code |
 //! |---|---|
-//! | N aligned buffers of `chunk_size` | [`crate::io::probe::fill_pool`] allocates `staging_pool_size / chunk_size` [`crate::io::AlignedBuf`]s; the io_uring engine registers them with the ring (`WriteFixed`) |
-//! | allocated once, reused across saves | [`crate::UringCheckpointIO`] keeps the pool between saves and hands it to the next save's writers |
+//! | N aligned buffers of `chunk_size` | one [`crate::io::StagingPool`] owns `staging_pool_size / chunk_size` [`crate::io::AlignedBuf`]s (alignment from [`crate::io::pool::staging_align`]) and runs its registration hooks (CUDA page-locking) on them; each shard writer borrows its share, which the io_uring engine registers with its ring (`WriteFixed`) |
+//! | allocated once, reused across saves | [`crate::UringCheckpointIO`] keeps the pool between saves; a writer's buffers go back to it when the writer drops, on success, error or panic |
 //! | source -> copy into buffer k | the shard writer's stream (`Writer::take_buffer`, then a memcpy with the CRC-32 in the same pass for host memory, or [`TensorSource::copy_to`] followed by the CRC of the bytes still in cache) |
 //! | submit the write of buffer k while k+1 fills | a full buffer is queued with `Writer::write` (`Payload::Staged`) and the stream takes the next one at once; the engine writes in the background (io_uring: up to `queue_depth` writes in flight) |
 //! | back-pressure when all buffers are in flight | `Writer::take_buffer` waits for a completion when the pool is empty |
