@@ -6,10 +6,11 @@
 //!   on tmpfs O_DIRECT either works (Linux 6.6 and later) or the save falls back to buffered
 //!   writes with the reason recorded, whichever the kernel does (probed here first);
 //! - a refused silent replace, an atomic replace and a remove leave nothing behind;
-//! - saves killed with SIGKILL at random moments leave only whole checkpoints, and the next
+//! - saves killed with SIGKILL at a few moments on each engine leave only whole checkpoints, and the next
 //!   save clears what the killed one left;
 //! - `uring-ckpt bench --dir` names the file system, the device and the loop device's backing
 //!   file.
+//!
 //! A file system that cannot be set up here (not root, no loop device, mkfs missing, mount
 //! refused) is skipped with `skipped: <reason>`. Mounts and loop devices are released by
 //! [`LoopFs`]'s drop, also when an assertion fails.
