@@ -4,7 +4,8 @@
 //!   across engines;
 //! - the engine report is what that file system implies: O_DIRECT on the block file systems;
 //!   on tmpfs O_DIRECT either works (Linux 6.6 and later) or the save falls back to buffered
-//!   writes with the reason recorded, whichever the kernel does (probed here first);
+//!   writes with the reason recorded, whichever the kernel does (probed here first); the
+//!   fallbacks it does not take by itself (io_uring or O_DIRECT refused) forced, same files;
 //! - a refused silent replace, an atomic replace and a remove leave nothing behind;
 //! - saves killed with SIGKILL at a few moments on each engine leave only whole checkpoints, and the next
 //!   save clears what the killed one left;
@@ -164,6 +165,38 @@ fn round_trip_every_engine(lfs: &LoopFs) {
             "{what}: saved with {} (direct I/O {}), fallbacks {fallbacks:?}",
             report.engine.engine, report.engine.direct_io
         );
+        io.remove_checkpoint(&path).expect("remove");
+    }
+    forced_fallbacks(lfs, &data, reference.as_deref().expect("reference files"));
+}
+
+/// The fallbacks this file system may not take by itself, forced (io_uring refused with
+/// EPERM, O_DIRECT refused with EINVAL): the same files, and the fallback reported.
+fn forced_fallbacks(lfs: &LoopFs, data: &Data, reference: &[(String, Vec<u8>)]) {
+    /// The fault, how to set it, the engine that must run, what the fallback names.
+    type Case = (&'static str, fn(&mut Config), EngineKind, &'static str);
+    let name = lfs.fs_type().name();
+    let cases: [Case; 2] = [
+        ("io_uring EPERM", |c| c.simulate.uring_setup_eperm = true, EngineKind::Pwrite, "io_uring"),
+        ("O_DIRECT EINVAL", |c| c.simulate.direct_io_einval = true, EngineKind::Buffered, "O_DIRECT"),
+    ];
+    for (fault, set, engine, what) in cases {
+        let what_case = format!("{name}, uring with {fault}");
+        let mut config = config(EngineKind::Uring);
+        set(&mut config);
+        let io = UringCheckpointIO::new(config.clone()).expect("config");
+        let path = lfs.path().join("forced");
+        let report =
+            io.save_checkpoint(&data.checkpoint(), &path).unwrap_or_else(|e| panic!("{what_case}: {e}"));
+        assert_eq!(report.engine.engine, engine, "{what_case}: {:?}", report.engine);
+        assert_eq!(
+            report.engine.fallbacks.first().map(|f| f.what),
+            Some(what),
+            "{what_case}: {:?}",
+            report.engine
+        );
+        data.assert_loads(&config, &path, &what_case);
+        assert!(files_of(&path) == reference, "{what_case}: files differ from a normal save's");
         io.remove_checkpoint(&path).expect("remove");
     }
 }
