@@ -243,10 +243,17 @@ fn kill_child() {
     };
     let dir = PathBuf::from(dir);
     let engine: EngineKind = engine.parse().expect("engine");
+    let parent: i32 =
+        std::env::var("FS_MATRIX_PARENT").ok().and_then(|p| p.parse().ok()).expect("parent pid");
     let mut config = config(engine);
     config.replace_existing = true;
     let io = UringCheckpointIO::new(config).expect("config");
     loop {
+        // SAFETY: getppid has no preconditions.
+        if unsafe { libc::getppid() } != parent {
+            // The test that started us is gone (killed): stop instead of saving forever.
+            std::process::exit(0);
+        }
         let step = newest_step(&dir) + 1;
         let path = dir.join(format!("step-{step}"));
         if let Err(e) = io.save_checkpoint(&step_data(step).checkpoint(), &path) {
@@ -270,6 +277,20 @@ fn step_data(step: u64) -> Data {
     Data::sized(step, &[300_001, 4097, (1 << 20) + 5])
 }
 
+/// The child gets SIGKILL when this test process dies, so that a killed test run leaves no
+/// child saving forever (the child also checks its parent's pid before each save).
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls prctl, a system call
+    // that is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            Ok(())
+        });
+    }
+}
+
 /// Saves killed at a few moments on each engine leave only whole checkpoints; the latest
 /// valid one loads; the next save clears the killed save's temporary directory.
 fn killed_saves(lfs: &LoopFs) {
@@ -287,8 +308,10 @@ fn killed_saves(lfs: &LoopFs) {
             cmd.args(["--exact", "kill_child", "--nocapture", "--test-threads=1"])
                 .env("FS_MATRIX_KILL_DIR", &dir)
                 .env("FS_MATRIX_ENGINE", engine.as_str())
+                .env("FS_MATRIX_PARENT", std::process::id().to_string())
                 .stdout(Stdio::null());
             no_core_dumps(&mut cmd);
+            die_with_parent(&mut cmd);
             let mut child = cmd.spawn().expect("spawn");
             dead_pid = child.id();
             std::thread::sleep(Duration::from_millis(delay_ms));

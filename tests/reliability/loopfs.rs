@@ -2,7 +2,8 @@
 //! in `CARGO_TARGET_TMPDIR`, or a size-limited tmpfs. Used by the ENOSPC and power-loss tests
 //! (ext4) and the file-system matrix (every type). Needs root, `losetup`, the type's `mkfs`
 //! and `mount`; [`LoopFs::new`] and [`LoopFs::with_type`] return the reason to skip when they
-//! cannot run. Everything is unmounted, detached and removed on drop, even on panic.
+//! cannot run. Everything is unmounted, detached and removed on drop, even on panic; what a
+//! killed test process left behind is released by the next one.
 
 use std::ffi::CString;
 use std::fs;
@@ -117,6 +118,8 @@ impl LoopFs {
                 return Err(format!("{}: {tool} is not installed", fs_type.name()));
             }
         }
+        static REAP: std::sync::Once = std::sync::Once::new();
+        REAP.call_once(reap_stale);
         let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "loopfs-{}-{name}-{}",
             fs_type.name(),
@@ -251,6 +254,42 @@ fn sync_fs(path: &Path) {
         use std::os::fd::AsRawFd;
         // SAFETY: syncfs on an open descriptor.
         unsafe { libc::syncfs(dir.as_raw_fd()) };
+    }
+}
+
+/// Releases what test processes that were killed (SIGKILL, Ctrl-C: no drop ran) left under
+/// `CARGO_TARGET_TMPDIR`: `loopfs-*-<pid>` directories whose process is gone, their mounts
+/// and loop devices.
+fn reap_stale() {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let Ok(entries) = fs::read_dir(tmp) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("loopfs-").and_then(|r| r.rsplit('-').next()?.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let base = entry.path();
+        let mount = base.join("mnt").to_string_lossy().into_owned();
+        let mounted = || {
+            let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            info.lines().any(|l| l.split(' ').nth(4) == Some(mount.as_str()))
+        };
+        if mounted() {
+            let _ = run("umount", &["-l", &mount]);
+        }
+        let image = base.join("fs.img").to_string_lossy().into_owned();
+        if let Ok(list) = run("losetup", &["-j", &image]) {
+            for device in list.lines().filter_map(|l| l.split(':').next()) {
+                let _ = run("losetup", &["-d", device]);
+            }
+        }
+        if !mounted() {
+            let _ = fs::remove_dir_all(&base);
+        }
     }
 }
 
