@@ -53,7 +53,9 @@ pub struct BenchArgs {
     /// Leave the checkpoints on disk.
     #[arg(long)]
     keep: bool,
-    /// Parent directory of the scratch directory (default: the current directory).
+    /// Parent directory of the scratch directory (default: the current directory). The
+    /// output names its file system, device and, for a loop device, the backing file and
+    /// whether it is RAM-backed (scripts/fastdev.sh makes such file systems).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
     /// Seed of the synthetic tensor contents.
