@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -136,15 +137,79 @@ def torch_save(arrays, directory, tag):
     return {"seconds": seconds, "bytes": size, "command": "torch.save + fsync"}
 
 
-def machine(directory):
-    fs = subprocess.run(["df", "-T", directory], capture_output=True, text=True).stdout.splitlines()[-1].split()
+def _unescape(field):
+    """Undoes /proc/self/mountinfo's octal escapes (\\040 for a space)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mount_of(path):
+    """(fs_type, source, mount_point) of the mount holding path: the longest mount point above
+    it, preferring one with its device number, later lines winning (as `uring-ckpt bench`)."""
+    path = os.path.realpath(path)
+    dev = os.stat(path).st_dev
+    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    best = None
+    with open("/proc/self/mountinfo") as f:
+        for order, line in enumerate(f):
+            fields = line.split()
+            if "-" not in fields:
+                continue
+            sep = fields.index("-")
+            if len(fields) < sep + 3 or sep < 5:
+                continue
+            mount_point = _unescape(fields[4])
+            if not (path == mount_point or path.startswith(mount_point.rstrip("/") + "/")):
+                continue
+            key = (fields[2] == wanted, len(mount_point), order)
+            if best is None or key > best[0]:
+                best = (key, (_unescape(fields[sep + 1]), _unescape(fields[sep + 2]), mount_point))
+    return best[1] if best else None
+
+
+def storage(directory):
+    """The file system and device `directory` is on, with the same fields and summary line as
+    the `machine` object of `uring-ckpt bench --json`."""
+    mount = _mount_of(directory)
+    if mount is None:
+        return {"fs_type": "unknown", "device": "unknown", "mount_point": "unknown", "backing_file": None,
+                "backing_fs_type": None, "ram_backed": False, "summary": "an unknown file system"}
+    fs_type, source, mount_point = mount
+    block = None
+    if source.startswith("/dev/"):
+        name = os.path.basename(os.path.realpath(source))
+        if os.path.exists(f"/sys/class/block/{name}"):
+            block = name
+    backing_file = backing_fs_type = None
+    if block:
+        try:
+            with open(f"/sys/class/block/{block}/loop/backing_file") as f:
+                backing_file = f.read().rstrip("\n").removesuffix(" (deleted)") or None
+        except OSError:
+            pass
+    if backing_file:
+        m = _mount_of(backing_file) if os.path.exists(backing_file) else None
+        backing_fs_type = m[0] if m else None
+    memory = ("tmpfs", "ramfs")
+    ram_backed = (fs_type in memory or backing_fs_type in memory
+                  or bool(block and (block.startswith("ram") or block.startswith("zram"))))
+    ram = ": RAM-backed" if ram_backed else ""
+    if backing_file:
+        summary = (f"{fs_type} on {source} (loop device over {backing_file} on "
+                   f"{backing_fs_type or 'an unknown file system'}{ram}), mounted at {mount_point}")
+    else:
+        summary = f"{fs_type} on {source}{ram}, mounted at {mount_point}"
+    return {"fs_type": fs_type, "device": source, "mount_point": mount_point, "backing_file": backing_file,
+            "backing_fs_type": backing_fs_type, "ram_backed": ram_backed, "summary": summary}
+
+
+def machine():
     cpu = ""
     with open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return f"{platform.node()}: Linux {platform.release()}, {os.cpu_count()} CPUs ({cpu}), {fs[1]} on {fs[0]}"
+    return f"{platform.node()}: Linux {platform.release()}, {os.cpu_count()} CPUs ({cpu})"
 
 
 def main():
@@ -157,6 +222,8 @@ def main():
     a = p.parse_args()
     size = parse_size(a.size)
     runs = {}
+    where = storage(a.dir)
+    print(f"directory {os.path.realpath(a.dir)} on {where['summary']}", file=sys.stderr, flush=True)
 
     def record(name, result):
         runs.setdefault(name, []).append(result)
@@ -210,7 +277,8 @@ def main():
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     header = (
         f"Size {a.size} per writer, same directory, one run ({a.repeat} round(s), median), {when}.  \n"
-        f"Machine: {machine(a.dir)}.\n\n"
+        f"Machine: {machine()}.  \n"
+        f"Storage: {where['summary']}.\n\n"
         "| writer | MiB/s | s | vs fio's best (same direction) | vs fio buffered+fsync |\n|---|---:|---:|---:|---:|\n"
     )
     lines = []
@@ -222,7 +290,7 @@ def main():
     with open(os.path.join(a.out, "compare.md"), "w") as f:
         f.write(table)
     with open(os.path.join(a.out, "compare.json"), "w") as f:
-        json.dump({"size": size, "machine": machine(a.dir), "when": when, "rows": rows, "runs": runs}, f, indent=2)
+        json.dump({"size": size, "machine": machine(), "storage": where, "when": when, "rows": rows, "runs": runs}, f, indent=2)
     print(table)
     try:
         import matplotlib
