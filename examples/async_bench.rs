@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use uring_ckpt::config::{format_size, parse_size, AsyncMode, Config};
 use uring_ckpt::format::Dtype;
-use uring_ckpt::staging::simulated::generate;
-use uring_ckpt::staging::SimulatedDevice;
+use uring_ckpt::source::simulated::generate;
+use uring_ckpt::source::SimulatedDevice;
 use uring_ckpt::{
     AsyncCheckpointIO, AsyncOptions, Checkpoint, CheckpointIO, OwnedCheckpoint, SaveReport, UringCheckpointIO,
 };

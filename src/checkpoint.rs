@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::io::stats::LatencySummary;
 use crate::io::EngineReport;
-use crate::staging::TensorSource;
+use crate::source::TensorSource;
 
 /// One tensor to save: its name, dtype, shape and where its bytes are (borrowed, not copied).
 #[derive(Clone)]
@@ -265,7 +265,7 @@ pub struct SaveReport {
     pub stall_seconds: f64,
     /// Wall-clock seconds during which at least one copy out of a source was running: the
     /// staging copies of the shard writers (host memcpy with CRC, or
-    /// [`crate::staging::TensorSource::copy_to`] of a device), and in `snapshot` mode the
+    /// [`crate::source::TensorSource::copy_to`] of a device), and in `snapshot` mode the
     /// copy of the whole checkpoint into host memory. Copies on several threads at once
     /// count once.
     pub copy_seconds: f64,

@@ -148,7 +148,7 @@ impl UringCheckpointIO {
     }
 
     /// Allocates the staging pool now (saves reuse it) and adds `registrar` to it, e.g.
-    /// `staging::cuda::CudaStaging` (feature `cuda`) to page-lock the buffers for device
+    /// `source::cuda::CudaStaging` (feature `cuda`) to page-lock the buffers for device
     /// copies. The pool registers every buffer with it (buffers a running save holds when
     /// they come back) and unregisters each before freeing it. A buffer that `registrar`
     /// refuses stays usable (pageable); the first refusal is logged and returned.
@@ -278,8 +278,7 @@ impl UringCheckpointIO {
             handles
                 .into_iter()
                 .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(Error::Unavailable("a shard writer thread panicked".into())))
+                    h.join().unwrap_or_else(|_| Err(Error::Internal("a shard writer thread panicked".into())))
                 })
                 .collect()
         });

@@ -82,7 +82,8 @@ pub enum Error {
     /// A feature (io_uring, O_DIRECT, CUDA) is not available on this system.
     #[error("{0} is unavailable")]
     Unavailable(String),
-    /// An invariant of this library did not hold (a bug: please report it).
+    /// An invariant of this library did not hold, or one of its threads panicked (a bug:
+    /// please report it), or a result was taken twice.
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -10,18 +10,18 @@ pub mod format;
 pub mod inspect;
 
 pub use error::{Error, Result};
-pub mod async_io;
+pub mod background;
 pub mod checkpoint;
 pub mod checkpoint_io;
 pub mod io;
 pub mod load;
 pub mod retention;
 mod shard_writer;
-pub mod staging;
+pub mod source;
 pub mod store;
 pub mod synthetic;
 
-pub use async_io::{
+pub use background::{
     AsyncCheckpointIO, AsyncOptions, Durable, OwnedCheckpoint, OwnedTensor, SaveHandle, Staged,
 };
 pub use checkpoint::{Checkpoint, LoadReport, LoadedCheckpoint, LoadedTensor, SaveReport, TensorView};
@@ -29,8 +29,10 @@ pub use checkpoint_io::{CheckpointIO, LoadOptions, RankShards, UringCheckpointIO
 pub use config::{AsyncMode, Config, EngineKind, FsyncPolicy};
 pub use format::Dtype;
 
+#[doc(hidden)]
+pub use source as staging;
 /// The directory protocol's modules, also at the top level where they used to live.
-pub use store::{commit, lock};
+pub use store::{commit, lock}; // TEMPORARY until io/pool.rs tests are updated
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

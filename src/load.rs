@@ -178,7 +178,7 @@ fn read_rest(
         drop(tx);
         let verified = verifier
             .join()
-            .unwrap_or_else(|_| Err(Error::Unavailable("CRC verifier thread panicked".into())));
+            .unwrap_or_else(|_| Err(Error::Internal("the CRC verifier thread panicked".into())));
         verified.and(read_result)
     })
 }

@@ -13,7 +13,7 @@ use crate::format::{encode_header, ShardInfo, ShardLayout, TensorSpec};
 use crate::io::aligned::round_down_u64;
 use crate::io::stats::BusySpans;
 use crate::io::{FileId, Payload, StagingBuf, Writer};
-use crate::staging::TensorSource;
+use crate::source::TensorSource;
 use crate::Result;
 
 /// Tensors at least this large may be written without a staging copy (smaller ones are

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::{bytes, scratch};
 use uring_ckpt::config::{AsyncMode, Config};
 use uring_ckpt::format::Dtype;
-use uring_ckpt::staging::{HostPtrSource, SimulatedDevice, TensorSource};
+use uring_ckpt::source::{HostPtrSource, SimulatedDevice, TensorSource};
 use uring_ckpt::{
     AsyncCheckpointIO, AsyncOptions, Checkpoint, CheckpointIO, Error, LoadOptions, LoadedCheckpoint,
     OwnedCheckpoint, SaveReport, UringCheckpointIO,
@@ -149,7 +149,7 @@ fn sources_overwritten_after_staged_never_tear_the_checkpoint() {
 }
 
 /// What training does after `staged()`: the next step's values.
-fn overwrite(host: &mut [u8], device: &uring_ckpt::staging::SimulatedTensor) {
+fn overwrite(host: &mut [u8], device: &uring_ckpt::source::SimulatedTensor) {
     host.fill(0xEE);
     device.reseed(99).expect("reseed");
 }

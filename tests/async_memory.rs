@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use uring_ckpt::config::{AsyncMode, Config};
 use uring_ckpt::format::Dtype;
-use uring_ckpt::staging::SimulatedDevice;
+use uring_ckpt::source::SimulatedDevice;
 use uring_ckpt::{AsyncCheckpointIO, AsyncOptions, OwnedCheckpoint, UringCheckpointIO};
 
 fn vm_hwm_bytes() -> Option<u64> {

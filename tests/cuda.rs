@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::{bytes, scratch};
 use uring_ckpt::config::{AsyncMode, Config};
 use uring_ckpt::format::Dtype;
-use uring_ckpt::staging::cuda::{probe, CudaContext, CudaStaging, CudaTensorSource};
+use uring_ckpt::source::cuda::{probe, CudaContext, CudaStaging, CudaTensorSource};
 use uring_ckpt::{
     AsyncCheckpointIO, AsyncOptions, CheckpointIO, Error, LoadOptions, OwnedCheckpoint, UringCheckpointIO,
 };

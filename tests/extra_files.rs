@@ -118,7 +118,7 @@ fn unsafe_or_duplicate_names_are_refused() {
 
 #[test]
 fn async_saves_carry_extra_files_in_both_modes() {
-    use uring_ckpt::async_io::{AsyncCheckpointIO, OwnedCheckpoint};
+    use uring_ckpt::background::{AsyncCheckpointIO, OwnedCheckpoint};
     use uring_ckpt::config::AsyncMode;
 
     let dir = scratch();

@@ -194,7 +194,7 @@ fn assert_identical_files(dir: &std::path::Path, names: &[String]) {
 /// A source that is not host memory: every byte must come through `copy_to`.
 struct CopyOnly(Vec<u8>);
 
-impl uring_ckpt::staging::TensorSource for CopyOnly {
+impl uring_ckpt::source::TensorSource for CopyOnly {
     fn len(&self) -> usize {
         self.0.len()
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
-use uring_ckpt::async_io::{AsyncCheckpointIO, Durable, OwnedCheckpoint, Staged};
+use uring_ckpt::background::{AsyncCheckpointIO, Durable, OwnedCheckpoint, Staged};
 use uring_ckpt::UringCheckpointIO;
 
 use crate::config::Config;

@@ -1,6 +1,6 @@
 //! The CUDA side of a writer: `cuda_built`/`cuda_available`, the primary context of each
 //! device saved from, CUDA torch tensors held for a save (or lent to a background one) as
-//! `uring_ckpt::staging::cuda::CudaTensorSource`s, and the page-locking of the staging pool.
+//! `uring_ckpt::source::cuda::CudaTensorSource`s, and the page-locking of the staging pool.
 //!
 //! Everything that touches CUDA is behind the crate's `cuda` feature; without it [`Gpu`] is
 //! empty, refuses CUDA tensors and reports nothing page-locked.
@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use pyo3::prelude::*;
 #[cfg(feature = "cuda")]
-use uring_ckpt::staging::cuda::{CudaContext, CudaTensorSource};
+use uring_ckpt::source::cuda::{CudaContext, CudaTensorSource};
 use uring_ckpt::UringCheckpointIO;
 
 /// Whether this extension was built with the `cuda` feature.
@@ -26,7 +26,7 @@ pub(crate) fn cuda_available() -> bool {
     #[cfg(feature = "cuda")]
     {
         static AVAILABLE: OnceLock<bool> = OnceLock::new();
-        *AVAILABLE.get_or_init(|| uring_ckpt::staging::cuda::probe().is_ok())
+        *AVAILABLE.get_or_init(|| uring_ckpt::source::cuda::probe().is_ok())
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -62,7 +62,7 @@ impl CudaTensor<'_> {
 
     /// The memory as a source for a background save, which holds the tensor and its storage
     /// until it drops the source (once staged).
-    pub(crate) fn lend(self) -> Arc<dyn uring_ckpt::staging::TensorSource> {
+    pub(crate) fn lend(self) -> Arc<dyn uring_ckpt::source::TensorSource> {
         let [tensor, storage] = self.keep;
         Arc::new(PyCudaSource { memory: self.source, _owners: [tensor.unbind(), storage.unbind()] })
     }
@@ -78,7 +78,7 @@ struct PyCudaSource {
 }
 
 #[cfg(feature = "cuda")]
-impl uring_ckpt::staging::TensorSource for PyCudaSource {
+impl uring_ckpt::source::TensorSource for PyCudaSource {
     fn len(&self) -> usize {
         self.memory.len()
     }
@@ -108,7 +108,7 @@ pub(crate) struct Gpu {
 #[cfg(feature = "cuda")]
 struct PageLocked {
     /// The registrar (the pool unregisters each buffer before freeing it).
-    _staging: std::sync::Arc<uring_ckpt::staging::cuda::CudaStaging>,
+    _staging: std::sync::Arc<uring_ckpt::source::cuda::CudaStaging>,
     /// Buffers page-locked.
     registered: usize,
 }
@@ -173,7 +173,7 @@ impl Gpu {
     /// the copies go to pageable memory.
     #[cfg(feature = "cuda")]
     pub(crate) fn prepare_staging(&self, py: Python<'_>, io: &UringCheckpointIO) {
-        use uring_ckpt::staging::cuda::CudaStaging;
+        use uring_ckpt::source::cuda::CudaStaging;
         if self.staging.get().is_some() {
             return;
         }

@@ -7,7 +7,7 @@
 //! copy).
 //!
 //! With the `cuda` feature, CUDA torch tensors are saved from device memory: each becomes a
-//! `uring_ckpt::staging::cuda::CudaTensorSource` in the primary context of its device (the
+//! `uring_ckpt::source::cuda::CudaTensorSource` in the primary context of its device (the
 //! one torch uses), copied chunk by chunk into the (page-locked) staging buffers.
 //!
 //! The modules, each knowing only the ones listed before it:

@@ -9,7 +9,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 use uring_ckpt::checkpoint::TensorData;
-use uring_ckpt::staging::{HostPtrSource, TensorSource};
+use uring_ckpt::source::{HostPtrSource, TensorSource};
 use uring_ckpt::Dtype;
 
 use crate::cuda::Gpu;

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use uring_ckpt::async_io::{AsyncCheckpointIO, AsyncOptions, OwnedCheckpoint};
+use uring_ckpt::background::{AsyncCheckpointIO, AsyncOptions, OwnedCheckpoint};
 use uring_ckpt::config::AsyncMode;
 use uring_ckpt::config::{format_size, Config, EngineKind};
 use uring_ckpt::io::stats::LatencySummary;
-use uring_ckpt::staging::HostPtrSource;
+use uring_ckpt::source::HostPtrSource;
 use uring_ckpt::synthetic::{Layout, SyntheticCheckpoint};
 use uring_ckpt::{Checkpoint, CheckpointIO, LoadOptions, SaveReport, UringCheckpointIO};
 

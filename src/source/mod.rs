@@ -36,8 +36,8 @@
 pub mod cuda;
 pub mod host;
 pub mod simulated;
-pub mod source;
+pub mod tensor_source;
 
 pub use host::HostPtrSource;
 pub use simulated::{SimulatedDevice, SimulatedTensor};
-pub use source::TensorSource;
+pub use tensor_source::TensorSource;

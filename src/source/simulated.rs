@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::staging::TensorSource;
+use crate::source::TensorSource;
 use crate::{Error, Result};
 
 /// A simulated device with a copy engine of a fixed bandwidth. Cloning gives another handle
@@ -206,7 +206,7 @@ impl SimulatedTensor {
 }
 
 fn poisoned() -> Error {
-    Error::Unavailable("a simulated tensor (a writer panicked)".into())
+    Error::Internal("a simulated tensor's writer panicked".into())
 }
 
 impl TensorSource for SimulatedTensor {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{result, sys};
 
 use crate::io::{AlignedBuf, Registrar};
-use crate::staging::TensorSource;
+use crate::source::TensorSource;
 use crate::{Error, Result};
 
 /// Whether the CUDA driver library can be loaded. Call before anything else in this module

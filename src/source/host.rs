@@ -1,7 +1,7 @@
 //! Host memory that the caller owns and lends by address, for foreign callers (Python hands
 //! a tensor's `data_ptr()` and byte size).
 
-use crate::staging::TensorSource;
+use crate::source::TensorSource;
 use crate::Result;
 
 /// Host memory lent by address: the bytes `[ptr, ptr + len)`.
