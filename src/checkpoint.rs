@@ -2,14 +2,11 @@
 //! views) and on the way out (loaded `Bytes`), plus the reports of a save and a load.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::format::Dtype;
-use crate::io::stats::LatencySummary;
-use crate::io::EngineReport;
 use crate::source::TensorSource;
 
 /// One tensor to save: its name, dtype, shape and where its bytes are (borrowed, not copied).
@@ -241,83 +238,4 @@ impl LoadedCheckpoint {
     }
 }
 
-/// Figures of one save.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SaveReport {
-    /// The committed checkpoint directory.
-    pub path: PathBuf,
-    /// Sum of tensor bytes.
-    pub data_bytes: u64,
-    /// Bytes of the shard files (headers included).
-    pub file_bytes: u64,
-    /// Shard files written.
-    pub shards: usize,
-    /// Tensors written.
-    pub tensors: usize,
-    /// Seconds from the call until the checkpoint was committed and durable.
-    pub seconds: f64,
-    /// Seconds spent in the commit step (manifest, fsyncs, rename).
-    pub commit_seconds: f64,
-    /// Seconds the caller had to keep the sources unchanged: from the call until every byte
-    /// was staged (copied out of the sources, or written where it went to disk without a
-    /// copy). A synchronous save stalls for all of `seconds`; an asynchronous one
-    /// ([`crate::AsyncCheckpointIO`]) only until its `staged()` completion.
-    pub stall_seconds: f64,
-    /// Wall-clock seconds during which at least one copy out of a source was running: the
-    /// staging copies of the shard writers (host memcpy with CRC, or
-    /// [`crate::source::TensorSource::copy_to`] of a device), and in `snapshot` mode the
-    /// copy of the whole checkpoint into host memory. Copies on several threads at once
-    /// count once.
-    pub copy_seconds: f64,
-    /// Wall-clock seconds during which at least one write was in flight in an engine (from
-    /// submission until its completion was seen; fsyncs not included).
-    pub write_seconds: f64,
-    /// How much copying and writing overlapped: `(copy + write - busy) / min(copy, write)`
-    /// where `busy` is the time either was running: 1 when the shorter one was entirely
-    /// hidden behind the other, 0 when they ran one after the other (or either is zero).
-    pub overlap_ratio: f64,
-    /// `file_bytes / seconds`, MiB/s.
-    pub throughput_mib_s: f64,
-    /// Bytes written straight from tensor memory (no staging copy).
-    pub zero_copy_bytes: u64,
-    /// Bytes copied through staging buffers.
-    pub staged_bytes: u64,
-    /// The engine and its fallbacks.
-    pub engine: EngineReport,
-    /// Per-write completion latency.
-    pub write_latency: LatencySummary,
-    /// Writes completed.
-    pub writes: u64,
-    /// io_uring_enter calls that submitted (0 for other engines).
-    pub submit_calls: u64,
-    /// SQEs those calls submitted.
-    pub sqes_submitted: u64,
-}
-
-/// Figures of one load.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LoadReport {
-    /// Tensor bytes handed out.
-    pub data_bytes: u64,
-    /// Bytes read from disk.
-    pub read_bytes: u64,
-    /// Seconds from the call until everything was read and verified.
-    pub seconds: f64,
-    /// `read_bytes / seconds`, MiB/s.
-    pub throughput_mib_s: f64,
-    /// Whether each tensor's CRC was checked.
-    pub verified: bool,
-    /// The engine and its fallbacks.
-    pub engine: EngineReport,
-    /// Per-read completion latency.
-    pub read_latency: LatencySummary,
-}
-
-/// MiB/s of `bytes` moved in `seconds`.
-pub(crate) fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
-    if seconds > 0.0 {
-        bytes as f64 / (1024.0 * 1024.0) / seconds
-    } else {
-        0.0
-    }
-}
+pub use crate::report::{LoadReport, SaveReport};

@@ -4,12 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::checkpoint::mib_per_s;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::format::{Dtype, Manifest};
 use crate::io::open_reader;
 use crate::load::{check_weight_map, open_checkpoint, open_shard, segment_len, ShardRead};
+use crate::report::mib_per_s;
 
 /// One tensor as a shard header describes it.
 #[derive(Debug, Clone, serde::Serialize)]

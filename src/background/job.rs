@@ -12,11 +12,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use super::completion::{lock, Completion};
 use super::owned::OwnedCheckpoint;
 use super::snapshot::snapshot_save;
-use crate::checkpoint::{mib_per_s, SaveReport};
+use crate::checkpoint::SaveReport;
 use crate::checkpoint_io::CheckpointIO;
 use crate::config::AsyncMode;
 use crate::error::{Error, Result};
 use crate::io::AlignedBuf;
+use crate::report::StagedSignal;
 
 /// State shared by the wrapper, its save threads and the handles.
 pub(super) struct Shared {
@@ -89,15 +90,11 @@ pub(super) struct SaveJob<C: CheckpointIO + 'static> {
 impl<C: CheckpointIO + 'static> SaveJob<C> {
     pub(super) fn run(self) {
         let SaveJob { inner, mode, shared, checkpoint, path, called, staged, durable, claim } = self;
-        let staged_at: Mutex<Option<Instant>> = Mutex::new(None);
-        let on_staged = || {
-            let mut at = lock(&staged_at);
-            if at.is_none() {
-                *at = Some(Instant::now());
-                drop(at);
-                staged.complete(());
-            }
+        let complete_staged = || {
+            staged.complete(());
         };
+        let signal = StagedSignal::new(Some(&complete_staged), called);
+        let on_staged = || signal.fire();
         let outcome = catch_unwind(AssertUnwindSafe(|| match mode {
             AsyncMode::Stream => {
                 let result = inner.save_checkpoint_staged(&checkpoint.as_checkpoint(), &path, &on_staged);
@@ -111,10 +108,7 @@ impl<C: CheckpointIO + 'static> SaveJob<C> {
         });
         on_staged(); // whatever happened, nothing reads the sources any more
         let result = result.map(|mut report| {
-            let staged = lock(&staged_at).unwrap_or_else(Instant::now);
-            report.stall_seconds = staged.saturating_duration_since(called).as_secs_f64();
-            report.seconds = called.elapsed().as_secs_f64();
-            report.throughput_mib_s = mib_per_s(report.file_bytes, report.seconds);
+            report.finish(called, signal.seconds());
             report
         });
         if let Err(e) = &result {

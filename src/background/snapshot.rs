@@ -71,12 +71,7 @@ pub(super) fn snapshot_save<C: CheckpointIO>(
     area.clear();
     lock(&shared.state).snapshots.push(area);
     let mut report = result?;
-    // The snapshot copy ran before any write: it adds copy time, not overlap.
-    let both = report.overlap_ratio * report.copy_seconds.min(report.write_seconds);
-    report.copy_seconds += snapshot_seconds;
-    let shorter = report.copy_seconds.min(report.write_seconds);
-    report.overlap_ratio = if shorter > 0.0 { (both / shorter).clamp(0.0, 1.0) } else { 0.0 };
-    report.staged_bytes += total as u64;
+    report.add_serial_copy(snapshot_seconds, total as u64);
     Ok(report)
 }
 

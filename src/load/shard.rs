@@ -1,41 +1,24 @@
-//! Reading a committed checkpoint: manifest, shard headers, tensor bytes (as `Bytes` views
-//! of aligned read buffers, no extra copy), CRC checks.
-//!
-//! A whole shard is read in segments into one aligned buffer; a verifier thread computes
-//! the CRCs of segment k while segment k+1 is being read, so checking costs no extra time
-//! when the disk is the bottleneck.
+//! One shard of a checkpoint, read: its size and header checked against the manifest, its
+//! bytes read in segments into one aligned buffer while a second thread checks the CRCs of
+//! the segment before; the extra files and the weight map checked likewise.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::checkpoint::{mib_per_s, LoadReport, LoadedCheckpoint, LoadedTensor};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::format::{parse_header, ExtraFileInfo, ParsedHeader, ShardInfo, TensorEntry};
-use crate::io::aligned::{round_down_u64, round_up, round_up_u64};
-use crate::io::{open_reader, AlignedBuf, Dir, FileId, Reader};
+use crate::io::aligned::{round_up, round_up_u64};
+use crate::io::{AlignedBuf, Dir, FileId, Reader};
 
 /// Bytes per read call when loading a whole shard (the verifier hashes one segment while
 /// the next is read): eight chunks, between 1 MiB and 256 MiB; 64 MiB by default.
 pub(crate) fn segment_len(config: &Config) -> usize {
     (config.chunk_size as usize).saturating_mul(8).clamp(1 << 20, 256 << 20)
 }
-
-pub(crate) use crate::store::open_checkpoint;
-/// What to load.
-#[derive(Debug, Clone, Default)]
-pub struct LoadOptions {
-    /// Load only these tensors (all when `None`). An unknown name is an error.
-    pub names: Option<Vec<String>>,
-    /// Check every tensor's CRC-32; `None` uses the config's `verify_on_load`.
-    pub verify: Option<bool>,
-}
-
-pub use crate::store::read_manifest;
 
 /// One shard opened for reading, with its header checked.
 pub(crate) struct OpenShard {
@@ -224,98 +207,6 @@ fn verify_segments(
         index += 1;
     }
     Ok(())
-}
-
-/// Loads the checkpoint at `dir`.
-pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<LoadedCheckpoint> {
-    let started = Instant::now();
-    let (handle, manifest) = open_checkpoint(dir)?;
-    let verify = options.verify.unwrap_or(config.verify_on_load);
-    let wanted: Option<HashSet<&str>> =
-        options.names.as_ref().map(|n| n.iter().map(String::as_str).collect());
-    if let Some(names) = &options.names {
-        if let Some(missing) = names.iter().find(|n| !manifest.weight_map.contains_key(n.as_str())) {
-            return Err(Error::TensorNotFound(missing.clone()));
-        }
-    }
-    let mut reader = open_reader(config, dir)?;
-    let mut tensors = Vec::new();
-    let mut read_bytes = 0u64;
-    let mut data_bytes = 0u64;
-    for info in &manifest.shards {
-        let is_wanted = |name: &str| wanted.as_ref().is_none_or(|w| w.contains(name));
-        if wanted.is_some() && !manifest.weight_map.iter().any(|(n, f)| *f == info.file && is_wanted(n)) {
-            continue;
-        }
-        let read = if wanted.is_none() { ShardRead::Whole { verify } } else { ShardRead::Header };
-        let shard = open_shard(reader.as_mut(), &handle, info, read, segment_len(config))?;
-        check_weight_map(dir, &manifest.weight_map, info, &shard.header)?;
-        let data_start = shard.header.data_start;
-        let align = reader.report().align as u64;
-        let buf_align = reader.report().align.max(reader.report().mem_align);
-        for (i, entry) in shard.header.tensors.iter().enumerate() {
-            if !is_wanted(&entry.name) {
-                continue;
-            }
-            let (begin, end) = (data_start + entry.data_offsets.0, data_start + entry.data_offsets.1);
-            let data = match &shard.whole {
-                Some(whole) => whole.slice(begin as usize..end as usize),
-                None => {
-                    let first = round_down_u64(begin, align);
-                    let len = (end - first) as usize;
-                    let mut buf = AlignedBuf::zeroed(round_up_u64(len as u64, align) as usize, buf_align);
-                    reader.read_at(shard.file, buf.as_full_mut_slice(), first, len)?;
-                    buf.set_len(len);
-                    read_bytes += len as u64;
-                    let data = Bytes::from_owner(buf).slice((begin - first) as usize..);
-                    if verify {
-                        if let Some(expected) = shard.header.crcs[i] {
-                            let actual = crc32fast::hash(&data);
-                            if actual != expected {
-                                return Err(Error::Crc {
-                                    path: shard.path.clone(),
-                                    tensor: entry.name.clone(),
-                                    expected,
-                                    actual,
-                                });
-                            }
-                        }
-                    }
-                    data
-                }
-            };
-            data_bytes += data.len() as u64;
-            tensors.push(LoadedTensor {
-                name: entry.name.clone(),
-                dtype: entry.dtype,
-                shape: entry.shape.clone(),
-                data,
-            });
-        }
-        read_bytes += if shard.whole.is_some() { info.size } else { info.header_len };
-        reader.close(shard.file);
-    }
-    let mut extra_files = Vec::with_capacity(manifest.extra_files.len());
-    for info in &manifest.extra_files {
-        let bytes = read_extra_file(&handle, info)?;
-        read_bytes += bytes.len() as u64;
-        extra_files.push((info.file.clone(), bytes));
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    Ok(LoadedCheckpoint {
-        tensors,
-        metadata: manifest.metadata,
-        extra_files,
-        report: LoadReport {
-            data_bytes,
-            read_bytes,
-            seconds,
-            throughput_mib_s: mib_per_s(read_bytes, seconds),
-            verified: verify,
-            engine: reader.report().clone(),
-            read_latency: reader.stats().percentiles_us(),
-        },
-    })
 }
 
 /// Reads an extra file of the checkpoint in `dir` and checks its size and CRC-32 against the
