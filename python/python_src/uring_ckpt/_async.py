@@ -5,18 +5,16 @@ in the background with the GIL released."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
 from . import _pytree
+from ._common import ConfigLike, PathLike, coerce_config, save_args, save_report
 from ._uring_ckpt import AsyncWriter
 from ._uring_ckpt import SaveHandle as _SaveHandle
-
-if TYPE_CHECKING:
-    from . import ConfigLike, PathLike
 
 
 class SaveFuture:
@@ -44,8 +42,7 @@ class SaveFuture:
         report = self._handle.wait_durable(timeout)
         if report is None:
             raise TimeoutError(f"save of {self.path} not durable after {timeout}s")
-        out: dict[str, Any] = json.loads(report)
-        out["python_copied_bytes"] = self._copied
+        out = save_report(report, self._copied)
         out["python_stall_seconds"] = self.stall_seconds
         return out
 
@@ -83,11 +80,9 @@ class AsyncSaver:
     """
 
     def __init__(self, config: ConfigLike = None, *, max_in_flight: int = 1, mode: str = "snapshot") -> None:
-        from . import _config
-
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
-        self.config = _config(config).replace(async_mode=mode, max_saves_in_flight=max_in_flight)
+        self.config = coerce_config(config).replace(async_mode=mode, max_saves_in_flight=max_in_flight)
         self._writer = AsyncWriter(self.config)
         self._futures: list[SaveFuture] = []
         self._lock = threading.Lock()
@@ -101,16 +96,11 @@ class AsyncSaver:
         metadata: dict[str, str] | None = None,
     ) -> SaveFuture:
         """Queues the save of ``state`` to ``path``; returns once it is staged."""
-        from . import _metadata
-
         if self._closed:
             raise RuntimeError("AsyncSaver is closed")
         started = time.perf_counter()
         flat = _pytree.flatten(state)
-        tensors = [e.as_tuple() for e in flat.tensors]
-        handle = self._writer.save(
-            os.fspath(path), tensors, [(_pytree.SIDECAR, flat.sidecar)], _metadata(metadata)
-        )
+        handle = self._writer.save(*save_args(flat, path, metadata))
         handle.wait_staged()
         future = SaveFuture(handle, time.perf_counter() - started, flat.copied_bytes)
         with self._lock:
@@ -128,13 +118,7 @@ class AsyncSaver:
         saves waited for are then forgotten)."""
         with self._lock:
             futures, self._futures = self._futures, []
-        first: BaseException | None = None
-        for f in futures:
-            error = f.exception(timeout)
-            if first is None:
-                first = error
-        if first is not None:
-            raise first
+        wait_all(futures, timeout)
 
     def close(self) -> None:
         """Waits for every save (raising the first error) and refuses new ones."""
@@ -149,3 +133,15 @@ class AsyncSaver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def wait_all(futures: Iterable[SaveFuture], timeout: float | None = None) -> None:
+    """Waits for every one of ``futures`` (each up to ``timeout``); then raises the first
+    error among them, if any."""
+    first: BaseException | None = None
+    for f in futures:
+        error = f.exception(timeout)
+        if first is None:
+            first = error
+    if first is not None:
+        raise first
