@@ -63,20 +63,9 @@ class Flattened:
     tensors: list[TensorEntry]
     sidecar: bytes
     copied_bytes: int
-    """Bytes copied to make tensors contiguous, move them to the CPU or snapshot them."""
+    """Bytes copied to make tensors contiguous or move them to the CPU."""
     cuda_devices: list[Any] = field(default_factory=list)
     """CUDA devices of the ``"cuda"`` entries (synchronized by :func:`flatten`)."""
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(_nbytes(e) for e in self.tensors)
-
-
-def _nbytes(entry: TensorEntry) -> int:
-    obj = entry.obj
-    if entry.kind in ("torch", "cuda"):
-        return int(obj.numel() * obj.element_size())
-    return int(obj.nbytes)
 
 
 class _Namer:
@@ -101,11 +90,10 @@ class _Namer:
 
 
 class _Flattener(pickle.Pickler):
-    def __init__(self, file: io.BytesIO, state: Any, snapshot: bool) -> None:
+    def __init__(self, file: io.BytesIO, state: Any) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.torch = _torch()
         self.torch_dtypes = torch_dtype_map()
-        self.snapshot = snapshot
         self.entries: list[TensorEntry] = []
         self.copied = 0
         self.cuda_devices: dict[str, Any] = {}  # str(device) -> device of the "cuda" entries
@@ -171,14 +159,8 @@ class _Flattener(pickle.Pickler):
             if data.device.type == "cuda" and cuda_direct():
                 kind = "cuda"
                 self.cuda_devices.setdefault(str(data.device), data.device)
-                if self.snapshot:
-                    data = data.clone(memory_format=torch.contiguous_format)
-                    self.copied += data.numel() * data.element_size()
             elif data.device.type != "cpu":
                 data = data.to("cpu")
-                self.copied += data.numel() * data.element_size()
-            elif self.snapshot:
-                data = data.clone(memory_format=torch.contiguous_format)
                 self.copied += data.numel() * data.element_size()
             if data.is_conj() or data.is_neg():
                 data = data.resolve_conj().resolve_neg()
@@ -207,8 +189,6 @@ class _Flattener(pickle.Pickler):
                 data = data.astype(data.dtype.newbyteorder("="))
             if not data.flags.c_contiguous:
                 data = np.ascontiguousarray(data)
-            if self.snapshot and np.shares_memory(data, a):
-                data = data.copy()
             if data is not a:
                 self.copied += data.nbytes
             view = data.reshape(-1).view(np.uint8)
@@ -218,15 +198,16 @@ class _Flattener(pickle.Pickler):
         return pid
 
 
-def flatten(state: Any, *, snapshot: bool = False) -> Flattened:
-    """Splits ``state`` into tensor entries and the pickled rest. With ``snapshot``, every
-    tensor is copied (so the caller may change the originals as soon as this returns).
+def flatten(state: Any) -> Flattened:
+    """Splits ``state`` into tensor entries and the pickled rest. The entries are the
+    caller's tensors where they are contiguous CPU memory (no copy): a snapshot, when one is
+    wanted, is the Rust side's (``AsyncSaver``'s ``snapshot`` mode).
 
     The devices of ``"cuda"`` entries are synchronized before this returns: the save reads
     device memory on a stream of its own, so kernels queued on torch's streams (the ones
     that computed the tensors, or made them contiguous here) must have finished."""
     buf = io.BytesIO()
-    pickler = _Flattener(buf, state, snapshot)
+    pickler = _Flattener(buf, state)
     pickler.dump(state)
     devices = list(pickler.cuda_devices.values())
     if devices:
