@@ -67,12 +67,29 @@ class SaveFuture:
 
 class AsyncSaver:
     """Saves in the background, at most ``max_in_flight`` at a time (a further ``save``
-    waits for a slot; a save to a path being written waits for that save).
+    waits for a slot; a save to a path being written waits for that save). Use as a
+    context manager, or call :meth:`close`, to wait for the last save.
 
-    ``mode="snapshot"`` (default) copies the tensors into a host area reused across saves,
-    so ``save`` returns after one memory copy; ``"stream"`` stages through the bounded
-    staging ring instead (no extra memory; ``save`` returns only when the last chunk is
-    staged). Use as a context manager, or call :meth:`close`, to wait for the last save.
+    ``save`` returns once the save no longer reads the tensors (*staged*); the write, fsync
+    and commit go on in the background. ``mode`` says how the tensors are staged (it
+    overrides the config's ``async_mode``, as ``max_in_flight`` overrides
+    ``max_saves_in_flight``):
+
+    - ``"snapshot"`` (default): one multi-threaded memory copy into a host area, then
+      ``save`` returns. Memory: a host copy of the checkpoint per save in flight, kept and
+      reused by later saves while the saver lives.
+    - ``"stream"``: through the bounded staging ring. Memory: the staging pool
+      (``staging_pool_size``, 128 MiB by default); but ``save`` returns only once the last
+      chunk is in the ring, so training stalls about as long as the checkpoint takes to
+      write (less one pool's worth), nearly as long as a synchronous :func:`save`.
+
+    The Rust ``AsyncCheckpointIO`` (and the config's ``async_mode``) defaults to
+    ``"stream"`` instead, on purpose: a Rust caller hands the save an ``OwnedCheckpoint``
+    whose bytes the save owns, so it goes on without waiting for *staged*, and a snapshot
+    would only copy those bytes a second time. Here the tensors are the model's own,
+    read in place, so the caller must wait until they are staged; ``"snapshot"`` makes that
+    wait one memory copy. Pass ``mode="stream"`` when a host copy of the checkpoint does not
+    fit in memory.
 
     CUDA tensors (with a CUDA build, see :func:`uring_ckpt.cuda_available`) are copied
     from device memory by the background save, in either mode; ``save`` returns once they

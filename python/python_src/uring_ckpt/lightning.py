@@ -88,10 +88,12 @@ class UringCheckpointIO(CheckpointIO):
 
 class AsyncUringCheckpointIO(UringCheckpointIO):
     """Like :class:`UringCheckpointIO`, but ``save_checkpoint`` returns once the tensors are
-    snapshotted; the write and commit run in the background (``max_in_flight`` saves at
-    most). An error of a background save is raised by the next ``save_checkpoint``,
-    ``load_checkpoint``, ``remove_checkpoint`` or ``teardown``. Loads and removes wait for
-    the saves in flight first, so ``save_top_k`` never removes a checkpoint being written."""
+    snapshotted (copied to host memory: :class:`uring_ckpt.AsyncSaver`'s ``snapshot``
+    mode, whatever the config's ``async_mode``); the write and commit run in the background
+    (``max_in_flight`` saves at most; each holds a host copy of the checkpoint). An error of
+    a background save is raised by the next ``save_checkpoint``, ``load_checkpoint``,
+    ``remove_checkpoint`` or ``teardown``. Loads and removes wait for the saves in flight
+    first, so ``save_top_k`` never removes a checkpoint being written."""
 
     def __init__(
         self, config: ConfigLike = None, *, verify_on_load: bool = True, max_in_flight: int = 1
