@@ -27,6 +27,14 @@ context manager).
 
 from __future__ import annotations
 
+# The package's modules, each importing only those before it (none imports this facade):
+#   _uring_ckpt (the Rust extension), _errors, _optional (numpy; torch on first use)
+#   _safe_pickle/  the weights_only unpickler: _describe, _reduce, _allow, _scan, _vm
+#   _pytree/       state <-> tensor entries + sidecar: _format, _flatten, _restore
+#   _common        argument types, config coercion, the writer cache, save arguments/report
+#   _api           save, load, remove, verify, inspect
+#   _async         AsyncSaver, SaveFuture
+#   lightning      the Lightning CheckpointIO plugins (imported by the user, not here)
 from ._api import inspect, load, remove, save, verify
 from ._async import AsyncSaver, SaveFuture
 from ._common import ConfigLike as ConfigLike  # the types of the public signatures
