@@ -71,7 +71,7 @@ def test_cpu_tensor_in_a_cuda_entry_is_refused() -> None:
 def test_fallback_is_logged_once(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     if _uring_ckpt.cuda_available():
         pytest.skip("this build reads device memory: no fallback to log")
-    monkeypatch.setattr(_pytree, "_cuda_direct_state", None)
+    monkeypatch.setattr(_pytree._flatten, "_cuda_direct_state", None)
     with caplog.at_level(logging.INFO, logger="uring_ckpt"):
         assert _pytree.cuda_direct() is False
         assert _pytree.cuda_direct() is False

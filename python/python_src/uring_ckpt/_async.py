@@ -5,18 +5,16 @@ in the background with the GIL released."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
 from . import _pytree
+from ._common import ConfigLike, PathLike, coerce_config, save_args, save_report
 from ._uring_ckpt import AsyncWriter
 from ._uring_ckpt import SaveHandle as _SaveHandle
-
-if TYPE_CHECKING:
-    from . import ConfigLike, PathLike
 
 
 class SaveFuture:
@@ -44,8 +42,7 @@ class SaveFuture:
         report = self._handle.wait_durable(timeout)
         if report is None:
             raise TimeoutError(f"save of {self.path} not durable after {timeout}s")
-        out: dict[str, Any] = json.loads(report)
-        out["python_copied_bytes"] = self._copied
+        out = save_report(report, self._copied)
         out["python_stall_seconds"] = self.stall_seconds
         return out
 
@@ -70,12 +67,29 @@ class SaveFuture:
 
 class AsyncSaver:
     """Saves in the background, at most ``max_in_flight`` at a time (a further ``save``
-    waits for a slot; a save to a path being written waits for that save).
+    waits for a slot; a save to a path being written waits for that save). Use as a
+    context manager, or call :meth:`close`, to wait for the last save.
 
-    ``mode="snapshot"`` (default) copies the tensors into a host area reused across saves,
-    so ``save`` returns after one memory copy; ``"stream"`` stages through the bounded
-    staging ring instead (no extra memory; ``save`` returns only when the last chunk is
-    staged). Use as a context manager, or call :meth:`close`, to wait for the last save.
+    ``save`` returns once the save no longer reads the tensors (*staged*); the write, fsync
+    and commit go on in the background. ``mode`` says how the tensors are staged (it
+    overrides the config's ``async_mode``, as ``max_in_flight`` overrides
+    ``max_saves_in_flight``):
+
+    - ``"snapshot"`` (default): one multi-threaded memory copy into a host area, then
+      ``save`` returns. Memory: a host copy of the checkpoint per save in flight, kept and
+      reused by later saves while the saver lives.
+    - ``"stream"``: through the bounded staging ring. Memory: the staging pool
+      (``staging_pool_size``, 128 MiB by default); but ``save`` returns only once the last
+      chunk is in the ring, so training stalls about as long as the checkpoint takes to
+      write (less one pool's worth), nearly as long as a synchronous :func:`save`.
+
+    The Rust ``AsyncCheckpointIO`` (and the config's ``async_mode``) defaults to
+    ``"stream"`` instead, on purpose: a Rust caller hands the save an ``OwnedCheckpoint``
+    whose bytes the save owns, so it goes on without waiting for *staged*, and a snapshot
+    would only copy those bytes a second time. Here the tensors are the model's own,
+    read in place, so the caller must wait until they are staged; ``"snapshot"`` makes that
+    wait one memory copy. Pass ``mode="stream"`` when a host copy of the checkpoint does not
+    fit in memory.
 
     CUDA tensors (with a CUDA build, see :func:`uring_ckpt.cuda_available`) are copied
     from device memory by the background save, in either mode; ``save`` returns once they
@@ -83,11 +97,9 @@ class AsyncSaver:
     """
 
     def __init__(self, config: ConfigLike = None, *, max_in_flight: int = 1, mode: str = "snapshot") -> None:
-        from . import _config
-
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
-        self.config = _config(config).replace(async_mode=mode, max_saves_in_flight=max_in_flight)
+        self.config = coerce_config(config).replace(async_mode=mode, max_saves_in_flight=max_in_flight)
         self._writer = AsyncWriter(self.config)
         self._futures: list[SaveFuture] = []
         self._lock = threading.Lock()
@@ -101,16 +113,11 @@ class AsyncSaver:
         metadata: dict[str, str] | None = None,
     ) -> SaveFuture:
         """Queues the save of ``state`` to ``path``; returns once it is staged."""
-        from . import _metadata
-
         if self._closed:
             raise RuntimeError("AsyncSaver is closed")
         started = time.perf_counter()
         flat = _pytree.flatten(state)
-        tensors = [e.as_tuple() for e in flat.tensors]
-        handle = self._writer.save(
-            os.fspath(path), tensors, [(_pytree.SIDECAR, flat.sidecar)], _metadata(metadata)
-        )
+        handle = self._writer.save(*save_args(flat, path, metadata))
         handle.wait_staged()
         future = SaveFuture(handle, time.perf_counter() - started, flat.copied_bytes)
         with self._lock:
@@ -128,13 +135,7 @@ class AsyncSaver:
         saves waited for are then forgotten)."""
         with self._lock:
             futures, self._futures = self._futures, []
-        first: BaseException | None = None
-        for f in futures:
-            error = f.exception(timeout)
-            if first is None:
-                first = error
-        if first is not None:
-            raise first
+        wait_all(futures, timeout)
 
     def close(self) -> None:
         """Waits for every save (raising the first error) and refuses new ones."""
@@ -149,3 +150,15 @@ class AsyncSaver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def wait_all(futures: Iterable[SaveFuture], timeout: float | None = None) -> None:
+    """Waits for every one of ``futures`` (each up to ``timeout``); then raises the first
+    error among them, if any."""
+    first: BaseException | None = None
+    for f in futures:
+        error = f.exception(timeout)
+        if first is None:
+            first = error
+    if first is not None:
+        raise first

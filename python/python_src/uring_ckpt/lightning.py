@@ -20,9 +20,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import uring_ckpt
-
-from . import ConfigLike, SaveFuture
+from ._api import load, remove, save
+from ._async import AsyncSaver, SaveFuture, wait_all
+from ._common import ConfigLike, coerce_config
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -49,17 +49,20 @@ class UringCheckpointIO(CheckpointIO):
 
     def __init__(self, config: ConfigLike = None, *, verify_on_load: bool = True) -> None:
         super().__init__()
-        self.config = uring_ckpt._config(config, replace=True)
+        self.config = coerce_config(config, replace=True)
         self.verify_on_load = verify_on_load
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
+        self._refuse_storage_options(storage_options)
+        save(checkpoint, path, config=self.config)
+
+    def _refuse_storage_options(self, storage_options: Any | None) -> None:
         if storage_options is not None:
             raise TypeError(
                 f"{type(self).__name__} does not support storage_options, got {storage_options!r}"
             )
-        uring_ckpt.save(checkpoint, path, config=self.config)
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
@@ -67,7 +70,7 @@ class UringCheckpointIO(CheckpointIO):
         """Loads the checkpoint directory at ``path``. ``weights_only``: None (the default)
         and True read the sidecar with the restricted unpickler, which never runs code; only
         False unpickles everything (trusted checkpoints only)."""
-        state: dict[str, Any] = uring_ckpt.load(
+        state: dict[str, Any] = load(
             path,
             device=_device(map_location),
             verify=self.verify_on_load,
@@ -77,7 +80,7 @@ class UringCheckpointIO(CheckpointIO):
         return state
 
     def remove_checkpoint(self, path: Any) -> None:
-        uring_ckpt.remove(path, config=self.config)
+        remove(path, config=self.config)
 
     def teardown(self) -> None:
         pass
@@ -85,17 +88,19 @@ class UringCheckpointIO(CheckpointIO):
 
 class AsyncUringCheckpointIO(UringCheckpointIO):
     """Like :class:`UringCheckpointIO`, but ``save_checkpoint`` returns once the tensors are
-    snapshotted; the write and commit run in the background (``max_in_flight`` saves at
-    most). An error of a background save is raised by the next ``save_checkpoint``,
-    ``load_checkpoint``, ``remove_checkpoint`` or ``teardown``. Loads and removes wait for
-    the saves in flight first, so ``save_top_k`` never removes a checkpoint being written."""
+    snapshotted (copied to host memory: :class:`uring_ckpt.AsyncSaver`'s ``snapshot``
+    mode, whatever the config's ``async_mode``); the write and commit run in the background
+    (``max_in_flight`` saves at most; each holds a host copy of the checkpoint). An error of
+    a background save is raised by the next ``save_checkpoint``, ``load_checkpoint``,
+    ``remove_checkpoint`` or ``teardown``. Loads and removes wait for the saves in flight
+    first, so ``save_top_k`` never removes a checkpoint being written."""
 
     def __init__(
         self, config: ConfigLike = None, *, verify_on_load: bool = True, max_in_flight: int = 1
     ) -> None:
         super().__init__(config, verify_on_load=verify_on_load)
         self.max_in_flight = max_in_flight
-        self._saver: uring_ckpt.AsyncSaver | None = None
+        self._saver: AsyncSaver | None = None
         self._futures: list[SaveFuture] = []
         self._lock = threading.Lock()
 
@@ -111,24 +116,15 @@ class AsyncUringCheckpointIO(UringCheckpointIO):
     def _wait_all(self) -> None:
         with self._lock:
             futures, self._futures = self._futures, []
-        first: BaseException | None = None
-        for f in futures:
-            error = f.exception()
-            if first is None:
-                first = error
-        if first is not None:
-            raise first
+        wait_all(futures)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        if storage_options is not None:
-            raise TypeError(
-                f"{type(self).__name__} does not support storage_options, got {storage_options!r}"
-            )
+        self._refuse_storage_options(storage_options)
         self._raise_finished_errors()
         if self._saver is None:
-            self._saver = uring_ckpt.AsyncSaver(self.config, max_in_flight=self.max_in_flight)
+            self._saver = AsyncSaver(self.config, max_in_flight=self.max_in_flight)
         future = self._saver.save(checkpoint, path)
         with self._lock:
             self._futures.append(future)

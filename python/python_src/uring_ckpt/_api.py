@@ -1,0 +1,121 @@
+"""The synchronous functions: :func:`save`, :func:`load`, :func:`remove`, :func:`verify` and
+:func:`inspect` (re-exported by the package; see its docstring)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from . import _pytree
+from ._common import ConfigLike, PathLike, cached_writer, save_args, save_report
+from ._errors import CheckpointError
+
+
+def save(
+    state: Any,
+    path: PathLike,
+    *,
+    config: ConfigLike = None,
+    replace: bool | None = None,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Saves ``state`` (a nested dict/list of tensors and anything picklable, such as a
+    Lightning checkpoint dict) as a committed checkpoint directory at ``path``; returns once
+    it is durable, with the save report (bytes, seconds, MiB/s, engine).
+
+    Torch tensors (any safetensors dtype, bf16 and float8 included) and numpy arrays go to
+    the shards without a copy when they are contiguous CPU memory; others are made
+    contiguous first. CUDA tensors are copied from device memory straight into the
+    (page-locked) staging buffers when the extension was built with CUDA
+    (``maturin develop --release --features cuda``; see ``_uring_ckpt.cuda_available()``),
+    and to the CPU in Python otherwise. Tied tensors are stored once.
+
+    The report counts ``cuda_tensors``/``cuda_bytes`` (read from device memory) and
+    ``python_copied_bytes`` (copied in Python: made contiguous or moved to the CPU).
+
+    ``config``: a :class:`Config`, a dict of its keys, or None for the environment's.
+    ``replace``: whether an existing checkpoint at ``path`` may be replaced (atomically);
+    default from the config (``replace_existing``, false), else
+    :class:`CheckpointExistsError`. ``metadata``: strings stored in the manifest.
+    """
+    flat = _pytree.flatten(state)
+    report = cached_writer(config, replace).save(*save_args(flat, path, metadata))
+    return save_report(report, flat.copied_bytes)
+
+
+def load(
+    path: PathLike,
+    *,
+    device: Any = "cpu",
+    names: list[str] | None = None,
+    verify: bool = True,
+    weights_only: bool = True,
+    config: ConfigLike = None,
+) -> Any:
+    """Loads the checkpoint at ``path`` and rebuilds the structure that was saved, tensors as
+    torch tensors when torch is importable (numpy otherwise; numpy arrays stay numpy).
+
+    ``device``: where torch tensors go (``"cpu"``, ``"cuda:0"``, a ``torch.device``, a dict
+    mapping saved device names to new ones, or None for the device each tensor was saved
+    from). ``names``: load only these tensors (their flattened names, e.g.
+    ``"state_dict/layer.weight"``) and return them as a flat dict. ``verify``: check every
+    tensor's CRC-32.
+
+    ``weights_only`` (default True, as ``torch.load`` since torch 2.6): unpickle the sidecar
+    with a restricted unpickler that never runs code, whatever the files hold. It builds
+    containers (dict, list, tuple, set, ``OrderedDict``, ``defaultdict``, ``Counter``,
+    ``deque``), numbers, strings, bytes, the checkpoint's tensors and arrays, torch
+    dtypes/devices/``Size``, plain numpy dtypes and scalars, ``pathlib`` POSIX paths,
+    Lightning's ``AttributeDict``, and the globals added with
+    ``torch.serialization.add_safe_globals`` (matched exactly). Anything else raises
+    :class:`UnsafeCheckpointError` (a :class:`CorruptCheckpointError` and a
+    ``pickle.UnpicklingError``), whose message names the global. ``weights_only=False``:
+    unpickle with ``pickle``, for checkpoints you trust only (it runs what the sidecar names).
+    Either way a sidecar whose tensor references do not match the shards raises
+    :class:`CorruptCheckpointError`.
+
+    Loaded CPU tensors use the read buffers directly (no copy) and are writable.
+    """
+    writer = cached_writer(config)
+    tensors, metadata, extras, _report = writer.load(os.fspath(path), names, verify)
+    buffers = {name: (dtype, shape, buf) for name, dtype, shape, buf in tensors}
+    restorer = _pytree.Restorer(buffers, device, where=os.path.join(os.fspath(path), _pytree.SIDECAR))
+    if names is not None:
+        return {name: restorer.plain(name) for name in names}
+    sidecar = extras.get(_pytree.SIDECAR)
+    version = metadata.get(_pytree.FORMAT_KEY)
+    if sidecar is None or version is None:
+        # Written by the Rust API or the CLI: a flat dict of tensors.
+        return {name: restorer.plain(name) for name in buffers}
+    if version != _pytree.FORMAT_VERSION:
+        raise CheckpointError(
+            f"{os.fspath(path)} was written by a newer uring_ckpt (Python format {version}, "
+            f"this one reads {_pytree.FORMAT_VERSION})"
+        )
+    return _pytree.unflatten(sidecar, restorer, weights_only=weights_only)
+
+
+def remove(path: PathLike, *, config: ConfigLike = None) -> None:
+    """Deletes the checkpoint at ``path`` atomically (renamed away, then deleted). A missing
+    path is not an error; a directory that is not a checkpoint is refused
+    (:class:`NotACheckpointError`)."""
+    cached_writer(config).remove(os.fspath(path))
+
+
+def verify(path: PathLike, *, config: ConfigLike = None) -> dict[str, Any]:
+    """Checks the manifest, every shard, every tensor's CRC-32 and the sidecar; raises
+    :class:`CorruptCheckpointError` (or :class:`NotACheckpointError`) at the first problem;
+    returns what was checked."""
+    result: dict[str, Any] = json.loads(cached_writer(config).verify(os.fspath(path)))
+    return result
+
+
+def inspect(path: PathLike, *, config: ConfigLike = None) -> dict[str, Any]:
+    """The manifest and every tensor's name, dtype, shape, size and shard, without reading
+    tensor data."""
+    result: dict[str, Any] = json.loads(cached_writer(config).inspect(os.fspath(path)))
+    return result
+
+
+__all__ = ["inspect", "load", "remove", "save", "verify"]

@@ -1,0 +1,217 @@
+"""The save side: a nested state split into tensor entries plus the pickled rest.
+
+:func:`flatten` pickles the state with a ``persistent_id`` hook that takes every torch
+tensor and numpy array of a safetensors dtype out of the pickle (see the package's
+docstring for names, ties and CUDA tensors); :func:`cuda_direct` decides whether CUDA
+tensors are read from device memory by the Rust side.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .. import _uring_ckpt
+from .._optional import np
+from .._optional import torch_module as _torch
+from ._format import _NUMPY_DTYPES, PID_TAG, torch_dtype_map
+
+_log = logging.getLogger("uring_ckpt")
+_cuda_direct_state: bool | None = None
+
+
+def cuda_direct() -> bool:
+    """Whether CUDA tensors are saved from device memory (the extension was built with the
+    ``cuda`` feature and found the CUDA driver). When not, says so once on the
+    ``uring_ckpt`` logger (CUDA tensors are then copied to the CPU first)."""
+    global _cuda_direct_state
+    if _cuda_direct_state is None:
+        _cuda_direct_state = bool(_uring_ckpt.cuda_available())
+        if not _cuda_direct_state:
+            why = (
+                "no CUDA driver (libcuda.so.1) was found"
+                if _uring_ckpt.cuda_built()
+                else "the extension was built without CUDA (maturin develop --release --features cuda)"
+            )
+            _log.info("CUDA tensors are copied to the CPU before saving: %s", why)
+    return _cuda_direct_state
+
+
+@dataclass
+class TensorEntry:
+    """One tensor to save: its bytes are ``obj`` (a contiguous CPU torch tensor when ``kind``
+    is ``"torch"``, a contiguous CUDA torch tensor, its device synchronized, when it is
+    ``"cuda"``, a C-contiguous uint8 numpy view when it is ``"buffer"``)."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    kind: str
+    obj: Any
+
+    def as_tuple(self) -> tuple[str, str, list[int], str, Any]:
+        return (self.name, self.dtype, self.shape, self.kind, self.obj)
+
+
+@dataclass
+class Flattened:
+    """A state split into tensor entries and the pickled rest."""
+
+    tensors: list[TensorEntry]
+    sidecar: bytes
+    copied_bytes: int
+    """Bytes copied to make tensors contiguous or move them to the CPU."""
+    cuda_devices: list[Any] = field(default_factory=list)
+    """CUDA devices of the ``"cuda"`` entries (synchronized by :func:`flatten`)."""
+
+
+class _Namer:
+    """Assigns each tensor reachable through dicts, lists and tuples the path to it."""
+
+    def __init__(self, is_tensor: Callable[[Any], bool]) -> None:
+        self.paths: dict[int, str] = {}
+        self._is_tensor = is_tensor
+        self._seen: set[int] = set()
+
+    def walk(self, obj: Any, path: str) -> None:
+        if self._is_tensor(obj):
+            self.paths.setdefault(id(obj), path or "tensor")
+            return
+        if isinstance(obj, (dict, list, tuple)):
+            if id(obj) in self._seen:  # shared or cyclic containers: walk once
+                return
+            self._seen.add(id(obj))
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            for key, value in items:
+                self.walk(value, f"{path}/{key}" if path else str(key))
+
+
+class _Flattener(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, state: Any) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.torch = _torch()
+        self.torch_dtypes = torch_dtype_map()
+        self.entries: list[TensorEntry] = []
+        self.copied = 0
+        self.cuda_devices: dict[str, Any] = {}  # str(device) -> device of the "cuda" entries
+        self._pids: dict[Any, tuple] = {}  # tie key -> persistent id
+        self._names: set[str] = set()
+        self._others = 0
+        self._keep: list[Any] = []  # objects whose id() is a key: kept alive while pickling
+        namer = _Namer(self._is_tensor)
+        namer.walk(state, "")
+        self._paths = namer.paths
+
+    def _is_tensor(self, obj: Any) -> bool:
+        torch = self.torch
+        if torch is not None and isinstance(obj, torch.Tensor):
+            return True
+        return np is not None and isinstance(obj, np.ndarray)
+
+    def _name(self, obj: Any) -> str:
+        name = self._paths.get(id(obj))
+        if name is None:
+            name = f"objects/{self._others}"
+            self._others += 1
+        base, n = name, 2
+        while name in self._names:
+            name = f"{base}#{n}"
+            n += 1
+        self._names.add(name)
+        return name
+
+    def persistent_id(self, obj: Any) -> tuple | None:
+        torch = self.torch
+        if torch is not None and isinstance(obj, torch.Tensor):
+            return self._torch_pid(obj)
+        if np is not None and type(obj) is np.ndarray:
+            return self._numpy_pid(obj)
+        return None
+
+    def _torch_pid(self, t: Any) -> tuple | None:
+        torch = self.torch
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return None  # a subclass: pickle it as it pickles itself
+        dtype = self.torch_dtypes.get(t.dtype)
+        if (
+            dtype is None
+            or t.layout != torch.strided
+            or t.is_quantized
+            or getattr(t, "is_nested", False)
+            or t.device.type == "meta"
+        ):
+            return None
+        storage = t.untyped_storage()
+        if storage.nbytes() == 0:
+            key: Any = ("id", id(t))
+        else:
+            key = (storage.data_ptr(), str(t.device), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            key = (key, t.is_conj(), t.is_neg())
+        self._keep.append(t)
+        base = self._pids.get(key)
+        if base is None:
+            name = self._name(t)
+            data = t.detach()
+            kind = "torch"
+            if data.device.type == "cuda" and cuda_direct():
+                kind = "cuda"
+                self.cuda_devices.setdefault(str(data.device), data.device)
+            elif data.device.type != "cpu":
+                data = data.to("cpu")
+                self.copied += data.numel() * data.element_size()
+            if data.is_conj() or data.is_neg():
+                data = data.resolve_conj().resolve_neg()
+            if not data.is_contiguous():
+                data = data.contiguous()
+                self.copied += data.numel() * data.element_size()
+            self.entries.append(TensorEntry(name, dtype, list(data.shape), kind, data))
+            base = (PID_TAG, name, "torch", str(t.dtype).removeprefix("torch."), str(t.device))
+            self._pids[key] = base
+        return (*base, bool(t.requires_grad), isinstance(t, torch.nn.Parameter))
+
+    def _numpy_pid(self, a: Any) -> tuple | None:
+        dtype = _NUMPY_DTYPES.get(a.dtype.name)
+        if dtype is None or a.dtype.hasobject:
+            return None
+        if a.size == 0:
+            key: Any = ("id", id(a))
+        else:
+            key = (a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
+        self._keep.append(a)
+        pid = self._pids.get(key)
+        if pid is None:
+            name = self._name(a)
+            data = a
+            if not data.dtype.isnative:
+                data = data.astype(data.dtype.newbyteorder("="))
+            if not data.flags.c_contiguous:
+                data = np.ascontiguousarray(data)
+            if data is not a:
+                self.copied += data.nbytes
+            view = data.reshape(-1).view(np.uint8)
+            self.entries.append(TensorEntry(name, dtype, list(a.shape), "buffer", view))
+            pid = (PID_TAG, name, "numpy", data.dtype.str, "cpu", False, False)
+            self._pids[key] = pid
+        return pid
+
+
+def flatten(state: Any) -> Flattened:
+    """Splits ``state`` into tensor entries and the pickled rest. The entries are the
+    caller's tensors where they are contiguous CPU memory (no copy): a snapshot, when one is
+    wanted, is the Rust side's (``AsyncSaver``'s ``snapshot`` mode).
+
+    The devices of ``"cuda"`` entries are synchronized before this returns: the save reads
+    device memory on a stream of its own, so kernels queued on torch's streams (the ones
+    that computed the tensors, or made them contiguous here) must have finished."""
+    buf = io.BytesIO()
+    pickler = _Flattener(buf, state)
+    pickler.dump(state)
+    devices = list(pickler.cuda_devices.values())
+    if devices:
+        torch = _torch()
+        for device in devices:
+            torch.cuda.synchronize(device)
+    return Flattened(pickler.entries, buf.getvalue(), pickler.copied, devices)
