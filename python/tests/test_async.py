@@ -58,3 +58,15 @@ def test_unpicklable_state_fails_in_the_caller(tmp_path):
 
     with uring_ckpt.AsyncSaver() as saver, pytest.raises(TypeError):
         saver.save({"lock": threading.Lock()}, tmp_path / "c")
+
+
+def test_a_failed_save_is_raised_by_wait_even_after_later_saves(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    saver = uring_ckpt.AsyncSaver()
+    failing = saver.save({"w": torch.ones(4)}, tmp_path / "file" / "c")  # parent is a file
+    assert failing.exception() is not None
+    saver.save({"w": torch.ones(4)}, tmp_path / "ok").durable()
+    with pytest.raises(OSError):
+        saver.wait()
+    saver.wait()  # raised once, then forgotten
+    saver.close()

@@ -121,7 +121,8 @@ class AsyncSaver:
         handle.wait_staged()
         future = SaveFuture(handle, time.perf_counter() - started, flat.copied_bytes)
         with self._lock:
-            self._futures = [f for f in self._futures if not f.done()]
+            # Finished saves are forgotten unless they failed: wait() and close() raise those.
+            self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
             self._futures.append(future)
         return future
 
