@@ -3,6 +3,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+#[cfg(test)]
+mod architecture;
 pub mod config;
 pub mod error;
 mod failpoint;

@@ -9,12 +9,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::checkpoint::{TensorData, TensorView};
+use crate::error::{Error, Result};
 use crate::format::{encode_header, ShardInfo, ShardLayout, TensorSpec};
 use crate::io::aligned::round_down_u64;
 use crate::io::stats::BusySpans;
 use crate::io::{FileId, Payload, StagingBuf, Writer};
 use crate::source::TensorSource;
-use crate::Result;
 
 /// Tensors at least this large may be written without a staging copy (smaller ones are
 /// cheaper to batch into a staging buffer than to send as writes of their own).
@@ -67,12 +67,11 @@ pub(crate) fn write_shard<'a>(
         .iter()
         .map(|t| TensorSpec { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() })
         .collect();
-    let layout =
-        ShardLayout::new(specs).map_err(|source| crate::Error::Format { path: path.into(), source })?;
+    let layout = ShardLayout::new(specs).map_err(|source| Error::Format { path: path.into(), source })?;
     let report = writer.report();
     let (align, mem_align) = if report.direct_io { (report.align as u64, report.mem_align) } else { (1, 1) };
     let header_align = report.align as u64;
-    let format_err = |source| crate::Error::Format { path: path.into(), source };
+    let format_err = |source| Error::Format { path: path.into(), source };
     let prefix_len = encode_header(&layout, None, metadata, header_align).map_err(format_err)?.len() as u64;
 
     let chunk = stream_chunk(writer)?;

@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys};
 
+use crate::error::{Error, Result};
 use crate::io::{AlignedBuf, Registrar};
 use crate::source::TensorSource;
-use crate::{Error, Result};
 
 /// Whether the CUDA driver library can be loaded. Call before anything else in this module
 /// (the constructors do).

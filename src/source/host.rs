@@ -1,8 +1,8 @@
 //! Host memory that the caller owns and lends by address, for foreign callers (Python hands
 //! a tensor's `data_ptr()` and byte size).
 
+use crate::error::Result;
 use crate::source::TensorSource;
-use crate::Result;
 
 /// Host memory lent by address: the bytes `[ptr, ptr + len)`.
 ///

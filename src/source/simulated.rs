@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::error::{Error, Result};
 use crate::source::TensorSource;
-use crate::{Error, Result};
 
 /// A simulated device with a copy engine of a fixed bandwidth. Cloning gives another handle
 /// to the same device (same copy thread).

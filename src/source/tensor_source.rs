@@ -1,6 +1,6 @@
 //! `TensorSource`: the bytes behind one tensor, wherever they live.
 
-use crate::Result;
+use crate::error::Result;
 
 /// The bytes of one tensor. Host memory hands out a slice (so the writer can send it to disk
 /// without a copy); other memory (a device) copies ranges into the writer's staging buffers.
