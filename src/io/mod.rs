@@ -16,6 +16,7 @@ pub(crate) mod file;
 pub mod pool;
 pub mod probe;
 pub mod pwrite;
+mod reader;
 pub mod stats;
 #[cfg(target_os = "linux")]
 pub mod uring;
@@ -28,7 +29,7 @@ pub use pool::{PoolBuf, Registrar, StagingPool};
 pub use stats::IoStats;
 
 use crate::config::{Config, EngineKind};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// A staging buffer lent out by a [`Writer`] (which borrowed it from the [`StagingPool`]).
 /// Only a writer makes them, so a buffer that claims a registered slot really is the memory
@@ -292,7 +293,7 @@ pub(crate) mod testing {
     use std::sync::{Arc, Mutex};
 
     use super::{EngineReport, FileId, IoStats, Payload, StagingBuf, Writer};
-    use crate::{Error, Result};
+    use crate::error::{Error, Result};
 
     /// What a faulty writer does at its `at`-th write (counted across every writer of the
     /// armed directory, from 1).
