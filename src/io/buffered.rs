@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::core::WriteFiles;
 use super::file::{truncate_and_sync, ReadFile};
-use super::reader::{EngineReader, ReadCompletion, ReadEngine, ReadRequest};
+use super::reader::{EngineReader, ReadCompletion, ReadEngine, ReadLimits, ReadRequest};
 use super::{pool_exhausted, EngineReport, FileId, IoStats, Payload, PoolBuf, StagingBuf, Writer};
 use crate::config::{Config, FsyncPolicy};
 use crate::error::{Error, Result};
@@ -99,27 +99,17 @@ impl EngineReader<SyncReadEngine> {
     pub fn new(mut report: EngineReport) -> Self {
         report.direct_io = false;
         report.queue_depth = 1;
-        EngineReader::from_parts(SyncReadEngine::default(), report)
+        let limits = ReadLimits {
+            op_name: "read",
+            max_in_flight: 1,
+            piece_len: usize::MAX, // one piece: the page cache needs no split
+            mem_align: 1,          // no O_DIRECT: any address will do
+        };
+        EngineReader::from_parts(SyncReadEngine::default(), limits, report)
     }
 }
 
 impl ReadEngine for SyncReadEngine {
-    fn op_name(&self) -> &'static str {
-        "read"
-    }
-
-    fn max_in_flight(&self) -> usize {
-        1
-    }
-
-    fn piece_len(&self) -> usize {
-        usize::MAX // one piece: the page cache needs no split
-    }
-
-    fn mem_align(&self, _report: &EngineReport) -> usize {
-        1 // no O_DIRECT: any address will do
-    }
-
     fn start(&mut self, file: &ReadFile, idx: usize, request: ReadRequest) {
         // SAFETY: `request.dst..+len` lies inside the destination the reader core holds
         // borrowed mutably for the whole read (see `ReadRequest`), and nothing else uses it

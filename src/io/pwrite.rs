@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::core::{Core, Engine, EngineWriter};
 use super::file::ReadFile;
-use super::reader::{EngineReader, ReadCompletion, ReadEngine, ReadRequest};
+use super::reader::{EngineReader, ReadCompletion, ReadEngine, ReadLimits, ReadRequest};
 use super::{is_transient, EngineReport, IoStats, PoolBuf, StagingBuf};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -248,7 +248,6 @@ impl<'a> Engine<'a> for PwriteEngine {
 /// bookkeeping are the reader core's.
 pub struct PreadEngine {
     pool: Pool,
-    chunk: usize,
     /// Jobs sent and not yet answered.
     inflight: usize,
 }
@@ -260,29 +259,19 @@ impl EngineReader<PreadEngine> {
     /// Starts `io_threads` workers.
     pub fn new(config: &Config, mut report: EngineReport) -> Result<Self> {
         report.queue_depth = config.io_threads;
-        let engine = PreadEngine {
-            pool: Pool::new(config.io_threads as usize)?,
-            chunk: config.chunk_size as usize,
-            inflight: 0,
+        let limits = ReadLimits {
+            op_name: "pread",
+            // Every piece is queued at once; the workers take them in turn.
+            max_in_flight: usize::MAX,
+            piece_len: config.chunk_size as usize,
+            mem_align: report.mem_align,
         };
-        Ok(EngineReader::from_parts(engine, report))
+        let engine = PreadEngine { pool: Pool::new(config.io_threads as usize)?, inflight: 0 };
+        Ok(EngineReader::from_parts(engine, limits, report))
     }
 }
 
 impl ReadEngine for PreadEngine {
-    fn op_name(&self) -> &'static str {
-        "pread"
-    }
-
-    fn max_in_flight(&self) -> usize {
-        // Every piece is queued at once; the workers take them in turn.
-        usize::MAX
-    }
-
-    fn piece_len(&self) -> usize {
-        self.chunk
-    }
-
     fn start(&mut self, file: &ReadFile, idx: usize, request: ReadRequest) {
         let ReadRequest { dst, len, offset } = request;
         let job = Job {

@@ -36,18 +36,21 @@ pub struct ReadRequest {
 /// the engine measured it itself (else the core counts from the piece's first issue).
 pub type ReadCompletion = (usize, io::Result<usize>, Option<Duration>);
 
+/// How the core splits and paces the reads of one engine.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    /// Name of the system call in errors ("read", "pread").
+    pub op_name: &'static str,
+    /// Pieces in flight at most.
+    pub max_in_flight: usize,
+    /// Bytes per piece at most: a read is split into pieces of this size.
+    pub piece_len: usize,
+    /// The memory alignment a destination must have.
+    pub mem_align: usize,
+}
+
 /// How one engine issues and waits for reads; everything else is the [`EngineReader`]'s.
 pub trait ReadEngine: Send {
-    /// Name of the system call in errors ("read", "pread").
-    fn op_name(&self) -> &'static str;
-    /// Pieces in flight at most.
-    fn max_in_flight(&self) -> usize;
-    /// Bytes per piece at most: a read is split into pieces of this size.
-    fn piece_len(&self) -> usize;
-    /// The memory alignment a destination must have.
-    fn mem_align(&self, report: &EngineReport) -> usize {
-        report.mem_align
-    }
     /// Issues `request` as piece `idx` of a read of `file`.
     fn start(&mut self, file: &ReadFile, idx: usize, request: ReadRequest);
     /// Waits for at least one piece to end and returns every one that ended. On error no
@@ -108,14 +111,15 @@ fn pieces(offset: u64, span: usize, piece_len: usize, file_len: u64, direct: boo
 /// A [`Reader`] made of the shared core and one [`ReadEngine`].
 pub struct EngineReader<E: ReadEngine> {
     engine: E,
+    limits: ReadLimits,
     report: EngineReport,
     files: ReadFiles,
     stats: IoStats,
 }
 
 impl<E: ReadEngine> EngineReader<E> {
-    pub(crate) fn from_parts(engine: E, report: EngineReport) -> Self {
-        EngineReader { engine, report, files: ReadFiles::default(), stats: IoStats::default() }
+    pub(crate) fn from_parts(engine: E, limits: ReadLimits, report: EngineReport) -> Self {
+        EngineReader { engine, limits, report, files: ReadFiles::default(), stats: IoStats::default() }
     }
 }
 
@@ -123,12 +127,13 @@ impl<E: ReadEngine> EngineReader<E> {
 /// until all have come back. Returns the first failure.
 fn run<E: ReadEngine>(
     engine: &mut E,
+    limits: &ReadLimits,
     stats: &mut IoStats,
     file: &ReadFile,
     base: *mut u8,
     pieces: &mut [Piece],
 ) -> Result<()> {
-    let depth = engine.max_in_flight().max(1);
+    let depth = limits.max_in_flight.max(1);
     let (mut next, mut inflight) = (0usize, 0usize);
     let mut error: Option<Error> = None;
     loop {
@@ -147,7 +152,7 @@ fn run<E: ReadEngine>(
             let Some(piece) = pieces.get_mut(idx) else {
                 let err = Error::Internal(format!(
                     "{} completed piece {idx}, which was never issued",
-                    engine.op_name()
+                    limits.op_name
                 ));
                 error.get_or_insert(err);
                 continue;
@@ -178,7 +183,7 @@ fn run<E: ReadEngine>(
                 }
                 Err(e) => {
                     let at = piece.offset + piece.done as u64;
-                    error.get_or_insert(Error::io_at(engine.op_name(), &file.path, at, e));
+                    error.get_or_insert(Error::io_at(limits.op_name, &file.path, at, e));
                     false
                 }
             };
@@ -205,11 +210,11 @@ impl<E: ReadEngine> Reader for EngineReader<E> {
         let open = self.files.get(file)?;
         let direct = self.report.direct_io;
         let span = if direct { round_up(len, self.report.align) } else { len };
-        check_read(&open.path, dst, offset, len, span, open.len, self.engine.mem_align(&self.report))?;
-        let mut pieces = pieces(offset, span, self.engine.piece_len(), open.len, direct);
+        check_read(&open.path, dst, offset, len, span, open.len, self.limits.mem_align)?;
+        let mut pieces = pieces(offset, span, self.limits.piece_len, open.len, direct);
         // Every request points into `dst`, which stays borrowed here until `run` has seen
         // every piece come back (it does not return before that, even on error).
-        run(&mut self.engine, &mut self.stats, open, dst.as_mut_ptr(), &mut pieces)?;
+        run(&mut self.engine, &self.limits, &mut self.stats, open, dst.as_mut_ptr(), &mut pieces)?;
         zero_past_eof(dst, offset, span, open.len);
         Ok(())
     }
@@ -251,18 +256,6 @@ mod tests {
     }
 
     impl ReadEngine for Scripted {
-        fn op_name(&self) -> &'static str {
-            "scripted read"
-        }
-
-        fn max_in_flight(&self) -> usize {
-            2
-        }
-
-        fn piece_len(&self) -> usize {
-            8192
-        }
-
         fn start(&mut self, file: &ReadFile, idx: usize, request: ReadRequest) {
             self.requests.push((idx, request.len, request.offset));
             let cap = match self.steps.pop_front() {
@@ -310,7 +303,9 @@ mod tests {
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
         std::fs::write(scratch.path().join("f"), &data).expect("write");
         let engine = Scripted { steps: steps.iter().copied().collect(), ..Scripted::default() };
-        let mut reader = EngineReader::from_parts(engine, report(false));
+        let limits =
+            ReadLimits { op_name: "scripted read", max_in_flight: 2, piece_len: 8192, mem_align: 4096 };
+        let mut reader = EngineReader::from_parts(engine, limits, report(false));
         let dir = Dir::open(scratch.path()).expect("dir");
         let (file, file_len) = reader.open(&dir, "f").expect("open");
         assert_eq!(file_len, len as u64);

@@ -11,7 +11,7 @@ use io_uring::{opcode, types, IoUring};
 
 use super::core::{Core, Engine, EngineWriter, OpData};
 use super::file::ReadFile;
-use super::reader::{EngineReader, ReadCompletion, ReadEngine, ReadRequest};
+use super::reader::{EngineReader, ReadCompletion, ReadEngine, ReadLimits, ReadRequest};
 use super::{is_transient, probe, resultify, EngineReport, IoStats, PoolBuf, StagingBuf};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -250,8 +250,6 @@ impl<'a> Engine<'a> for UringEngine {
 /// reader core's.
 pub struct UringReadEngine {
     ring: IoUring,
-    depth: usize,
-    chunk: usize,
     /// Pieces pushed and not yet completed.
     inflight: usize,
 }
@@ -263,29 +261,17 @@ impl EngineReader<UringReadEngine> {
     /// Sets up the ring.
     pub fn new(config: &Config, report: EngineReport) -> Result<Self> {
         let ring = build_ring(config).map_err(|e| Error::io("io_uring_setup", "(ring)", e))?;
-        let engine = UringReadEngine {
-            ring,
-            depth: report.queue_depth as usize,
-            chunk: config.chunk_size as usize,
-            inflight: 0,
+        let limits = ReadLimits {
+            op_name: "read",
+            max_in_flight: report.queue_depth as usize,
+            piece_len: config.chunk_size as usize,
+            mem_align: report.mem_align,
         };
-        Ok(EngineReader::from_parts(engine, report))
+        Ok(EngineReader::from_parts(UringReadEngine { ring, inflight: 0 }, limits, report))
     }
 }
 
 impl ReadEngine for UringReadEngine {
-    fn op_name(&self) -> &'static str {
-        "read"
-    }
-
-    fn max_in_flight(&self) -> usize {
-        self.depth
-    }
-
-    fn piece_len(&self) -> usize {
-        self.chunk
-    }
-
     fn start(&mut self, file: &ReadFile, idx: usize, request: ReadRequest) {
         let fd = types::Fd(file.file.as_raw_fd());
         let sqe = opcode::Read::new(fd, request.dst, request.len as u32)

@@ -3,12 +3,29 @@ use super::*;
 
 const SHAPE: Shape = Shape { chunk: 64 * 1024, align: PAGE_ALIGN };
 
+/// An empty pool of `capacity` buffers with a fake registrar.
+fn registered_pool(capacity: usize) -> (StagingPool, std::sync::Arc<FakeRegistrar>) {
+    let fake = FakeRegistrar::new();
+    let pool = StagingPool::new();
+    pool.add_registrar(fake.clone());
+    pool.set_capacity(capacity);
+    (pool, fake)
+}
+
+/// Drops `pool`, then checks `fake`'s (register, unregister, live) counts and soundness.
+fn assert_after_end(pool: StagingPool, fake: &FakeRegistrar, counts: (usize, usize, usize), what: &str) {
+    drop(pool);
+    assert_eq!(fake.counts(), counts, "{what}");
+    fake.assert_sound();
+}
+
 #[test]
 fn alignment_is_decided_once_from_both_alignments() {
-    assert_eq!(staging_align(512, 512), 4096);
-    assert_eq!(staging_align(4096, 512), 4096);
-    assert_eq!(staging_align(512, 65536), 65536);
-    assert_eq!(staging_align(16384, 4096), 16384);
+    for (direct, mem, align) in
+        [(512, 512, 4096), (4096, 512, 4096), (512, 65536, 65536), (16384, 4096, 16384)]
+    {
+        assert_eq!(staging_align(direct, mem), align, "direct {direct}, memory {mem}");
+    }
 }
 
 #[test]
@@ -77,10 +94,7 @@ fn every_buffer_is_registered_once_and_unregistered_before_it_is_freed() {
 
 #[test]
 fn over_capacity_buffers_are_freed_on_return() {
-    let fake = FakeRegistrar::new();
-    let pool = StagingPool::new();
-    pool.add_registrar(fake.clone());
-    pool.set_capacity(2);
+    let (pool, fake) = registered_pool(2);
     let first = pool.lend(SHAPE, 2);
     let second = pool.lend(SHAPE, 2); // a concurrent save: allocated beyond capacity
     assert_eq!(pool.stats().allocated, 4);
@@ -103,33 +117,23 @@ fn refusals_are_counted_and_leave_buffers_usable() {
     let bufs = pool.lend(SHAPE, 3);
     assert_eq!(bufs.len(), 3);
     drop(bufs);
-    drop(pool);
-    assert_eq!(fake.counts(), (3, 2, 0), "a refused buffer is never unregistered");
-    fake.assert_sound();
+    assert_after_end(pool, &fake, (3, 2, 0), "a refused buffer is never unregistered");
 }
 
 #[test]
 fn a_leaked_buffer_is_never_freed_nor_unregistered() {
-    let fake = FakeRegistrar::new();
-    let pool = StagingPool::new();
-    pool.add_registrar(fake.clone());
-    pool.set_capacity(2);
+    let (pool, fake) = registered_pool(2);
     let mut bufs = pool.lend(SHAPE, 2);
     bufs.pop().expect("two").leak();
     let stats = pool.stats();
     assert_eq!((stats.lent, stats.leaked), (1, 1));
     drop(bufs);
-    drop(pool);
-    assert_eq!(fake.counts(), (2, 1, 1), "the leaked one stays registered");
-    fake.assert_sound();
+    assert_after_end(pool, &fake, (2, 1, 1), "the leaked one stays registered");
 }
 
 #[test]
 fn buffers_come_back_from_a_panicking_thread() {
-    let fake = FakeRegistrar::new();
-    let pool = StagingPool::new();
-    pool.add_registrar(fake.clone());
-    pool.set_capacity(4);
+    let (pool, fake) = registered_pool(4);
     let shared = pool.clone();
     let joined = std::thread::spawn(move || {
         let _bufs = shared.lend(SHAPE, 4);
