@@ -3,6 +3,8 @@
 //! `pwrite`/`pread`, for systems without io_uring) and [`buffered`] (std::fs, the baseline).
 //! [`open_writer`] and [`open_reader`] pick the engine from the [`Config`] and fall back,
 //! logging why, when the system refuses io_uring, O_DIRECT or buffer registration.
+//! The engines share a writer core (`core`) and a reader core (`reader`): each engine only
+//! says how one operation is issued and how its completion is waited for.
 //!
 //! Format, staging and commit code never know which engine runs. Staging memory belongs to
 //! one [`pool::StagingPool`]; a writer borrows its share of buffers for its lifetime and
