@@ -302,3 +302,23 @@ impl ReadEngine for PreadEngine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_without_workers_is_an_internal_error_not_an_io_error() {
+        // Every worker gone (as after panics that ended them) looks like this to the submitter.
+        let pool = Pool::new(0).expect("pool");
+        let job = Job { id: 0, direction: Direction::Read, fd: -1, ptr: 0, len: 0, offset: 0 };
+        pool.send(job);
+        match pool.recv() {
+            Err(Error::Internal(message)) => assert!(message.contains("worker"), "{message}"),
+            other => panic!("expected an internal error, got {:?}", other.map(|done| done.id)),
+        }
+        assert!(matches!(worker_panicked("boom"), Error::Internal(m) if m.contains("boom")));
+        assert_eq!(panic_message(&"static str"), "static str");
+        assert_eq!(panic_message(&String::from("owned")), "owned");
+    }
+}
