@@ -6,10 +6,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::core::WriteFiles;
-use super::file::{check_read, truncate_and_sync, ReadFiles};
-use super::{pool_exhausted, EngineReport, FileId, IoStats, Payload, PoolBuf, Reader, StagingBuf, Writer};
+use super::file::{truncate_and_sync, ReadFile};
+use super::reader::{EngineReader, ReadCompletion, ReadEngine, ReadLimits, ReadRequest};
+use super::{pool_exhausted, EngineReport, FileId, IoStats, Payload, PoolBuf, StagingBuf, Writer};
 use crate::config::{Config, FsyncPolicy};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Writes synchronously through the page cache.
 pub struct BufferedWriter {
@@ -83,47 +84,42 @@ impl<'a> Writer<'a> for BufferedWriter {
     }
 }
 
-/// Reads synchronously through the page cache.
-pub struct BufferedReader {
-    report: EngineReport,
-    files: ReadFiles,
-    stats: IoStats,
+/// The page-cache side of a reader: each piece is one `pread`, done at once. Files,
+/// pieces and their bookkeeping are the reader core's.
+#[derive(Default)]
+pub struct SyncReadEngine {
+    done: Vec<ReadCompletion>,
 }
 
-impl BufferedReader {
+/// Reads synchronously through the page cache.
+pub type BufferedReader = EngineReader<SyncReadEngine>;
+
+impl EngineReader<SyncReadEngine> {
     /// A reader.
     pub fn new(mut report: EngineReport) -> Self {
         report.direct_io = false;
         report.queue_depth = 1;
-        BufferedReader { report, files: ReadFiles::default(), stats: IoStats::default() }
+        let limits = ReadLimits {
+            op_name: "read",
+            max_in_flight: 1,
+            piece_len: usize::MAX, // one piece: the page cache needs no split
+            mem_align: 1,          // no O_DIRECT: any address will do
+        };
+        EngineReader::from_parts(SyncReadEngine::default(), limits, report)
     }
 }
 
-impl Reader for BufferedReader {
-    fn report(&self) -> &EngineReport {
-        &self.report
+impl ReadEngine for SyncReadEngine {
+    fn start(&mut self, file: &ReadFile, idx: usize, request: ReadRequest) {
+        // SAFETY: `request.dst..+len` lies inside the destination the reader core holds
+        // borrowed mutably for the whole read (see `ReadRequest`), and nothing else uses it
+        // during this call.
+        let dst = unsafe { std::slice::from_raw_parts_mut(request.dst, request.len) };
+        let result = file.file.read_at(dst, request.offset);
+        self.done.push((idx, result, None));
     }
 
-    fn open(&mut self, dir: &super::Dir, name: &str) -> Result<(FileId, u64)> {
-        self.files.open(&mut self.report, dir, name)
-    }
-
-    fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()> {
-        let open = self.files.get(file)?;
-        check_read(&open.path, dst, offset, len, len, open.len, 1)?;
-        let started = Instant::now();
-        open.file
-            .read_exact_at(&mut dst[..len], offset)
-            .map_err(|e| Error::io_at("read", &open.path, offset, e))?;
-        self.stats.record(len, started.elapsed());
-        Ok(())
-    }
-
-    fn close(&mut self, file: FileId) {
-        self.files.close(file);
-    }
-
-    fn stats(&self) -> &IoStats {
-        &self.stats
+    fn wait(&mut self, _file: &ReadFile, _stats: &mut IoStats) -> Result<Vec<ReadCompletion>> {
+        Ok(std::mem::take(&mut self.done))
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::file::{check_direct, closed_file, open_for_write, preallocate, truncate_and_sync};
 use super::{poisoned, pool_exhausted, EngineReport, FileId, IoStats, Payload, StagingBuf, Writer};
 use crate::config::FsyncPolicy;
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// A file open for writing.
 pub struct OpenFile {

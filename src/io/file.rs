@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::{Dir, EngineReport, FileId};
 use crate::config::FsyncPolicy;
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The error for an operation `op` on a [`FileId`] that is not (or no longer) open.
 pub(crate) fn closed_file(op: &'static str) -> Error {
@@ -129,7 +129,7 @@ pub(crate) fn open_with_fallback(report: &mut EngineReport, dir: &Dir, name: &st
 }
 
 /// One file a [`Reader`](super::Reader) has open.
-pub(crate) struct ReadFile {
+pub struct ReadFile {
     pub file: File,
     pub path: PathBuf,
     pub len: u64,

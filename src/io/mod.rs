@@ -3,6 +3,8 @@
 //! `pwrite`/`pread`, for systems without io_uring) and [`buffered`] (std::fs, the baseline).
 //! [`open_writer`] and [`open_reader`] pick the engine from the [`Config`] and fall back,
 //! logging why, when the system refuses io_uring, O_DIRECT or buffer registration.
+//! The engines share a writer core (`core`) and a reader core (`reader`): each engine only
+//! says how one operation is issued and how its completion is waited for.
 //!
 //! Format, staging and commit code never know which engine runs. Staging memory belongs to
 //! one [`pool::StagingPool`]; a writer borrows its share of buffers for its lifetime and
@@ -16,6 +18,7 @@ pub(crate) mod file;
 pub mod pool;
 pub mod probe;
 pub mod pwrite;
+mod reader;
 pub mod stats;
 #[cfg(target_os = "linux")]
 pub mod uring;
@@ -28,7 +31,7 @@ pub use pool::{PoolBuf, Registrar, StagingPool};
 pub use stats::IoStats;
 
 use crate::config::{Config, EngineKind};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// A staging buffer lent out by a [`Writer`] (which borrowed it from the [`StagingPool`]).
 /// Only a writer makes them, so a buffer that claims a registered slot really is the memory
@@ -292,7 +295,7 @@ pub(crate) mod testing {
     use std::sync::{Arc, Mutex};
 
     use super::{EngineReport, FileId, IoStats, Payload, StagingBuf, Writer};
-    use crate::{Error, Result};
+    use crate::error::{Error, Result};
 
     /// What a faulty writer does at its `at`-th write (counted across every writer of the
     /// armed directory, from 1).

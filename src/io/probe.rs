@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::{AlignedBuf, EngineReport, Fallback};
 use crate::config::{Config, EngineKind};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Direct-I/O alignment of a file system: offsets/lengths, and memory addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +108,22 @@ pub fn plan(config: &Config, dir: &Path) -> Result<EngineReport> {
     Ok(report)
 }
 
-/// Decides the engine for reading the files under `dir`.
+/// A regular file in `dir` to read the direct-I/O alignment from (the files a reader reads
+/// there are on its file system): the first by name, links not followed; `None` when there
+/// is none.
+fn sample_file(dir: &Path) -> Option<std::path::PathBuf> {
+    let mut names: Vec<std::ffi::OsString> = fs::read_dir(dir)
+        .ok()?
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_file()))
+        .map(|entry| entry.file_name())
+        .collect();
+    names.sort_unstable();
+    names.first().map(|name| dir.join(name))
+}
+
+/// Decides the engine for reading the files under `dir`; the alignment is read from one of
+/// the regular files there (see `sample_file`).
 pub fn plan_read(config: &Config, dir: &Path) -> Result<EngineReport> {
     let mut report = base_report(config);
     if report.engine == EngineKind::Buffered || !report.direct_io {
@@ -119,8 +134,8 @@ pub fn plan_read(config: &Config, dir: &Path) -> Result<EngineReport> {
         fall_back(&mut report, "O_DIRECT", EngineKind::Buffered, &err);
         return Ok(report);
     }
-    let sample = dir.join(crate::format::MANIFEST_FILE);
-    let align = dio_alignment(if sample.exists() { &sample } else { dir });
+    let sample = sample_file(dir);
+    let align = dio_alignment(sample.as_deref().unwrap_or(dir));
     report.align = align.offset.max(512);
     report.mem_align = align.mem.max(1);
     Ok(report)

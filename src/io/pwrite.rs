@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::aligned::round_up;
 use super::core::{Core, Engine, EngineWriter};
-use super::file::{check_read, zero_past_eof, ReadFiles};
-use super::{is_transient, EngineReport, FileId, IoStats, PoolBuf, Reader, StagingBuf};
+use super::file::ReadFile;
+use super::reader::{EngineReader, ReadCompletion, ReadEngine, ReadLimits, ReadRequest};
+use super::{is_transient, EngineReport, IoStats, PoolBuf, StagingBuf};
 use crate::config::Config;
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 #[derive(Clone, Copy)]
 enum Direction {
@@ -32,10 +32,17 @@ struct Job {
     offset: u64,
 }
 
+/// A worker's reply to one job.
 struct Done {
     id: usize,
-    result: io::Result<usize>,
+    /// What the transfer did, or the message of the panic that ended it.
+    result: std::result::Result<io::Result<usize>, String>,
     latency: Duration,
+}
+
+/// The error for a job whose worker panicked (a bug: transfers do not panic).
+fn worker_panicked(message: &str) -> Error {
+    Error::Internal(format!("an I/O worker thread of the pwrite pool panicked: {message}"))
 }
 
 /// A few threads that each run one blocking transfer at a time.
@@ -70,12 +77,11 @@ impl Pool {
         }
     }
 
-    fn recv(&self) -> Done {
-        self.done.recv().unwrap_or_else(|_| Done {
-            id: usize::MAX,
-            result: Err(io::Error::other("I/O worker thread died")),
-            latency: Duration::ZERO,
-        })
+    /// The next reply; an error once every worker is gone (then no job is in flight).
+    fn recv(&self) -> Result<Done> {
+        self.done
+            .recv()
+            .map_err(|_| Error::Internal("every I/O worker thread of the pwrite pool is gone".into()))
     }
 }
 
@@ -83,7 +89,9 @@ impl Drop for Pool {
     fn drop(&mut self) {
         self.jobs.take();
         for handle in self.threads.drain(..) {
-            let _ = handle.join();
+            if handle.join().is_err() {
+                log::error!("an I/O worker thread of the pwrite pool panicked");
+            }
         }
     }
 }
@@ -98,8 +106,20 @@ fn worker(jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
             Err(_) => return,
         };
         let started = Instant::now();
-        let result = transfer(&job);
+        // A panic ends this job, not the worker: the submitter hears of it (and the memory
+        // of the job is no longer used once the reply is sent).
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| transfer(&job)))
+            .map_err(|panic| panic_message(panic.as_ref()));
         let _ = done.send(Done { id: job.id, result, latency: started.elapsed() });
+    }
+}
+
+/// The message of a panic payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(message), _) => (*message).to_string(),
+        (None, Some(message)) => message.clone(),
+        (None, None) => "(no message)".to_string(),
     }
 }
 
@@ -194,13 +214,24 @@ impl<'a> Engine<'a> for PwriteEngine {
     }
 
     fn wait(&mut self, core: &mut Core<'a>) -> Result<()> {
-        let done = self.pool.recv();
+        let done = match self.pool.recv() {
+            Ok(done) => done,
+            Err(err) => {
+                core.abandon(err); // no worker is left to reply
+                return Ok(());
+            }
+        };
         if core.op(done.id).is_none() {
-            let err = done.result.err().unwrap_or_else(|| io::Error::other("lost reply"));
-            core.abandon(Error::io("write", "(pwrite pool)", err));
+            core.fail(Error::Internal(format!(
+                "the pwrite pool replied for write {}, not in flight",
+                done.id
+            )));
             return Ok(());
         }
-        let outcome = done.result.map(|_| done.latency).map_err(|e| core.io_error(done.id, e));
+        let outcome = match done.result {
+            Ok(result) => result.map(|_| done.latency).map_err(|e| core.io_error(done.id, e)),
+            Err(panic) => Err(worker_panicked(&panic)),
+        };
         core.retire(done.id, outcome);
         Ok(())
     }
@@ -212,94 +243,82 @@ impl<'a> Engine<'a> for PwriteEngine {
     }
 }
 
-/// Reads through the thread pool.
-pub struct PwriteReader {
+/// The thread-pool side of a reader: each piece is one job for a worker thread, which
+/// reads all of it up to the end of the file (see `transfer`). Files, pieces and their
+/// bookkeeping are the reader core's.
+pub struct PreadEngine {
     pool: Pool,
-    report: EngineReport,
-    chunk: usize,
-    files: ReadFiles,
-    stats: IoStats,
+    /// Jobs sent and not yet answered.
+    inflight: usize,
 }
 
-impl PwriteReader {
+/// Reads through the thread pool.
+pub type PwriteReader = EngineReader<PreadEngine>;
+
+impl EngineReader<PreadEngine> {
     /// Starts `io_threads` workers.
     pub fn new(config: &Config, mut report: EngineReport) -> Result<Self> {
         report.queue_depth = config.io_threads;
-        Ok(PwriteReader {
-            pool: Pool::new(config.io_threads as usize)?,
-            report,
-            chunk: config.chunk_size as usize,
-            files: ReadFiles::default(),
-            stats: IoStats::default(),
-        })
+        let limits = ReadLimits {
+            op_name: "pread",
+            // Every piece is queued at once; the workers take them in turn.
+            max_in_flight: usize::MAX,
+            piece_len: config.chunk_size as usize,
+            mem_align: report.mem_align,
+        };
+        let engine = PreadEngine { pool: Pool::new(config.io_threads as usize)?, inflight: 0 };
+        Ok(EngineReader::from_parts(engine, limits, report))
     }
 }
 
-impl Reader for PwriteReader {
-    fn report(&self) -> &EngineReport {
-        &self.report
+impl ReadEngine for PreadEngine {
+    fn start(&mut self, file: &ReadFile, idx: usize, request: ReadRequest) {
+        let ReadRequest { dst, len, offset } = request;
+        let job = Job {
+            id: idx,
+            direction: Direction::Read,
+            fd: file.file.as_raw_fd(),
+            ptr: dst as usize,
+            len,
+            offset,
+        };
+        self.pool.send(job);
+        self.inflight += 1;
     }
 
-    fn open(&mut self, dir: &super::Dir, name: &str) -> Result<(FileId, u64)> {
-        self.files.open(&mut self.report, dir, name)
-    }
-
-    fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()> {
-        let open = self.files.get(file)?;
-        let (fd, path, file_len) = (open.file.as_raw_fd(), open.path.clone(), open.len);
-        let span = if self.report.direct_io { round_up(len, self.report.align) } else { len };
-        check_read(&path, dst, offset, len, span, file_len, self.report.mem_align)?;
-        let base = dst.as_mut_ptr() as usize;
-        let mut wants = Vec::new();
-        let mut at = 0usize;
-        while at < span {
-            let n = self.chunk.min(span - at);
-            let want = file_len.saturating_sub(offset + at as u64).min(n as u64) as usize;
-            if want > 0 {
-                // Direct reads need the full aligned length even when the file ends inside it.
-                let len = if self.report.direct_io { n } else { want };
-                self.pool.send(Job {
-                    id: wants.len(),
-                    direction: Direction::Read,
-                    fd,
-                    ptr: base + at,
-                    len,
-                    offset: offset + at as u64,
-                });
-                wants.push((offset + at as u64, want));
-            }
-            at += n;
-        }
-        let mut error = None;
-        for _ in 0..wants.len() {
-            let done = self.pool.recv();
-            let Some(&(piece_offset, want)) = wants.get(done.id) else {
-                error.get_or_insert(Error::io("read", &path, io::Error::other("I/O worker thread died")));
-                continue;
-            };
-            match done.result {
-                Ok(n) if n >= want => self.stats.record(want, done.latency),
-                Ok(n) => {
-                    let err = io::Error::new(io::ErrorKind::UnexpectedEof, "file ended early");
-                    error.get_or_insert(Error::io_at("read", &path, piece_offset + n as u64, err));
+    fn wait(&mut self, _file: &ReadFile, _stats: &mut IoStats) -> Result<Vec<ReadCompletion>> {
+        let done = self.pool.recv().inspect_err(|_| self.inflight = 0)?;
+        self.inflight -= 1;
+        match done.result {
+            Ok(result) => Ok(vec![(done.id, result, Some(done.latency))]),
+            Err(panic) => {
+                // Other jobs may still read into the destination: wait for their replies.
+                while self.inflight > 0 && self.pool.recv().is_ok() {
+                    self.inflight -= 1;
                 }
-                Err(e) => {
-                    error.get_or_insert(Error::io_at("pread", &path, piece_offset, e));
-                }
+                self.inflight = 0;
+                Err(worker_panicked(&panic))
             }
         }
-        if let Some(err) = error {
-            return Err(err);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_without_workers_is_an_internal_error_not_an_io_error() {
+        // Every worker gone (as after panics that ended them) looks like this to the submitter.
+        let pool = Pool::new(0).expect("pool");
+        let job = Job { id: 0, direction: Direction::Read, fd: -1, ptr: 0, len: 0, offset: 0 };
+        pool.send(job);
+        match pool.recv() {
+            Err(Error::Internal(message)) => assert!(message.contains("worker"), "{message}"),
+            other => panic!("expected an internal error, got {:?}", other.map(|done| done.id)),
         }
-        zero_past_eof(dst, offset, span, file_len);
-        Ok(())
-    }
-
-    fn close(&mut self, file: FileId) {
-        self.files.close(file);
-    }
-
-    fn stats(&self) -> &IoStats {
-        &self.stats
+        assert!(matches!(worker_panicked("boom"), Error::Internal(m) if m.contains("boom")));
+        assert_eq!(panic_message(&"static str"), "static str");
+        assert_eq!(panic_message(&String::from("owned")), "owned");
     }
 }

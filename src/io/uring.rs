@@ -6,16 +6,15 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
 
-use super::aligned::round_up;
 use super::core::{Core, Engine, EngineWriter, OpData};
-use super::file::{check_read, zero_past_eof, ReadFiles};
-use super::{is_transient, probe, resultify, EngineReport, FileId, IoStats, PoolBuf, Reader, StagingBuf};
+use super::file::ReadFile;
+use super::reader::{EngineReader, ReadCompletion, ReadEngine, ReadLimits, ReadRequest};
+use super::{is_transient, probe, resultify, EngineReport, IoStats, PoolBuf, StagingBuf};
 use crate::config::Config;
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Transient errors (EINTR/EAGAIN/EBUSY) tolerated for one operation before giving up.
 const MAX_RETRIES: u32 = 64;
@@ -247,168 +246,66 @@ impl<'a> Engine<'a> for UringEngine {
     }
 }
 
-#[derive(Clone, Copy)]
-struct ReadPiece {
-    offset: u64,
-    dst: *mut u8,
-    len: usize,
-    want: usize,
-    done: usize,
-    retries: u32,
-    started: Instant,
+/// The io_uring side of a reader: the ring. Files, pieces and their bookkeeping are the
+/// reader core's.
+pub struct UringReadEngine {
+    ring: IoUring,
+    /// Pieces pushed and not yet completed.
+    inflight: usize,
 }
 
 /// Reads through io_uring.
-pub struct UringReader {
-    ring: IoUring,
-    report: EngineReport,
-    chunk: usize,
-    files: ReadFiles,
-    stats: IoStats,
-}
+pub type UringReader = EngineReader<UringReadEngine>;
 
-impl UringReader {
+impl EngineReader<UringReadEngine> {
     /// Sets up the ring.
     pub fn new(config: &Config, report: EngineReport) -> Result<Self> {
         let ring = build_ring(config).map_err(|e| Error::io("io_uring_setup", "(ring)", e))?;
-        Ok(UringReader {
-            ring,
-            report,
-            chunk: config.chunk_size as usize,
-            files: ReadFiles::default(),
-            stats: IoStats::default(),
-        })
+        let limits = ReadLimits {
+            op_name: "read",
+            max_in_flight: report.queue_depth as usize,
+            piece_len: config.chunk_size as usize,
+            mem_align: report.mem_align,
+        };
+        Ok(EngineReader::from_parts(UringReadEngine { ring, inflight: 0 }, limits, report))
     }
+}
 
-    fn push_piece(&mut self, fd: types::Fd, idx: usize, piece: &ReadPiece) {
-        // SAFETY (of the pointer arithmetic): done < want and dst..dst+want lies inside the
-        // destination buffer checked by read_at.
-        let ptr = piece.dst.wrapping_add(piece.done);
-        let sqe = opcode::Read::new(fd, ptr, (piece.len - piece.done) as u32)
-            .offset(piece.offset + piece.done as u64)
+impl ReadEngine for UringReadEngine {
+    fn start(&mut self, file: &ReadFile, idx: usize, request: ReadRequest) {
+        let fd = types::Fd(file.file.as_raw_fd());
+        let sqe = opcode::Read::new(fd, request.dst, request.len as u32)
+            .offset(request.offset)
             .build()
             .user_data(idx as u64);
         loop {
-            // SAFETY: the destination is inside `dst`, which read_at borrows mutably until
-            // every piece has completed (it does not return before that, even on error).
+            // SAFETY: the destination lies inside the memory the reader core keeps borrowed
+            // until this piece's completion has been reaped (see `ReadRequest`); `wait` does
+            // not fail before every piece in flight has completed.
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                 break;
             }
             let _ = self.ring.submit();
         }
-    }
-}
-
-impl Reader for UringReader {
-    fn report(&self) -> &EngineReport {
-        &self.report
+        self.inflight += 1;
     }
 
-    fn open(&mut self, dir: &super::Dir, name: &str) -> Result<(FileId, u64)> {
-        self.files.open(&mut self.report, dir, name)
-    }
-
-    fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()> {
-        let open = self.files.get(file)?;
-        let (fd, path, file_len) = (types::Fd(open.file.as_raw_fd()), open.path.clone(), open.len);
-        let span = if self.report.direct_io { round_up(len, self.report.align) } else { len };
-        check_read(&path, dst, offset, len, span, file_len, self.report.mem_align)?;
-        let base = dst.as_mut_ptr();
-        let mut pieces: Vec<ReadPiece> = Vec::new();
-        let mut at = 0usize;
-        while at < span {
-            let n = self.chunk.min(span - at);
-            let want_in_file = (file_len.saturating_sub(offset + at as u64)).min(n as u64) as usize;
-            // Direct reads need the full aligned length even where the file ends inside it.
-            let request = if self.report.direct_io { n } else { want_in_file };
-            pieces.push(ReadPiece {
-                offset: offset + at as u64,
-                dst: base.wrapping_add(at),
-                len: request,
-                want: want_in_file,
-                done: 0,
-                retries: 0,
-                started: Instant::now(),
-            });
-            at += n;
+    fn wait(&mut self, file: &ReadFile, stats: &mut IoStats) -> Result<Vec<ReadCompletion>> {
+        let mut waited = self.ring.submit_and_wait(1);
+        while matches!(&waited, Err(e) if e.raw_os_error() == Some(libc::EINTR)) {
+            waited = self.ring.submit_and_wait(1);
         }
-        let qd = self.report.queue_depth as usize;
-        let mut next = 0usize;
-        let mut inflight = 0usize;
-        let mut error: Option<Error> = None;
-        while next < pieces.len() || inflight > 0 {
-            while error.is_none() && next < pieces.len() && inflight < qd {
-                if pieces[next].want > 0 {
-                    pieces[next].started = Instant::now();
-                    self.push_piece(fd, next, &pieces[next]);
-                    inflight += 1;
-                }
-                next += 1;
-            }
-            if inflight == 0 {
-                break;
-            }
-            let mut waited = self.ring.submit_and_wait(1);
-            while matches!(&waited, Err(e) if e.raw_os_error() == Some(libc::EINTR)) {
-                waited = self.ring.submit_and_wait(1);
-            }
-            if let Err(e) = waited {
-                // Pieces may still be in flight into dst: wait them out before returning.
-                drain_ring(&mut self.ring, inflight);
-                return Err(Error::io("io_uring_enter", &path, e));
-            }
-            self.stats.submits += 1;
-            let done: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
-            for (user_data, res) in done {
-                let idx = user_data as usize;
-                let piece = &mut pieces[idx];
-                match resultify(res) {
-                    Ok(0) => {
-                        inflight -= 1;
-                        let err = io::Error::new(io::ErrorKind::UnexpectedEof, "file ended early");
-                        error.get_or_insert(Error::io_at(
-                            "read",
-                            &path,
-                            piece.offset + piece.done as u64,
-                            err,
-                        ));
-                    }
-                    Ok(n) => {
-                        piece.done += n;
-                        if piece.done < piece.want && error.is_none() {
-                            // Short read before the end of the file: read the rest.
-                            let piece_copy = *piece;
-                            self.push_piece(fd, idx, &piece_copy);
-                        } else {
-                            inflight -= 1;
-                            self.stats.record(piece.done, piece.started.elapsed());
-                        }
-                    }
-                    Err(e) if is_transient(&e) && piece.retries < MAX_RETRIES && error.is_none() => {
-                        piece.retries += 1;
-                        let piece_copy = *piece;
-                        self.push_piece(fd, idx, &piece_copy);
-                    }
-                    Err(e) => {
-                        inflight -= 1;
-                        error.get_or_insert(Error::io_at("read", &path, piece.offset + piece.done as u64, e));
-                    }
-                }
-            }
+        if let Err(e) = waited {
+            // Pieces may still be in flight into the destination: wait them out first.
+            drain_ring(&mut self.ring, self.inflight);
+            self.inflight = 0;
+            return Err(Error::io("io_uring_enter", &file.path, e));
         }
-        if let Some(err) = error {
-            return Err(err);
-        }
-        zero_past_eof(dst, offset, span, file_len);
-        Ok(())
-    }
-
-    fn close(&mut self, file: FileId) {
-        self.files.close(file);
-    }
-
-    fn stats(&self) -> &IoStats {
-        &self.stats
+        stats.submits += 1;
+        let done: Vec<ReadCompletion> =
+            self.ring.completion().map(|c| (c.user_data() as usize, resultify(c.result()), None)).collect();
+        self.inflight -= done.len().min(self.inflight);
+        Ok(done)
     }
 }
 
@@ -433,6 +330,7 @@ mod tests {
     use super::*;
     use crate::config::FsyncPolicy;
     use crate::io::pool::{staging_align, Shape, StagingPool};
+    use crate::io::FileId;
     use std::path::Path;
 
     const LEN: usize = 8192;
