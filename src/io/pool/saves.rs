@@ -13,7 +13,7 @@ use crate::checkpoint::TensorData;
 use crate::config::{Config, EngineKind};
 use crate::error::{Error, Result};
 use crate::io::testing::{arm, Fault};
-use crate::staging::TensorSource;
+use crate::source::TensorSource;
 use crate::{Checkpoint, CheckpointIO, Dtype, UringCheckpointIO};
 
 const ENGINES: [EngineKind; 3] = [EngineKind::Uring, EngineKind::Pwrite, EngineKind::Buffered];
@@ -27,7 +27,7 @@ fn scratch() -> tempfile::TempDir {
 
 fn bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
-    crate::staging::simulated::generate(seed, 0, &mut out);
+    crate::source::simulated::generate(seed, 0, &mut out);
     out
 }
 
