@@ -207,14 +207,18 @@ impl Manifest {
     }
 }
 
-/// Whether `name` is a plain `*.safetensors` file name that stays inside the directory.
-fn check_shard_name(name: &str) -> Result<(), FormatError> {
-    let safe = !name.is_empty()
+/// Whether `name` is a plain file name that stays inside the directory: 1 to 255 bytes, no
+/// `/`, `\`, NUL or other control character, not starting with `.`.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= MAX_SHARD_NAME_LEN
         && !name.starts_with('.')
-        && name.ends_with(".safetensors")
-        && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
-    if safe {
+        && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control())
+}
+
+/// Whether `name` is a plain `*.safetensors` file name that stays inside the directory.
+fn check_shard_name(name: &str) -> Result<(), FormatError> {
+    if is_plain_file_name(name) && name.ends_with(".safetensors") {
         Ok(())
     } else {
         Err(FormatError::UnsafeShardName(name.to_owned()))
@@ -225,13 +229,7 @@ fn check_shard_name(name: &str) -> Result<(), FormatError> {
 /// `\`, NUL or other control character, not starting with `.`), but not ending with
 /// `.safetensors` and not [`MANIFEST_FILE`].
 pub fn check_extra_file_name(name: &str) -> Result<(), FormatError> {
-    let safe = !name.is_empty()
-        && name.len() <= MAX_SHARD_NAME_LEN
-        && !name.starts_with('.')
-        && !name.ends_with(".safetensors")
-        && name != MANIFEST_FILE
-        && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
-    if safe {
+    if is_plain_file_name(name) && !name.ends_with(".safetensors") && name != MANIFEST_FILE {
         Ok(())
     } else {
         Err(FormatError::UnsafeShardName(name.to_owned()))
