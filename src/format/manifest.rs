@@ -6,6 +6,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
+use super::header::parse_crc;
 use super::FormatError;
 
 /// File name of the manifest inside a checkpoint directory.
@@ -288,11 +289,7 @@ mod hex_u32 {
             }
 
             fn visit_str<E: de::Error>(self, v: &str) -> Result<u32, E> {
-                let digits = v.len() == 8 && v.bytes().all(|b| b.is_ascii_hexdigit());
-                digits
-                    .then(|| u32::from_str_radix(v, 16).ok())
-                    .flatten()
-                    .ok_or_else(|| E::custom(format_args!("{v:?} is not 8 hex digits")))
+                parse_crc(v).ok_or_else(|| E::custom(format_args!("{v:?} is not 8 hex digits")))
             }
         }
 

@@ -17,6 +17,7 @@ mod tests;
 
 pub use encode::encode_header;
 pub use layout::{ShardLayout, TensorEntry, TensorSpec};
+pub(super) use parse::parse_crc;
 pub use parse::{header_prefix_len, parse_header, ParsedHeader};
 
 /// The data region starts at a multiple of this many bytes from the start of the file.

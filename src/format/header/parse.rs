@@ -170,8 +170,9 @@ pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<ParsedHeader, Format
     Ok(ParsedHeader { tensors, crcs, metadata, data_start, data_len })
 }
 
-/// Exactly 8 hex digits (no sign, no prefix).
-pub(super) fn parse_crc(value: &str) -> Option<u32> {
+/// Exactly 8 hex digits (no sign, no prefix), either case: how the header and the manifest
+/// store a CRC-32.
+pub(in crate::format) fn parse_crc(value: &str) -> Option<u32> {
     if value.len() == 8 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
         u32::from_str_radix(value, 16).ok()
     } else {
