@@ -59,10 +59,7 @@ impl ShardLayout {
     pub fn new(specs: Vec<TensorSpec>) -> Result<ShardLayout, FormatError> {
         let mut names: HashSet<&str> = HashSet::with_capacity(specs.len());
         for spec in &specs {
-            check_name(&spec.name)?;
-            if !names.insert(&spec.name) {
-                return Err(FormatError::DuplicateTensor(spec.name.clone()));
-            }
+            check_name(&spec.name, &mut names)?;
         }
         drop(names);
         let mut tensors = Vec::with_capacity(specs.len());
@@ -79,12 +76,16 @@ impl ShardLayout {
     }
 }
 
-fn check_name(name: &str) -> Result<(), FormatError> {
+/// Checks that `name` is a valid tensor name not in `seen`, and adds it there.
+fn check_name<'a>(name: &'a str, seen: &mut HashSet<&'a str>) -> Result<(), FormatError> {
     if name.is_empty() {
         return Err(FormatError::EmptyName);
     }
     if name == METADATA_KEY {
         return Err(FormatError::ReservedTensorName(name.to_owned()));
+    }
+    if !seen.insert(name) {
+        return Err(FormatError::DuplicateTensor(name.to_owned()));
     }
     Ok(())
 }
@@ -122,10 +123,7 @@ pub(super) fn check_layout(layout: &ShardLayout) -> Result<(), FormatError> {
     let mut names: HashSet<&str> = HashSet::with_capacity(layout.tensors.len());
     let mut expected_start = 0u64;
     for entry in &layout.tensors {
-        check_name(&entry.name)?;
-        if !names.insert(&entry.name) {
-            return Err(FormatError::DuplicateTensor(entry.name.clone()));
-        }
+        check_name(&entry.name, &mut names)?;
         check_entry(entry)?;
         if entry.data_offsets.0 != expected_start {
             return Err(FormatError::NotContiguous {
