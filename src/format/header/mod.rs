@@ -30,8 +30,8 @@ pub const MAX_HEADER_LEN: u64 = 100_000_000;
 /// (IEEE) of the tensor's bytes as 8 lowercase hex digits, e.g. `"0a1b2c3d"`.
 pub const CRC_KEY_PREFIX: &str = "crc32:";
 
-/// The reserved top-level header key for string metadata.
-/// The header key safetensors reserves for metadata; no tensor may have this name.
+/// The top-level header key safetensors reserves for string metadata; no tensor may have
+/// this name.
 pub const METADATA_KEY: &str = "__metadata__";
 
 /// Length of the little-endian header length field.
