@@ -6,6 +6,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
+use super::header::parse_crc;
 use super::FormatError;
 
 /// File name of the manifest inside a checkpoint directory.
@@ -207,14 +208,18 @@ impl Manifest {
     }
 }
 
-/// Whether `name` is a plain `*.safetensors` file name that stays inside the directory.
-fn check_shard_name(name: &str) -> Result<(), FormatError> {
-    let safe = !name.is_empty()
+/// Whether `name` is a plain file name that stays inside the directory: 1 to 255 bytes, no
+/// `/`, `\`, NUL or other control character, not starting with `.`.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= MAX_SHARD_NAME_LEN
         && !name.starts_with('.')
-        && name.ends_with(".safetensors")
-        && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
-    if safe {
+        && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control())
+}
+
+/// Whether `name` is a plain `*.safetensors` file name that stays inside the directory.
+fn check_shard_name(name: &str) -> Result<(), FormatError> {
+    if is_plain_file_name(name) && name.ends_with(".safetensors") {
         Ok(())
     } else {
         Err(FormatError::UnsafeShardName(name.to_owned()))
@@ -225,13 +230,7 @@ fn check_shard_name(name: &str) -> Result<(), FormatError> {
 /// `\`, NUL or other control character, not starting with `.`), but not ending with
 /// `.safetensors` and not [`MANIFEST_FILE`].
 pub fn check_extra_file_name(name: &str) -> Result<(), FormatError> {
-    let safe = !name.is_empty()
-        && name.len() <= MAX_SHARD_NAME_LEN
-        && !name.starts_with('.')
-        && !name.ends_with(".safetensors")
-        && name != MANIFEST_FILE
-        && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
-    if safe {
+    if is_plain_file_name(name) && !name.ends_with(".safetensors") && name != MANIFEST_FILE {
         Ok(())
     } else {
         Err(FormatError::UnsafeShardName(name.to_owned()))
@@ -290,11 +289,7 @@ mod hex_u32 {
             }
 
             fn visit_str<E: de::Error>(self, v: &str) -> Result<u32, E> {
-                let digits = v.len() == 8 && v.bytes().all(|b| b.is_ascii_hexdigit());
-                digits
-                    .then(|| u32::from_str_radix(v, 16).ok())
-                    .flatten()
-                    .ok_or_else(|| E::custom(format_args!("{v:?} is not 8 hex digits")))
+                parse_crc(v).ok_or_else(|| E::custom(format_args!("{v:?} is not 8 hex digits")))
             }
         }
 
