@@ -42,8 +42,9 @@ impl Workspace {
         let parent = parent.unwrap_or(Path::new("."));
         crate::cli::existing_dir(parent)?;
         let dir = parent.join(format!(".uring-ckpt-{what}-{}", std::process::id()));
-        fs::create_dir(&dir).context(|| format!("create scratch directory {}", dir.display()))?;
+        // The handler first: a Ctrl-C right after the directory appears must still remove it.
         install_sigint_handler();
+        fs::create_dir(&dir).context(|| format!("create scratch directory {}", dir.display()))?;
         Ok(Workspace { dir, keep, next: std::cell::Cell::new(0) })
     }
 
