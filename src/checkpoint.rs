@@ -106,19 +106,7 @@ impl<'a> Checkpoint<'a> {
         data: TensorData<'a>,
     ) -> Result<&mut Self> {
         let name = name.into();
-        check_tensor_name(&name)?;
-        let expected = dtype.byte_len(shape).ok_or_else(|| {
-            Error::InvalidCheckpoint(format!("tensor {name:?}: shape {shape:?} of {dtype} overflows"))
-        })?;
-        if expected != data.len() as u64 {
-            return Err(Error::InvalidCheckpoint(format!(
-                "tensor {name:?}: {dtype} {shape:?} needs {expected} bytes, got {}",
-                data.len()
-            )));
-        }
-        if self.tensors.iter().any(|t| t.name == name) {
-            return Err(Error::InvalidCheckpoint(format!("tensor {name:?} added twice")));
-        }
+        check_new_tensor(&name, dtype, shape, data.len(), self.tensors.iter().map(|t| t.name.as_str()))?;
         self.tensors.push(TensorView { name, dtype, shape: shape.to_vec(), data });
         Ok(self)
     }
@@ -175,6 +163,30 @@ impl<'a> Checkpoint<'a> {
         }
         Ok(())
     }
+}
+
+/// The checks of adding one tensor: a usable name not among `existing`, and exactly the
+/// bytes `dtype` x `shape` needs.
+pub(crate) fn check_new_tensor<'n>(
+    name: &str,
+    dtype: Dtype,
+    shape: &[u64],
+    len: usize,
+    mut existing: impl Iterator<Item = &'n str>,
+) -> Result<()> {
+    check_tensor_name(name)?;
+    let expected = dtype.byte_len(shape).ok_or_else(|| {
+        Error::InvalidCheckpoint(format!("tensor {name:?}: shape {shape:?} of {dtype} overflows"))
+    })?;
+    if expected != len as u64 {
+        return Err(Error::InvalidCheckpoint(format!(
+            "tensor {name:?}: {dtype} {shape:?} needs {expected} bytes, got {len}"
+        )));
+    }
+    if existing.any(|t| t == name) {
+        return Err(Error::InvalidCheckpoint(format!("tensor {name:?} added twice")));
+    }
+    Ok(())
 }
 
 /// A tensor name must not be empty nor the safetensors header's reserved key.

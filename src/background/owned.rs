@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::checkpoint::{Checkpoint, TensorData, TensorView};
-use crate::error::{Error, Result};
+use crate::checkpoint::{check_new_tensor, Checkpoint, TensorData, TensorView};
+use crate::error::Result;
 use crate::format::Dtype;
 use crate::source::TensorSource;
 
@@ -64,11 +64,7 @@ impl OwnedCheckpoint {
         source: Arc<dyn TensorSource>,
     ) -> Result<&mut Self> {
         let name = name.into();
-        if self.tensors.iter().any(|t| t.name == name) {
-            return Err(Error::InvalidCheckpoint(format!("tensor {name:?} added twice")));
-        }
-        // The same size checks as a borrowed checkpoint.
-        Checkpoint::new().add_source(name.clone(), dtype, shape, TensorData::Source(&*source))?;
+        check_new_tensor(&name, dtype, shape, source.len(), self.tensors.iter().map(|t| t.name.as_str()))?;
         self.tensors.push(OwnedTensor { name, dtype, shape: shape.to_vec(), source });
         Ok(self)
     }
