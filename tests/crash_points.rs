@@ -59,7 +59,7 @@ fn child() {
 
 fn crash(dir: &Path, engine: EngineKind, point: &str, op: &str, action: &str) {
     let status = run_self(
-        "child",
+        &reliability::test_name(module_path!(), "child"),
         &[
             ("CRASH_POINT", point.to_owned()),
             ("CRASH_DIR", dir.display().to_string()),
