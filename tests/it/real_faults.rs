@@ -2,8 +2,8 @@
 //! of a shard, and in the manifest), and saves killed with SIGKILL at random moments.
 //! Tests that cannot run here (not root, no loop devices) print `skipped: <reason>`.
 
-mod common;
-mod reliability;
+use crate::common;
+use crate::reliability;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};

@@ -16,8 +16,8 @@
 //! refused) is skipped with `skipped: <reason>`. Mounts and loop devices are released by
 //! [`LoopFs`]'s drop, also when an assertion fails.
 
-mod common;
-mod reliability;
+use crate::common;
+use crate::reliability;
 
 use std::fs;
 use std::io;
