@@ -12,9 +12,10 @@
 //! test at a time) to protect four files.
 //!
 //! `common` and `reliability` are shared with `faults`, which includes them by `#[path]`.
-//! A test that re-runs this binary on one of its tests in a child process names that test
-//! with `reliability::test_name(module_path!(), ..)`, right whichever binary and module the
-//! file is in.
+//! A test that re-runs this binary on one of its tests in a child process (crash points,
+//! saves killed with SIGKILL, and the peak-RSS bound of `async_memory`, which needs a process
+//! of its own) names that test with `reliability::test_name(module_path!(), ..)`, right
+//! whichever binary and module the file is in.
 
 mod common;
 mod reliability;
