@@ -3,7 +3,7 @@
 //! even when the device memory is overwritten right after `staged()`.
 #![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

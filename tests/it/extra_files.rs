@@ -2,7 +2,7 @@
 //! returned by a load, checked by a load and by `verify`, names validated, and manifests
 //! without the field still parse.
 
-mod common;
+use crate::common;
 
 use std::fs;
 

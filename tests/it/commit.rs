@@ -2,7 +2,7 @@
 //! temporary directory left after success or failure, an earlier checkpoint untouched by a
 //! failed save, safe removal, and the multi-rank commit.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;

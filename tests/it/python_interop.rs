@@ -3,7 +3,7 @@
 //! created under the repository by `scripts/python-env.sh` (numpy + safetensors from PyPI).
 //! Set URING_CKPT_SKIP_PYTHON=1 to skip on a machine without Python or the package index.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -6,8 +6,7 @@
 //! CRC to match, so that the corruption gets past the manifest's checks and reaches the
 //! header parser itself.
 
-mod common;
-mod reliability;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -75,7 +75,20 @@ pub fn fault_config(engine: EngineKind) -> Config {
     config
 }
 
-/// Runs the test `name` of this test binary in a child process with `envs`, core dumps off.
+/// The name the test harness gives the test `test` of the module `module` (pass
+/// `module_path!()`), for re-running it in a child process with `--exact`: the harness names
+/// a test by its path below the crate root, so the test binary's crate name is dropped
+/// (`it::real_faults` gives `real_faults::kill_child`; a test file that is a binary of its
+/// own gives `kill_child`).
+pub fn test_name(module: &str, test: &str) -> String {
+    match module.split_once("::") {
+        Some((_crate, path)) => format!("{path}::{test}"),
+        None => test.to_owned(),
+    }
+}
+
+/// Runs the test `name` (see [`test_name`]) of this test binary in a child process with
+/// `envs`, core dumps off.
 pub fn run_self(name: &str, envs: &[(&str, String)]) -> ExitStatus {
     let exe = std::env::current_exe().expect("current exe");
     let mut cmd = Command::new(exe);

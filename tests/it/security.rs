@@ -4,7 +4,7 @@
 //! a reserved tensor name. Each case ends in a typed error, reads nothing outside the
 //! checkpoint, never hangs, and leaves what is not ours untouched.
 
-mod common;
+use crate::common;
 
 use std::ffi::CString;
 use std::fs;

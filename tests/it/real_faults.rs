@@ -2,8 +2,8 @@
 //! of a shard, and in the manifest), and saves killed with SIGKILL at random moments.
 //! Tests that cannot run here (not root, no loop devices) print `skipped: <reason>`.
 
-mod common;
-mod reliability;
+use crate::common;
+use crate::reliability;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -130,6 +130,7 @@ fn saves_killed_at_random_moments_leave_the_latest_valid_checkpoint() {
     let dir = scratch();
     let config = fault_config(EngineKind::Uring);
     let exe = std::env::current_exe().expect("exe");
+    let child_test = reliability::test_name(module_path!(), "kill_child");
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     let runs = 30;
     let mut loaded = 0;
@@ -139,7 +140,7 @@ fn saves_killed_at_random_moments_leave_the_latest_valid_checkpoint() {
         rng ^= rng << 17;
         let delay = Duration::from_millis(20 + rng % 150);
         let mut cmd = Command::new(&exe);
-        cmd.args(["--exact", "kill_child", "--nocapture", "--test-threads=1"])
+        cmd.args(["--exact", &child_test, "--nocapture", "--test-threads=1"])
             .env("KILL_DIR", dir.path())
             .stdout(Stdio::null());
         no_core_dumps(&mut cmd);

@@ -3,7 +3,7 @@
 //! buffer registration refused (ENOMEM) -> unregistered io_uring writes. Each must produce
 //! files byte-identical to the normal path and say which fallback it took and why.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! the save that failed, the in-flight limit and same-path ordering, futures without a
 //! runtime, and teardown of dropped failures. On the real disk (see `common::scratch`).
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::path::Path;

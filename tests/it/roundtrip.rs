@@ -3,7 +3,7 @@
 //! checkpoint of several shards. Loaded bytes must equal the source and the files must be
 //! byte-identical whichever engine wrote them.
 
-mod common;
+use crate::common;
 
 use std::fs;
 

@@ -9,8 +9,8 @@
 //! * a refused feature (io_uring EPERM, registration ENOMEM, O_DIRECT EINVAL): the
 //!   documented fallback, reported with its reason, and identical files.
 
-mod common;
-mod reliability;
+use crate::common;
+use crate::reliability;
 
 use std::path::Path;
 
@@ -106,6 +106,7 @@ fn save(config: &uring_ckpt::Config, data: &Data, path: &Path) -> Result<SaveRep
 
 #[test]
 fn every_fault_ends_in_a_typed_error_or_the_documented_outcome() {
+    let _alone = crate::alone();
     let cases = cases();
     if !uring_available() {
         println!("skipped: io_uring is disabled on this machine (kernel.io_uring_disabled)");
@@ -184,6 +185,7 @@ fn every_fault_ends_in_a_typed_error_or_the_documented_outcome() {
 /// the sync would succeed and commit; ours fails, so nothing new is committed.
 #[test]
 fn fdatasync_eio_is_never_retried_then_committed() {
+    let _alone = crate::alone();
     let dir = scratch();
     let path = dir.path().join("fresh");
     let config = fault_config(EngineKind::Uring);

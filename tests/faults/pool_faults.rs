@@ -2,11 +2,12 @@
 //! from the staging pool: every buffer comes back, registered once with the pool's
 //! registration hook, and the next save through the same pool writes the same files.
 //!
-//! A test binary of its own: failpoints are process-wide, and these saves must not meet
-//! the faults of the other failpoint tests (nor arm faults under them).
+//! Alone in its process while it runs (`crate::alone`, as every test of this binary):
+//! failpoints are process-wide, and these saves must not meet the faults of the other
+//! failpoint tests (nor arm faults under them).
 
-mod common;
-mod reliability;
+use crate::common;
+use crate::reliability;
 
 use common::{files_of, scratch};
 use reliability::{fault_config, Data};
@@ -54,6 +55,7 @@ impl uring_ckpt::io::Registrar for Recorder {
 /// through the same pool succeeds with the files of a fault-free save.
 #[test]
 fn engine_faults_mid_save_give_every_staging_buffer_back() {
+    let _alone = crate::alone();
     use std::sync::Arc;
     use EngineKind::{Pwrite, Uring};
     if !uring_available() {

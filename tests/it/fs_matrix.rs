@@ -16,8 +16,8 @@
 //! refused) is skipped with `skipped: <reason>`. Mounts and loop devices are released by
 //! [`LoopFs`]'s drop, also when an assertion fails.
 
-mod common;
-mod reliability;
+use crate::common;
+use crate::reliability;
 
 use std::fs;
 use std::io;
@@ -277,15 +277,6 @@ fn step_data(step: u64) -> Data {
     Data::sized(step, &[300_001, 4097, (1 << 20) + 5])
 }
 
-/// The name the test harness gives [`kill_child`]: `kill_child` in this test binary,
-/// `<module>::kill_child` once this file is a module of a larger test binary.
-fn child_test_name() -> String {
-    match module_path!().split_once("::") {
-        Some((_crate, module)) => format!("{module}::kill_child"),
-        None => "kill_child".to_owned(),
-    }
-}
-
 /// The child gets SIGKILL when this test process dies, so that a killed test run leaves no
 /// child saving forever (the child also checks its parent's pid before each save).
 fn die_with_parent(cmd: &mut Command) {
@@ -307,6 +298,7 @@ fn killed_saves(lfs: &LoopFs) {
     let dir = lfs.path().join("kill");
     fs::create_dir(&dir).expect("mkdir");
     let exe = std::env::current_exe().expect("exe");
+    let child_test = reliability::test_name(module_path!(), "kill_child");
     let mut killed = 0;
     let mut dead_pid = 0;
     for (i, engine) in ENGINES.into_iter().enumerate() {
@@ -314,7 +306,7 @@ fn killed_saves(lfs: &LoopFs) {
         for delay_ms in [60 + 37 * i as u64, 150 + 23 * i as u64] {
             let what = format!("{name}, {engine}, SIGKILL after {delay_ms} ms");
             let mut cmd = Command::new(&exe);
-            cmd.args(["--exact", &child_test_name(), "--nocapture", "--test-threads=1"])
+            cmd.args(["--exact", &child_test, "--nocapture", "--test-threads=1"])
                 .env("FS_MATRIX_KILL_DIR", &dir)
                 .env("FS_MATRIX_ENGINE", engine.as_str())
                 .env("FS_MATRIX_PARENT", std::process::id().to_string())

@@ -3,7 +3,7 @@
 //! intact, and a flipped byte anywhere is reported with the tensor's and the file's name,
 //! by `load_checkpoint` and by `inspect::verify`.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::FileExt;

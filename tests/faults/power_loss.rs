@@ -5,8 +5,7 @@
 //! new one for steps after the parent directory's fsync. Skipped with a printed reason
 //! where loop devices or root are not available.
 
-mod common;
-mod reliability;
+use crate::reliability;
 
 use reliability::loopfs::{shutdown, LoopFs, EXT4_GOING_FLAGS_LOGFLUSH, EXT4_GOING_FLAGS_NOLOGFLUSH};
 use reliability::{fault_config, temp_dirs, Data};
@@ -22,6 +21,7 @@ enum Must {
 
 #[test]
 fn power_loss_at_each_step_leaves_the_previous_or_the_new_checkpoint() {
+    let _alone = crate::alone();
     let mut lfs = match LoopFs::new("power-loss", 32) {
         Ok(fs) => fs,
         Err(reason) => {

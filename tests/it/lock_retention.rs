@@ -2,8 +2,8 @@
 //! directories of dead savers removed by the next save, `keep_last` and the `latest`
 //! pointer.
 
-mod common;
-mod reliability;
+use crate::common;
+use crate::reliability;
 
 use std::fs;
 use std::time::Duration;

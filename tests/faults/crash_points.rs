@@ -6,8 +6,8 @@
 //! The child is this test binary, re-run on the single test `child` with the crash point in
 //! `CRASH_POINT`; the failpoint's action `return(abort)` calls `std::process::abort()`.
 
-mod common;
-mod reliability;
+use crate::common;
+use crate::reliability;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -35,6 +35,7 @@ fn engine_name(engine: EngineKind) -> String {
 /// started by a parent test.
 #[test]
 fn child() {
+    let _alone = crate::alone();
     let Ok(point) = std::env::var("CRASH_POINT") else { return };
     let dir = PathBuf::from(std::env::var("CRASH_DIR").expect("CRASH_DIR"));
     let engine: EngineKind = std::env::var("CRASH_ENGINE").expect("CRASH_ENGINE").parse().expect("engine");
@@ -59,7 +60,7 @@ fn child() {
 
 fn crash(dir: &Path, engine: EngineKind, point: &str, op: &str, action: &str) {
     let status = run_self(
-        "child",
+        &reliability::test_name(module_path!(), "child"),
         &[
             ("CRASH_POINT", point.to_owned()),
             ("CRASH_DIR", dir.display().to_string()),
@@ -77,6 +78,7 @@ fn crash(dir: &Path, engine: EngineKind, point: &str, op: &str, action: &str) {
 
 #[test]
 fn crash_at_every_step_of_a_save() {
+    let _alone = crate::alone();
     let steps: Vec<(EngineKind, &str, Side)> = {
         let mut v = Vec::new();
         for engine in common::ENGINES {
@@ -173,6 +175,7 @@ fn crash_at_every_step_of_a_save() {
 
 #[test]
 fn crash_during_retention_and_latest_pointer_keeps_whole_checkpoints() {
+    let _alone = crate::alone();
     let config = fault_config(EngineKind::Uring);
     let io = UringCheckpointIO::new(config.clone()).expect("config");
     let data: Vec<Data> = (1..=5).map(|s| Data::sized(s, &[5000, 70_000])).collect();
