@@ -34,6 +34,7 @@ mod fs_matrix;
 mod hostile_input;
 mod load;
 mod lock_retention;
+mod pinned_bytes;
 mod python_interop;
 mod real_faults;
 mod roundtrip;

@@ -4,7 +4,7 @@
 //! that alters the format, the header padding, the manifest's JSON or the sharding shows
 //! up here.
 
-mod common;
+use crate::common;
 
 use common::{scratch, small_config, ENGINES};
 use uring_ckpt::format::Dtype;
