@@ -1,5 +1,8 @@
 //! A corpus of named bad (and a few tricky good) headers and manifests, each with the exact
 //! error it must produce.
+//!
+//! (Long because it is a table: one entry per case, each a few lines; splitting it would
+//! only scatter the corpus.)
 
 use std::collections::BTreeMap;
 
