@@ -35,9 +35,13 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod host;
+pub mod release;
+pub mod reuse;
 pub mod simulated;
 pub mod tensor_source;
 
 pub use host::HostPtrSource;
+pub use release::Releasable;
+pub use reuse::{Lease, Reuse};
 pub use simulated::{SimulatedDevice, SimulatedTensor};
 pub use tensor_source::TensorSource;
