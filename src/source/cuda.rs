@@ -181,7 +181,9 @@ impl CudaContext {
     /// thread's previous context (or none) is current again.
     pub fn enter(&self) -> Result<ContextGuard<'_>> {
         // SAFETY: `ctx` is a retained, live primary context; the guard pops it.
-        unsafe { sys::cuCtxPushCurrent_v2(self.ctx) }.result().map_err(|e| cuda_err("cuCtxPushCurrent", e))?;
+        unsafe { sys::cuCtxPushCurrent_v2(self.ctx) }
+            .result()
+            .map_err(|e| cuda_err("cuCtxPushCurrent", e))?;
         Ok(ContextGuard { _ctx: PhantomData, _not_send: PhantomData })
     }
 
@@ -344,7 +346,9 @@ impl CudaTensorSource {
         let copied = unsafe { result::memcpy_htod_sync(ptr, bytes) }
             .map_err(|e| cuda_err("cuMemcpyHtoD", e))
             // SAFETY: the context is current.
-            .and_then(|()| unsafe { sys::cuCtxSynchronize() }.result().map_err(|e| cuda_err("cuCtxSynchronize", e)));
+            .and_then(|()| {
+                unsafe { sys::cuCtxSynchronize() }.result().map_err(|e| cuda_err("cuCtxSynchronize", e))
+            });
         if let Err(e) = copied {
             // SAFETY: `ptr` was allocated above and is freed once.
             let _ = unsafe { result::free_sync(ptr) };
@@ -409,7 +413,12 @@ impl TensorSource for CudaTensorSource {
             // `from_raw`'s contract); `dst` stays borrowed until the stream is synchronized
             // below, so the asynchronous copy never outlives it.
             unsafe {
-                sys::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr().cast(), self.ptr + offset as u64, dst.len(), stream)
+                sys::cuMemcpyDtoHAsync_v2(
+                    dst.as_mut_ptr().cast(),
+                    self.ptr + offset as u64,
+                    dst.len(),
+                    stream,
+                )
             }
             .result()
             .map_err(|e| cuda_err("cuMemcpyDtoHAsync", e))?;
