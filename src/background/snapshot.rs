@@ -59,6 +59,7 @@ impl SnapshotArea {
     }
 
     /// Whether the area is registered.
+    #[cfg(test)]
     pub(super) fn is_registered(&self) -> bool {
         self.registrar.is_some()
     }

@@ -190,8 +190,7 @@ impl CudaContext {
     /// Waits for all work of this context.
     pub fn synchronize(&self) -> Result<()> {
         let _current = self.enter()?;
-        // SAFETY: the context is current (guard above).
-        unsafe { sys::cuCtxSynchronize() }.result().map_err(|e| cuda_err("cuCtxSynchronize", e))
+        sync_current()
     }
 
     /// Streams created so far (each is reused; for tests).
@@ -345,10 +344,7 @@ impl CudaTensorSource {
         // may return before the DMA lands: the context is synchronized below.
         let copied = unsafe { result::memcpy_htod_sync(ptr, bytes) }
             .map_err(|e| cuda_err("cuMemcpyHtoD", e))
-            // SAFETY: the context is current.
-            .and_then(|()| {
-                unsafe { sys::cuCtxSynchronize() }.result().map_err(|e| cuda_err("cuCtxSynchronize", e))
-            });
+            .and_then(|()| sync_current());
         if let Err(e) = copied {
             // SAFETY: `ptr` was allocated above and is freed once.
             let _ = unsafe { result::free_sync(ptr) };
@@ -380,9 +376,14 @@ impl CudaTensorSource {
         // SAFETY: the range lies inside the device memory (checked above).
         unsafe { result::memcpy_htod_sync(self.ptr + offset as u64, bytes) }
             .map_err(|e| cuda_err("cuMemcpyHtoD", e))?;
-        // SAFETY: the context is current.
-        unsafe { sys::cuCtxSynchronize() }.result().map_err(|e| cuda_err("cuCtxSynchronize", e))
+        sync_current()
     }
+}
+
+/// `cuCtxSynchronize` of the calling thread's current context (the caller entered one).
+fn sync_current() -> Result<()> {
+    // SAFETY: no arguments; waits for the current context's work.
+    unsafe { sys::cuCtxSynchronize() }.result().map_err(|e| cuda_err("cuCtxSynchronize", e))
 }
 
 impl TensorSource for CudaTensorSource {
