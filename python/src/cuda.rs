@@ -161,8 +161,10 @@ impl Gpu {
     ) -> PyResult<Arc<CudaEvent>> {
         use crate::errors::OrRaise;
         let began = SAVE_BEGAN.with(Cell::get);
-        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(began) = began {
+            // The lock is never held across a call into Python (which may let another
+            // thread take the GIL and then wait for this lock).
+            let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((_, _, event)) = events.iter().find(|(o, at, _)| *o == ordinal && *at >= began) {
                 return Ok(event.clone());
             }
@@ -178,6 +180,7 @@ impl Gpu {
         // default stream), a live stream of that device's primary context, which is `ctx`
         // (torch allocates and launches in the primary context). It is only recorded on.
         let event = Arc::new(unsafe { CudaEvent::record(ctx.clone(), stream) }.or_raise(py)?);
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
         events.retain(|(o, _, _)| *o != ordinal);
         events.push((ordinal, at, event.clone()));
         Ok(event)

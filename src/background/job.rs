@@ -97,8 +97,8 @@ impl<C: CheckpointIO + 'static> SaveJob<C> {
         let on_staged = || signal.fire();
         let outcome = catch_unwind(AssertUnwindSafe(|| match mode {
             AsyncMode::Stream => {
-                // Device sources (and what they hold: a tensor, a temporary contiguous copy)
-                // are let go of once staged, not once durable.
+                // Sources (and what they hold: a tensor, a temporary contiguous copy) are let
+                // go of once staged, not once durable.
                 let (checkpoint, releasable) = releasable_sources(checkpoint);
                 let release_then_signal = || {
                     for r in &releasable {
@@ -131,16 +131,17 @@ impl<C: CheckpointIO + 'static> SaveJob<C> {
     }
 }
 
-/// `checkpoint` with each source that copies (a device: no host bytes) wrapped in a
-/// [`Releasable`], and those wrappers, which the save releases at *staged*.
+/// `checkpoint` with each source wrapped in a [`Releasable`], and those wrappers, which the
+/// save releases at *staged*: device memory, and host memory held only for the save (the
+/// temporary contiguous or CPU copies the Python side makes), go back before the write,
+/// fsync and commit. The stream mode runs without zero-copy writes, so no write reads a
+/// source after staged.
 pub(super) fn releasable_sources(mut checkpoint: OwnedCheckpoint) -> (OwnedCheckpoint, Vec<Arc<Releasable>>) {
-    let mut releasable = Vec::new();
+    let mut releasable = Vec::with_capacity(checkpoint.tensors.len());
     for t in &mut checkpoint.tensors {
-        if t.source.host_bytes().is_none() {
-            let wrapped = Arc::new(Releasable::new(t.source.clone()));
-            t.source = wrapped.clone();
-            releasable.push(wrapped);
-        }
+        let wrapped = Arc::new(Releasable::new(t.source.clone()));
+        t.source = wrapped.clone();
+        releasable.push(wrapped);
     }
     (checkpoint, releasable)
 }
@@ -202,7 +203,9 @@ mod tests {
             ck.add(format!("t{i}"), Dtype::U8, &[200_000 + i], Arc::new(Probe { tensor, dropped }))
                 .expect("add");
         }
-        ck.add_bytes("host", Dtype::U8, &[4], vec![1u8, 2, 3, 4]).expect("add");
+        let host: Arc<dyn TensorSource> = Arc::new(vec![1u8, 2, 3, 4]);
+        let host_weak = Arc::downgrade(&host);
+        ck.add("host", Dtype::U8, &[4], host).expect("add");
         std::fs::write(dir.path().join("file"), b"not a directory").expect("file");
         let path = if parent_exists { dir.path().join("c") } else { dir.path().join("file/c") };
         let handle = io.save_checkpoint(ck, &path).expect("save");
@@ -210,6 +213,7 @@ mod tests {
         for (i, f) in flags.iter().enumerate() {
             assert!(f.load(Ordering::SeqCst), "{mode}: source {i} still held when staged resolved");
         }
+        assert!(host_weak.upgrade().is_none(), "{mode}: host source still held when staged resolved");
         let result = handle.wait();
         if parent_exists {
             result.expect("durable");
@@ -231,17 +235,21 @@ mod tests {
     }
 
     #[test]
-    fn releasable_sources_wrap_only_sources_that_copy() {
+    fn releasable_sources_are_let_go_of_at_release() {
         let mut ck = OwnedCheckpoint::new();
-        ck.add_bytes("host", Dtype::U8, &[2], vec![1u8, 2]).expect("add");
+        let host: Arc<dyn TensorSource> = Arc::new(vec![1u8, 2]);
+        let weak = Arc::downgrade(&host);
+        ck.add("host", Dtype::U8, &[2], host).expect("add");
         let device = SimulatedDevice::new(1 << 30).expect("device");
         ck.add("dev", Dtype::U8, &[10], Arc::new(device.generated(10, 1))).expect("add");
         let (ck, releasable) = releasable_sources(ck);
-        assert_eq!(releasable.len(), 1);
-        assert!(ck.tensors[0].source.host_bytes().is_some(), "host memory keeps its zero-copy path");
+        assert_eq!(releasable.len(), 2);
         let mut dst = [0u8; 10];
         ck.tensors[1].source.copy_to(0, &mut dst).expect("copy before release");
-        releasable[0].release();
+        for r in &releasable {
+            r.release();
+        }
+        assert!(weak.upgrade().is_none(), "host memory held for the save is freed at release");
         assert!(ck.tensors[1].source.copy_to(0, &mut dst).is_err(), "no read after release");
     }
 }

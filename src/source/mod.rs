@@ -6,10 +6,13 @@
 //! - host memory: `Vec<u8>`, [`bytes::Bytes`], [`crate::io::AlignedBuf`], `[u8]` (borrowed
 //!   through [`crate::checkpoint::TensorData::Host`]) and [`HostPtrSource`] (an address and
 //!   length lent by a foreign caller, `unsafe` to create);
+//! - [`Releasable`]: any source behind an `Arc`, which a background save lets go of at
+//!   *staged*; [`Reuse`]: the cache of costly handles (CUDA streams) lent one at a time;
 //! - [`SimulatedDevice`] memory ([`SimulatedTensor`]): copies to the host run on the
 //!   device's copy thread at a configured bandwidth, for tests and benchmarks of overlap;
 //! - CUDA device memory (`cuda` feature): `cuda::CudaTensorSource`, copied with
-//!   `cuMemcpyDtoHAsync` on its own stream into the staging buffers, which
+//!   `cuMemcpyDtoHAsync` on a stream its context reuses (after the producer's event, when
+//!   given) into the staging buffers, which
 //!   `cuda::CudaStaging` page-locks with `cuMemHostRegister` (through
 //!   [`crate::UringCheckpointIO::prepare_staging`]).
 //!

@@ -10,8 +10,10 @@ use crate::source::TensorSource;
 
 /// Wraps a shared source; [`Releasable::release`] drops the wrapper's reference. Reading a
 /// released source is an error (never a read of freed memory). Host memory is not handed out
-/// ([`TensorSource::host_bytes`] is `None`: a slice could outlive the release), so wrap only
-/// sources that copy (devices), for which this costs one uncontended lock per copy.
+/// ([`TensorSource::host_bytes`] is `None`: a slice could outlive the release), so host
+/// sources are copied through [`TensorSource::copy_to`] (the CRC then runs over the staging
+/// buffer just written, instead of in the same pass): use it where no zero-copy write is
+/// wanted anyway (a save that reports *staged*). Each copy takes one uncontended read lock.
 pub struct Releasable {
     inner: RwLock<Option<Arc<dyn TensorSource>>>,
     len: usize,
