@@ -341,7 +341,20 @@ print("wheel imports:", uring_ckpt.__file__, "cuda_built", e.cuda_built())' || f
   else
     echo "URING_CKPT_REQUIRE_GPU=1 fails without a GPU, as it should"
   fi
-  (cd "$root" && "$work/venv/bin/python" -m pytest -q -p no:cacheprovider python/tests/test_cuda.py -rs 2>&1 | tail -3)
+  # test_cuda.py against the CUDA wheel (no GPU: the GPU tests skip, the CUDA-build branches
+  # of the others run); torch from the repository's venv, when it has one (a PYTHONPATH entry
+  # comes first, but its .pth files, the editable install of uring_ckpt, are not read).
+  local torch_site
+  torch_site="$(ls -d "$root"/.venv/lib/python3.11/site-packages 2>/dev/null || true)"
+  if [ -n "$torch_site" ] && [ -d "$torch_site/torch" ]; then
+    (cd "$root" && PYTHONPATH="$torch_site" "$work/venv/bin/python" -c '
+import uring_ckpt, sys
+assert "/venv/lib/" in uring_ckpt.__file__ and ".venv" not in uring_ckpt.__file__, uring_ckpt.__file__' \
+      && PYTHONPATH="$torch_site" "$work/venv/bin/python" -m pytest -q -p no:cacheprovider -rs \
+        python/tests/test_cuda.py 2>&1 | tail -4) || fail=1
+  else
+    echo "no torch in $root/.venv: test_cuda.py only parsed"
+  fi
   rm -rf "$work"
   [ "$fail" = 0 ] && echo "dry-run: OK" || { echo "dry-run: FAILED"; exit 1; }
 }
