@@ -17,7 +17,8 @@
 #   target/gpu-check/MANIFEST         commit, sizes, sha256
 # target/ is ignored by git: the run tool must carry `target/gpu-check`.
 #
-# `run` (about 3-6 minutes; each step under a timeout, 8 minutes in all at most):
+# `run` (about 3-5 minutes; each step under a timeout: 90 + 120 + 220 + 30 s, so under 8 minutes
+# with the setup; the run tool should get timeout_s=540):
 #   1. the machine: nvidia-smi, a Python >= 3.11 (3.12 preferred) with torch seeing CUDA, the
 #      artifacts and their checksums;
 #   2. a venv with --system-site-packages (torch is the machine's), the wheel installed with
@@ -275,6 +276,8 @@ for line in sys.stdin:
   {
     echo "commit $(git rev-parse HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
     echo "built $(date -u +%FT%TZ)"
+    # tests/common::scratch() makes its directories under the CARGO_TARGET_TMPDIR baked in.
+    echo "scratch $(cd "${CARGO_TARGET_DIR:-target}" && pwd)/tmp"
     (cd "$out" && find . -type f ! -name MANIFEST -printf '%P\n' | sort | xargs sha256sum)
   } >"$out/MANIFEST"
   echo "== artifacts"
@@ -396,8 +399,13 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_dev
     || die "the installed extension cannot read device memory"
   export URING_CKPT_REQUIRE_GPU=1
 
-  step "Rust CUDA tests (tests/cuda.rs)" 150 "$out/cuda-tests" --test-threads=1
-  step "pytest python/tests/test_cuda.py (no skips allowed)" 150 bash -c '
+  local scratch
+  scratch="$(awk '$1 == "scratch" {print $2}' "$out/MANIFEST")"
+  if [ -n "$scratch" ] && ! mkdir -p "$scratch" 2>/dev/null; then
+    echo "warning: cannot create $scratch (the Rust tests' scratch base, fixed at build time)"
+  fi
+  step "Rust CUDA tests (tests/cuda.rs)" 90 "$out/cuda-tests" --test-threads=1
+  step "pytest python/tests/test_cuda.py (no skips allowed)" 120 bash -c '
     "$1" -m pytest -p no:cacheprovider -rs -q python/tests/test_cuda.py --junitxml="$2/junit.xml" || exit 1
     "$1" - "$2/junit.xml" <<"PY"
 import sys, xml.etree.ElementTree as ET
@@ -410,8 +418,8 @@ sys.exit(1 if skipped or not tests else 0)
 PY' _ "$vpy" "$work"
   write_checks "$work/checks.py"
   mkdir -p "$work/ckpt"
-  step "Python checks (shards, failure, device/context, ordering, 8 GiB modes)" 300 "$vpy" "$work/checks.py" "$work/ckpt"
-  step "CLI (--features cuda build) verifies the 3- and 4-shard checkpoints the GPU saved" 60 bash -c '
+  step "Python checks (shards, failure, device/context, ordering, 8 GiB modes)" 220 "$vpy" "$work/checks.py" "$work/ckpt"
+  step "CLI (--features cuda build) verifies the 3- and 4-shard checkpoints the GPU saved" 30 bash -c '
     for n in 3 4; do "$1" verify "$2/shards$n" >/dev/null || exit 1; done' _ "$out/uring-ckpt" "$work/ckpt"
 
   echo; echo "== summary ($((SECONDS - started))s)"
