@@ -22,6 +22,12 @@ cargo clippy --all-targets -- -D warnings
 step "cargo clippy --all-targets --features failpoints -- -D warnings"
 cargo clippy --all-targets --features failpoints -- -D warnings
 
+step "cargo clippy --all-targets --features cuda -- -D warnings"
+cargo clippy --all-targets --features cuda -- -D warnings
+
+step "cargo build --tests --features cuda (tests/cuda.rs compiles; it runs on a GPU: scripts/gpu-check.sh)"
+cargo build --tests --features cuda
+
 step "fuzz targets build (running them: see RELIABILITY.md)"
 cargo check --manifest-path fuzz/Cargo.toml --quiet
 

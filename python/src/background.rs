@@ -161,6 +161,7 @@ impl AsyncWriter {
     ) -> PyResult<SaveHandle> {
         let mut checkpoint = OwnedCheckpoint::new();
         let mut cuda = CudaUse::default();
+        self.gpu.begin_save();
         for entry in entries(tensors) {
             let Entry { name, dtype, shape, kind, obj } = entry?;
             let source = lend(py, &self.gpu, &kind, &obj)?;

@@ -2,15 +2,28 @@
 //! device saved from, CUDA torch tensors held for a save (or lent to a background one) as
 //! `uring_ckpt::source::cuda::CudaTensorSource`s, and the page-locking of the staging pool.
 //!
+//! Ordering: each CUDA tensor's copies wait (on the device, `cuStreamWaitEvent`) for an
+//! event recorded on `torch.cuda.current_stream(device)` when the save starts holding its
+//! tensors, so kernels queued on torch's current stream before the save (the ones that
+//! computed the tensors, the contiguous copies `flatten` made) finish before the bytes are
+//! read; work on other streams must be ordered before it as torch requires anyway
+//! (`current_stream().wait_stream(side)`). No device-wide synchronize. The caller's current
+//! CUDA context (torch's current device) is never changed: the core pushes and pops its
+//! context around every driver call.
+//!
 //! Everything that touches CUDA is behind the crate's `cuda` feature; without it [`Gpu`] is
 //! empty, refuses CUDA tensors and reports nothing page-locked.
 
 #[cfg(feature = "cuda")]
+use std::cell::Cell;
+#[cfg(feature = "cuda")]
 use std::sync::{Arc, Mutex, OnceLock};
+#[cfg(feature = "cuda")]
+use std::time::Instant;
 
 use pyo3::prelude::*;
 #[cfg(feature = "cuda")]
-use uring_ckpt::source::cuda::{CudaContext, CudaTensorSource};
+use uring_ckpt::source::cuda::{CudaContext, CudaEvent, CudaTensorSource};
 use uring_ckpt::UringCheckpointIO;
 
 /// Whether this extension was built with the `cuda` feature.
@@ -19,8 +32,9 @@ pub(crate) fn cuda_built() -> bool {
     cfg!(feature = "cuda")
 }
 
-/// Whether CUDA tensors can be saved from device memory: built with the `cuda` feature and
-/// the CUDA driver library (`libcuda.so.1`) loads. Never raises.
+/// Whether CUDA tensors can be saved from device memory: built with the `cuda` feature, the
+/// CUDA driver library (`libcuda.so.1`, the instance torch uses) loads, `cuInit` succeeds
+/// and there is a device (see `uring_ckpt::source::cuda::probe`). Never raises.
 #[pyfunction]
 pub(crate) fn cuda_available() -> bool {
     #[cfg(feature = "cuda")]
@@ -90,6 +104,17 @@ impl uring_ckpt::source::TensorSource for PyCudaSource {
     fn copy_to(&self, offset: usize, dst: &mut [u8]) -> uring_ckpt::Result<()> {
         self.memory.copy_to(offset, dst)
     }
+
+    fn host_registrar(&self) -> Option<Arc<dyn uring_ckpt::io::Registrar>> {
+        self.memory.host_registrar()
+    }
+}
+
+#[cfg(feature = "cuda")]
+thread_local! {
+    /// When the save running on this thread (the Python thread holding its tensors)
+    /// started holding them: events recorded before that do not cover its tensors.
+    static SAVE_BEGAN: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 /// The CUDA side of one writer (feature `cuda`; empty without it): the primary context of
@@ -102,31 +127,78 @@ pub(crate) struct Gpu {
     contexts: Mutex<Vec<(i32, Arc<CudaContext>)>>,
     #[cfg(feature = "cuda")]
     staging: OnceLock<PageLocked>,
+    /// Events recorded on torch's current stream of a device, with when: a save reuses one
+    /// recorded after it began (one event per device and save, not per tensor).
+    #[cfg(feature = "cuda")]
+    events: Mutex<Vec<(i32, Instant, Arc<CudaEvent>)>>,
 }
 
 /// The staging pool's registration with CUDA.
 #[cfg(feature = "cuda")]
 struct PageLocked {
-    /// The registrar (the pool unregisters each buffer before freeing it).
-    _staging: std::sync::Arc<uring_ckpt::source::cuda::CudaStaging>,
-    /// Buffers page-locked.
-    registered: usize,
+    /// The registrar (the pool unregisters each buffer before freeing it); it counts the
+    /// buffers registered now.
+    staging: std::sync::Arc<uring_ckpt::source::cuda::CudaStaging>,
 }
 
 impl Gpu {
-    /// Validates and holds a CUDA torch tensor's device memory.
+    /// Marks the start of a save on this thread: the CUDA tensors it holds next are ordered
+    /// after an event recorded from now on (see the module docs).
+    pub(crate) fn begin_save(&self) {
+        #[cfg(feature = "cuda")]
+        SAVE_BEGAN.with(|b| b.set(Some(Instant::now())));
+    }
+
+    /// An event recorded on torch's current stream of `device` (ordinal `ordinal`) since
+    /// this thread's save began, recording one if needed.
+    #[cfg(feature = "cuda")]
+    fn producer_event(
+        &self,
+        py: Python<'_>,
+        ctx: &Arc<CudaContext>,
+        ordinal: i32,
+        device: &Bound<'_, PyAny>,
+    ) -> PyResult<Arc<CudaEvent>> {
+        use crate::errors::OrRaise;
+        let began = SAVE_BEGAN.with(Cell::get);
+        if let Some(began) = began {
+            // The lock is never held across a call into Python (which may let another
+            // thread take the GIL and then wait for this lock).
+            let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, _, event)) = events.iter().find(|(o, at, _)| *o == ordinal && *at >= began) {
+                return Ok(event.clone());
+            }
+        }
+        let stream: u64 = py
+            .import("torch")?
+            .getattr("cuda")?
+            .call_method1("current_stream", (device,))?
+            .getattr("cuda_stream")?
+            .extract()?;
+        let at = Instant::now();
+        // SAFETY: `stream` is torch's current stream of device `ordinal` (0 for the legacy
+        // default stream), a live stream of that device's primary context, which is `ctx`
+        // (torch allocates and launches in the primary context). It is only recorded on.
+        let event = Arc::new(unsafe { CudaEvent::record(ctx.clone(), stream) }.or_raise(py)?);
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        events.retain(|(o, _, _)| *o != ordinal);
+        events.push((ordinal, at, event.clone()));
+        Ok(event)
+    }
+
+    /// Validates and holds a CUDA torch tensor's device memory, its copies ordered after
+    /// torch's current stream of its device.
     #[cfg(feature = "cuda")]
     pub(crate) fn hold<'py>(&self, py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<CudaTensor<'py>> {
         use crate::errors::{to_py_err, OrRaise};
-        if !cuda_available() {
-            return Err(to_py_err(
-                py,
-                uring_ckpt::Error::Unavailable("CUDA (libcuda.so.1 not found)".into()),
-            ));
+        if let Err(e) = uring_ckpt::source::cuda::probe() {
+            return Err(to_py_err(py, e));
         }
         let (address, len, storage) = crate::torch::torch_memory(py, obj, "cuda")?;
-        let ordinal: i32 = obj.getattr("device")?.getattr("index")?.extract()?;
+        let device = obj.getattr("device")?;
+        let ordinal: i32 = device.getattr("index")?.extract()?;
         let ctx = self.context(ordinal).or_raise(py)?;
+        let event = self.producer_event(py, &ctx, ordinal, &device)?;
         // SAFETY: `address`/`len` are the `data_ptr()` and `numel() * element_size()` of a
         // dense, contiguous tensor on CUDA device `ordinal` with no lazy conjugate/negative
         // bit (checked by `torch_memory`), so they are device memory of `len` bytes in that
@@ -134,12 +206,15 @@ impl Gpu {
         // returned `CudaTensor` keeps the tensor and its storage referenced, and whoever owns
         // the source (the sync save's `CudaTensor`, the async save's `PyCudaSource`) keeps
         // them so at least until the save is staged, so torch does not free (or reuse) the
-        // memory. "Unmodified": the Python side synchronizes the device before the save
-        // (pending kernels writing the tensor have finished) and hands control back only
-        // once the save no longer reads it (sync: returned; async: `staged`); a caller
-        // writing the tensor from another thread meanwhile races, as documented for the CPU
-        // path.
-        let source = unsafe { CudaTensorSource::from_raw(ctx, address as u64, len) }.or_raise(py)?;
+        // memory. "Unmodified": every copy waits for `event`, recorded on torch's current
+        // stream of the device after the tensor was produced (kernels queued there before,
+        // the contiguous copies of `flatten` included, finish first), and the Python side
+        // hands control back only once the save no longer reads it (sync: returned; async:
+        // `staged`); work on another stream not ordered before torch's current stream, or a
+        // caller writing the tensor from another thread meanwhile, races, as documented.
+        let source = unsafe { CudaTensorSource::from_raw(ctx, address as u64, len) }
+            .and_then(|s| s.after(event))
+            .or_raise(py)?;
         Ok(CudaTensor { source, keep: [obj.clone(), storage] })
     }
 
@@ -188,9 +263,10 @@ impl Gpu {
                     let staging = std::sync::Arc::new(CudaStaging::new(ctx));
                     let registration = io.prepare_staging(staging.clone());
                     refused = registration.first_error.map(|e| e.to_string());
-                    PageLocked { _staging: staging, registered: registration.registered }
+                    PageLocked { staging }
                 })
-                .registered
+                .staging
+                .registered()
         });
         if !ran {
             return;
@@ -211,11 +287,12 @@ impl Gpu {
     #[cfg(not(feature = "cuda"))]
     pub(crate) fn prepare_staging(&self, _py: Python<'_>, _io: &UringCheckpointIO) {}
 
-    /// Staging buffers page-locked so far (0 until a CUDA tensor was saved).
+    /// Staging buffers page-locked now (0 until a CUDA tensor was saved): the registrar's
+    /// live count, so buffers the pool added or freed since are counted as they are.
     pub(crate) fn page_locked(&self) -> usize {
         #[cfg(feature = "cuda")]
         {
-            self.staging.get().map_or(0, |s| s.registered)
+            self.staging.get().map_or(0, |s| s.staging.registered())
         }
         #[cfg(not(feature = "cuda"))]
         {

@@ -52,7 +52,7 @@ impl Writer {
 
     /// Saves `tensors` (a list of `(name, dtype, shape, kind, obj)`, `kind` being `"torch"`
     /// for a contiguous CPU torch tensor, `"cuda"` for a contiguous CUDA torch tensor (feature
-    /// `cuda`; synchronize its device first) or `"buffer"` for a C-contiguous buffer of its
+    /// `cuda`; its copies are ordered after torch's current stream of its device) or `"buffer"` for a C-contiguous buffer of its
     /// bytes), `extra_files` (`(name, bytes)`) and string `metadata` as a committed checkpoint
     /// at `path`. Returns the save report as JSON (with `cuda_tensors` and `cuda_bytes`). No
     /// tensor bytes are copied in Python or here; CUDA tensors are copied from the device
@@ -69,6 +69,7 @@ impl Writer {
         let mut specs: Vec<(String, Dtype, Vec<u64>)> = Vec::with_capacity(tensors.len());
         let mut held: Vec<Held<'_>> = Vec::with_capacity(tensors.len());
         let mut cuda = CudaUse::default();
+        self.gpu.begin_save();
         for entry in entries(tensors) {
             let Entry { name, dtype, shape, kind, obj } = entry?;
             specs.push((name, dtype, shape));

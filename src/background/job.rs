@@ -11,13 +11,13 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use super::completion::{lock, Completion};
 use super::owned::OwnedCheckpoint;
-use super::snapshot::snapshot_save;
+use super::snapshot::{snapshot_save, SnapshotArea};
 use crate::checkpoint::SaveReport;
 use crate::checkpoint_io::CheckpointIO;
 use crate::config::AsyncMode;
 use crate::error::{Error, Result};
-use crate::io::AlignedBuf;
 use crate::report::StagedSignal;
+use crate::source::Releasable;
 
 /// State shared by the wrapper, its save threads and the handles.
 pub(super) struct Shared {
@@ -33,8 +33,8 @@ pub(super) struct State {
     /// Errors of saves whose `Durable` was dropped unobserved.
     pub(super) unobserved: Vec<Error>,
     pub(super) threads: Vec<JoinHandle<()>>,
-    /// Snapshot areas kept for reuse.
-    pub(super) snapshots: Vec<AlignedBuf>,
+    /// Snapshot areas kept for reuse (each unregisters itself before it is freed).
+    pub(super) snapshots: Vec<SnapshotArea>,
 }
 
 impl Shared {
@@ -97,7 +97,17 @@ impl<C: CheckpointIO + 'static> SaveJob<C> {
         let on_staged = || signal.fire();
         let outcome = catch_unwind(AssertUnwindSafe(|| match mode {
             AsyncMode::Stream => {
-                let result = inner.save_checkpoint_staged(&checkpoint.as_checkpoint(), &path, &on_staged);
+                // Sources (and what they hold: a tensor, a temporary contiguous copy) are let
+                // go of once staged, not once durable.
+                let (checkpoint, releasable) = releasable_sources(checkpoint);
+                let release_then_signal = || {
+                    for r in &releasable {
+                        r.release();
+                    }
+                    on_staged();
+                };
+                let result =
+                    inner.save_checkpoint_staged(&checkpoint.as_checkpoint(), &path, &release_then_signal);
                 drop(checkpoint);
                 result
             }
@@ -106,7 +116,7 @@ impl<C: CheckpointIO + 'static> SaveJob<C> {
         let result = outcome.unwrap_or_else(|_| {
             Err(Error::Internal(format!("the thread saving {} panicked", path.display())))
         });
-        on_staged(); // whatever happened, nothing reads the sources any more
+        on_staged(); // whatever happened, nothing reads the sources any more (dropped above)
         let result = result.map(|mut report| {
             report.finish(called, signal.seconds());
             report
@@ -118,5 +128,128 @@ impl<C: CheckpointIO + 'static> SaveJob<C> {
             lock(&shared.state).unobserved.push(err);
         }
         drop(claim);
+    }
+}
+
+/// `checkpoint` with each source wrapped in a [`Releasable`], and those wrappers, which the
+/// save releases at *staged*: device memory, and host memory held only for the save (the
+/// temporary contiguous or CPU copies the Python side makes), go back before the write,
+/// fsync and commit. The stream mode runs without zero-copy writes, so no write reads a
+/// source after staged.
+pub(super) fn releasable_sources(mut checkpoint: OwnedCheckpoint) -> (OwnedCheckpoint, Vec<Arc<Releasable>>) {
+    let mut releasable = Vec::with_capacity(checkpoint.tensors.len());
+    for t in &mut checkpoint.tensors {
+        let wrapped = Arc::new(Releasable::new(t.source.clone()));
+        t.source = wrapped.clone();
+        releasable.push(wrapped);
+    }
+    (checkpoint, releasable)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use crate::background::{AsyncCheckpointIO, AsyncOptions, OwnedCheckpoint};
+    use crate::checkpoint_io::{LoadOptions, UringCheckpointIO};
+    use crate::config::{AsyncMode, Config};
+    use crate::format::Dtype;
+    use crate::source::{SimulatedDevice, SimulatedTensor, TensorSource};
+
+    use super::*;
+
+    /// A simulated device tensor that says when it is dropped.
+    struct Probe {
+        tensor: SimulatedTensor,
+        dropped: Arc<AtomicBool>,
+    }
+
+    impl TensorSource for Probe {
+        fn len(&self) -> usize {
+            self.tensor.len()
+        }
+        fn host_bytes(&self) -> Option<&[u8]> {
+            None
+        }
+        fn copy_to(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+            self.tensor.copy_to(offset, dst)
+        }
+    }
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn save_with_probes(mode: AsyncMode, parent_exists: bool) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config =
+            Config::builder().chunk_size(1 << 16).staging_pool_size(1 << 18).build().expect("config");
+        let io = AsyncCheckpointIO::new(
+            UringCheckpointIO::new(config).expect("io"),
+            AsyncOptions { mode, max_saves_in_flight: 1 },
+        )
+        .expect("async io");
+        let device = SimulatedDevice::new(4 << 30).expect("device");
+        let mut ck = OwnedCheckpoint::new();
+        let mut flags = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..3u64 {
+            let tensor = device.generated(200_000 + i as usize, i);
+            expected.push(tensor.to_host().expect("to host"));
+            let dropped = Arc::new(AtomicBool::new(false));
+            flags.push(dropped.clone());
+            ck.add(format!("t{i}"), Dtype::U8, &[200_000 + i], Arc::new(Probe { tensor, dropped }))
+                .expect("add");
+        }
+        let host: Arc<dyn TensorSource> = Arc::new(vec![1u8, 2, 3, 4]);
+        let host_weak = Arc::downgrade(&host);
+        ck.add("host", Dtype::U8, &[4], host).expect("add");
+        std::fs::write(dir.path().join("file"), b"not a directory").expect("file");
+        let path = if parent_exists { dir.path().join("c") } else { dir.path().join("file/c") };
+        let handle = io.save_checkpoint(ck, &path).expect("save");
+        handle.staged().wait();
+        for (i, f) in flags.iter().enumerate() {
+            assert!(f.load(Ordering::SeqCst), "{mode}: source {i} still held when staged resolved");
+        }
+        assert!(host_weak.upgrade().is_none(), "{mode}: host source still held when staged resolved");
+        let result = handle.wait();
+        if parent_exists {
+            result.expect("durable");
+            let loaded = io.load_checkpoint(&path, &LoadOptions::default()).expect("load");
+            for (i, bytes) in expected.iter().enumerate() {
+                assert!(loaded.get(&format!("t{i}")).expect("tensor").data[..] == bytes[..], "t{i}");
+            }
+        } else {
+            assert!(result.is_err(), "a save beneath a regular file fails");
+        }
+    }
+
+    #[test]
+    fn device_sources_are_released_when_staged_not_when_durable() {
+        for mode in [AsyncMode::Stream, AsyncMode::Snapshot] {
+            save_with_probes(mode, true);
+            save_with_probes(mode, false);
+        }
+    }
+
+    #[test]
+    fn releasable_sources_are_let_go_of_at_release() {
+        let mut ck = OwnedCheckpoint::new();
+        let host: Arc<dyn TensorSource> = Arc::new(vec![1u8, 2]);
+        let weak = Arc::downgrade(&host);
+        ck.add("host", Dtype::U8, &[2], host).expect("add");
+        let device = SimulatedDevice::new(1 << 30).expect("device");
+        ck.add("dev", Dtype::U8, &[10], Arc::new(device.generated(10, 1))).expect("add");
+        let (ck, releasable) = releasable_sources(ck);
+        assert_eq!(releasable.len(), 2);
+        let mut dst = [0u8; 10];
+        ck.tensors[1].source.copy_to(0, &mut dst).expect("copy before release");
+        for r in &releasable {
+            r.release();
+        }
+        assert!(weak.upgrade().is_none(), "host memory held for the save is freed at release");
+        assert!(ck.tensors[1].source.copy_to(0, &mut dst).is_err(), "no read after release");
     }
 }

@@ -6,10 +6,13 @@
 //! - host memory: `Vec<u8>`, [`bytes::Bytes`], [`crate::io::AlignedBuf`], `[u8]` (borrowed
 //!   through [`crate::checkpoint::TensorData::Host`]) and [`HostPtrSource`] (an address and
 //!   length lent by a foreign caller, `unsafe` to create);
+//! - [`Releasable`]: any source behind an `Arc`, which a background save lets go of at
+//!   *staged*; [`Reuse`]: the cache of costly handles (CUDA streams) lent one at a time;
 //! - [`SimulatedDevice`] memory ([`SimulatedTensor`]): copies to the host run on the
 //!   device's copy thread at a configured bandwidth, for tests and benchmarks of overlap;
 //! - CUDA device memory (`cuda` feature): `cuda::CudaTensorSource`, copied with
-//!   `cuMemcpyDtoHAsync` on its own stream into the staging buffers, which
+//!   `cuMemcpyDtoHAsync` on a stream its context reuses (after the producer's event, when
+//!   given) into the staging buffers, which
 //!   `cuda::CudaStaging` page-locks with `cuMemHostRegister` (through
 //!   [`crate::UringCheckpointIO::prepare_staging`]).
 //!
@@ -35,9 +38,13 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod host;
+pub mod release;
+pub mod reuse;
 pub mod simulated;
 pub mod tensor_source;
 
 pub use host::HostPtrSource;
+pub use release::Releasable;
+pub use reuse::{Lease, Reuse};
 pub use simulated::{SimulatedDevice, SimulatedTensor};
 pub use tensor_source::TensorSource;

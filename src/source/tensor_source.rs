@@ -1,6 +1,9 @@
 //! `TensorSource`: the bytes behind one tensor, wherever they live.
 
+use std::sync::Arc;
+
 use crate::error::Result;
+use crate::io::Registrar;
 
 /// The bytes of one tensor. Host memory hands out a slice (so the writer can send it to disk
 /// without a copy); other memory (a device) copies ranges into the writer's staging buffers.
@@ -19,6 +22,14 @@ pub trait TensorSource: Send + Sync {
     /// Copies bytes `[offset, offset + dst.len())` of the tensor into `dst` (a staging
     /// buffer). Called in increasing offset order, one staging chunk at a time.
     fn copy_to(&self, offset: usize, dst: &mut [u8]) -> Result<()>;
+
+    /// A registrar that makes host memory faster to copy into from this source (for CUDA
+    /// memory: page-locking with `cuMemHostRegister`), for host areas that are filled from it
+    /// again and again (the snapshot area of `background`). `None` (the default) for sources
+    /// that gain nothing from it.
+    fn host_registrar(&self) -> Option<Arc<dyn Registrar>> {
+        None
+    }
 }
 
 impl TensorSource for [u8] {

@@ -43,8 +43,8 @@ def cuda_direct() -> bool:
 @dataclass
 class TensorEntry:
     """One tensor to save: its bytes are ``obj`` (a contiguous CPU torch tensor when ``kind``
-    is ``"torch"``, a contiguous CUDA torch tensor, its device synchronized, when it is
-    ``"cuda"``, a C-contiguous uint8 numpy view when it is ``"buffer"``)."""
+    is ``"torch"``, a contiguous CUDA torch tensor when it is ``"cuda"`` (read after torch's
+    current stream of its device), a C-contiguous uint8 numpy view when it is ``"buffer"``)."""
 
     name: str
     dtype: str
@@ -65,7 +65,7 @@ class Flattened:
     copied_bytes: int
     """Bytes copied to make tensors contiguous or move them to the CPU."""
     cuda_devices: list[Any] = field(default_factory=list)
-    """CUDA devices of the ``"cuda"`` entries (synchronized by :func:`flatten`)."""
+    """CUDA devices of the ``"cuda"`` entries."""
 
 
 class _Namer:
@@ -203,15 +203,13 @@ def flatten(state: Any) -> Flattened:
     caller's tensors where they are contiguous CPU memory (no copy): a snapshot, when one is
     wanted, is the Rust side's (``AsyncSaver``'s ``snapshot`` mode).
 
-    The devices of ``"cuda"`` entries are synchronized before this returns: the save reads
-    device memory on a stream of its own, so kernels queued on torch's streams (the ones
-    that computed the tensors, or made them contiguous here) must have finished."""
+    Nothing is synchronized here: the Rust side orders its device-to-host copies of
+    ``"cuda"`` entries after an event it records on ``torch.cuda.current_stream(device)``
+    when the save starts, so kernels queued on torch's current stream (the ones that
+    computed the tensors, or made them contiguous here) finish first without stalling the
+    host. Work on other streams must be ordered before the current stream first
+    (``torch.cuda.current_stream().wait_stream(side)``), as torch requires for any consumer."""
     buf = io.BytesIO()
     pickler = _Flattener(buf, state)
     pickler.dump(state)
-    devices = list(pickler.cuda_devices.values())
-    if devices:
-        torch = _torch()
-        for device in devices:
-            torch.cuda.synchronize(device)
-    return Flattened(pickler.entries, buf.getvalue(), pickler.copied, devices)
+    return Flattened(pickler.entries, buf.getvalue(), pickler.copied, list(pickler.cuda_devices.values()))
