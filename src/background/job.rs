@@ -131,14 +131,18 @@ impl<C: CheckpointIO + 'static> SaveJob<C> {
     }
 }
 
-/// `checkpoint` with each source wrapped in a [`Releasable`], and those wrappers, which the
-/// save releases at *staged*: device memory, and host memory held only for the save (the
-/// temporary contiguous or CPU copies the Python side makes), go back before the write,
-/// fsync and commit. The stream mode runs without zero-copy writes, so no write reads a
-/// source after staged.
+/// `checkpoint` with each device source (one without host bytes) wrapped in a
+/// [`Releasable`], and those wrappers, which the save releases at *staged*: device memory
+/// goes back before the write, fsync and commit. The stream mode runs without zero-copy
+/// writes, so no write reads a source after staged. Host sources are left as they are: a
+/// wrapper would hide their bytes and turn the one-pass copy + CRC into a copy and a second
+/// CRC pass.
 pub(super) fn releasable_sources(mut checkpoint: OwnedCheckpoint) -> (OwnedCheckpoint, Vec<Arc<Releasable>>) {
     let mut releasable = Vec::with_capacity(checkpoint.tensors.len());
     for t in &mut checkpoint.tensors {
+        if t.source.host_bytes().is_some() {
+            continue;
+        }
         let wrapped = Arc::new(Releasable::new(t.source.clone()));
         t.source = wrapped.clone();
         releasable.push(wrapped);
@@ -213,8 +217,13 @@ mod tests {
         for (i, f) in flags.iter().enumerate() {
             assert!(f.load(Ordering::SeqCst), "{mode}: source {i} still held when staged resolved");
         }
-        assert!(host_weak.upgrade().is_none(), "{mode}: host source still held when staged resolved");
+        if mode == AsyncMode::Snapshot {
+            assert!(host_weak.upgrade().is_none(), "{mode}: host source still held when staged resolved");
+        }
         let result = handle.wait();
+        // Stream mode keeps host sources (their bytes go straight into the one-pass copy +
+        // CRC) until the save returns; then they are let go of too.
+        assert!(host_weak.upgrade().is_none(), "{mode}: host source still held after the save");
         if parent_exists {
             result.expect("durable");
             let loaded = io.load_checkpoint(&path, &LoadOptions::default()).expect("load");
@@ -235,7 +244,7 @@ mod tests {
     }
 
     #[test]
-    fn releasable_sources_are_let_go_of_at_release() {
+    fn device_sources_are_let_go_of_at_release_host_sources_stay_direct() {
         let mut ck = OwnedCheckpoint::new();
         let host: Arc<dyn TensorSource> = Arc::new(vec![1u8, 2]);
         let weak = Arc::downgrade(&host);
@@ -243,13 +252,14 @@ mod tests {
         let device = SimulatedDevice::new(1 << 30).expect("device");
         ck.add("dev", Dtype::U8, &[10], Arc::new(device.generated(10, 1))).expect("add");
         let (ck, releasable) = releasable_sources(ck);
-        assert_eq!(releasable.len(), 2);
+        assert_eq!(releasable.len(), 1, "only the device source is wrapped");
+        assert!(ck.tensors[0].source.host_bytes().is_some(), "host bytes stay visible: one-pass copy + CRC");
         let mut dst = [0u8; 10];
         ck.tensors[1].source.copy_to(0, &mut dst).expect("copy before release");
         for r in &releasable {
             r.release();
         }
-        assert!(weak.upgrade().is_none(), "host memory held for the save is freed at release");
+        assert!(weak.upgrade().is_some(), "host memory is the caller's, held by the checkpoint");
         assert!(ck.tensors[1].source.copy_to(0, &mut dst).is_err(), "no read after release");
     }
 }

@@ -31,7 +31,8 @@ class Buffer:
 
 _TensorEntry: TypeAlias = tuple[str, str, list[int], str, Any]
 """``(name, safetensors dtype, shape, kind, obj)``: ``kind`` ``"torch"`` (a contiguous CPU
-torch tensor), ``"cuda"`` (a contiguous CUDA torch tensor, its device synchronized; needs
+torch tensor), ``"cuda"`` (a contiguous CUDA torch tensor, copied after the work queued on torch's
+current stream of its device; needs
 ``cuda_available()``) or ``"buffer"`` (a C-contiguous buffer of the tensor's bytes)."""
 
 class Writer:

@@ -14,8 +14,9 @@ quantized, sparse) and tensor subclasses stay in the pickle, as ``pickle`` write
 
 CUDA tensors are saved from device memory (entry kind ``"cuda"``) when the extension was
 built with its ``cuda`` feature and the CUDA driver loads (``_uring_ckpt.cuda_available()``):
-they are made contiguous on their device, the device is synchronized, and the Rust side
-copies them chunk by chunk into its staging buffers. Otherwise they are copied to the CPU
+they are made contiguous on their device, an event is recorded on torch's current stream
+of that device, and the Rust side waits for it on its own streams before it copies them
+chunk by chunk into its staging buffers. Otherwise they are copied to the CPU
 here (``.to("cpu")``), and the ``uring_ckpt`` logger says why, once.
 
 Modules: :mod:`._format` (file and key names, dtype tables), :mod:`._flatten` (the save
