@@ -6,17 +6,21 @@
 # average taken before each figure (the machine may be shared with other builds).
 #
 #   sudo scripts/engine-ab.sh [--size 2GiB] [--rounds 3] [--repeat 3] [--engines uring,pwrite]
-#                             [--bin target/release/uring-ckpt] [--out DIR] [--keep-fs]
+#                             [--layout llama|mixed|gpt2] [--bin target/release/uring-ckpt]
+#                             [--out DIR] [--keep-fs]
 #
 # Brings up scripts/fastdev.sh's XFS (6GiB) when it is not up and takes it down afterwards
 # (unless --keep-fs, or it was up already). Writes OUT/engine-ab.json (every figure) and
-# OUT/engine-ab.txt (the summary); OUT defaults to target/engine-ab.
+# OUT/engine-ab.txt (the summary); OUT defaults to target/engine-ab. --layout mixed is what
+# `uring-ckpt save --synthetic` writes: unaligned tensors, so every byte is staged (copy+CRC);
+# llama (the bench's default) goes to disk almost entirely zero-copy.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 size="2GiB"
 rounds=3
 repeat=3
 engines="uring,pwrite"
+layout="llama"
 bin="$root/target/release/uring-ckpt"
 out="$root/target/engine-ab"
 keep_fs=""
@@ -26,10 +30,11 @@ while [ $# -gt 0 ]; do
     --rounds) rounds="$2"; shift 2 ;;
     --repeat) repeat="$2"; shift 2 ;;
     --engines) engines="$2"; shift 2 ;;
+    --layout) layout="$2"; shift 2 ;;
     --bin) bin="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --keep-fs) keep_fs=1; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -74,7 +79,7 @@ for r in $(seq 1 "$rounds"); do
   fi
   for e in "${list[@]}"; do
     la="$(loadavg)"
-    "$bin" --engine "$e" bench --size "$size" --repeat "$repeat" --dir "$work" \
+    "$bin" --engine "$e" bench --size "$size" --layout "$layout" --repeat "$repeat" --dir "$work" \
       --json "$raw/bench-$e-$r.json" >"$raw/bench-$e-$r.txt" 2>&1 \
       || { cat "$raw/bench-$e-$r.txt" >&2; exit 1; }
     echo "$la" >"$raw/bench-$e-$r.load"
