@@ -16,6 +16,44 @@ use crate::error::{Error, Result};
 /// Transient errors (EINTR/EAGAIN/EBUSY) tolerated for one piece before giving up.
 const MAX_RETRIES: u32 = 64;
 
+/// Reads at least this large fault their destination in on a helper thread (see
+/// [`prefault`]); below it a thread costs more than it saves.
+const PREFAULT_MIN: usize = 32 << 20;
+
+/// Bytes the helper thread faults in per `madvise` call.
+const PREFAULT_STEP: usize = 8 << 20;
+
+/// Faults in the pages of `[start, start + len)` in order, ahead of the reads, until done or
+/// `stop` is set. A fresh destination (a load's new tensors) is otherwise faulted in, page by
+/// page and zeroed, by the thread that submits the reads (inside `io_uring_enter`), serially
+/// with them: on the RAM-backed XFS that zeroing was 85% of a load's CPU samples (the pwrite
+/// pool spreads it over its threads). `MADV_POPULATE_WRITE` only maps and zeroes pages not
+/// yet present and leaves the contents of present ones alone, so racing with the reads that
+/// land there is harmless. Best effort: a kernel without it (before 5.14) or a mapping that
+/// refuses it stops here, and the reads fault the rest in themselves.
+fn prefault(start: usize, len: usize, stop: &std::sync::atomic::AtomicBool) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::sync::atomic::Ordering;
+        let page = 4096usize;
+        let mut at = start & !(page - 1);
+        let end = start + len;
+        while at < end && !stop.load(Ordering::Relaxed) {
+            let n = PREFAULT_STEP.min(end - at);
+            // SAFETY: the range lies in memory mapped for the caller's destination (rounded
+            // down to its first page, which holds destination bytes); POPULATE_WRITE changes
+            // no byte of it, it only populates page tables as a write fault would.
+            let rc = unsafe { libc::madvise(at as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
+            if rc != 0 {
+                return;
+            }
+            at += n;
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (start, len, stop);
+}
+
 /// One request handed to an engine: read `len` bytes at `offset` of the file into `dst`.
 ///
 /// `dst..dst + len` lies inside the destination of the [`Reader::read_at`] call that made
@@ -212,9 +250,26 @@ impl<E: ReadEngine> Reader for EngineReader<E> {
         let span = if direct { round_up(len, self.report.align) } else { len };
         check_read(&open.path, dst, offset, len, span, open.len, self.limits.mem_align)?;
         let mut pieces = pieces(offset, span, self.limits.piece_len, open.len, direct);
+        let base = dst.as_mut_ptr();
+        let (engine, limits, stats) = (&mut self.engine, &self.limits, &mut self.stats);
         // Every request points into `dst`, which stays borrowed here until `run` has seen
-        // every piece come back (it does not return before that, even on error).
-        run(&mut self.engine, &self.limits, &mut self.stats, open, dst.as_mut_ptr(), &mut pieces)?;
+        // every piece come back (it does not return before that, even on error). The helper
+        // only gets its address, and is joined before `dst` is touched again.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let outcome = std::thread::scope(|scope| {
+            if span >= PREFAULT_MIN {
+                let stop = &stop;
+                let addr = base as usize;
+                // Without the helper (no thread to be had) the reads fault the pages themselves.
+                let _ = std::thread::Builder::new()
+                    .name("uring-ckpt-prefault".into())
+                    .spawn_scoped(scope, move || prefault(addr, span, stop));
+            }
+            let outcome = run(engine, limits, stats, open, base, &mut pieces);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            outcome
+        });
+        outcome?;
         zero_past_eof(dst, offset, span, open.len);
         Ok(())
     }
