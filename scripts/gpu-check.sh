@@ -8,7 +8,8 @@
 #   scripts/gpu-check.sh run        # there, from the repository root: runs the checks
 #
 # `build` writes (debug info stripped; total printed, well under the 64 MiB a run may carry):
-#   target/gpu-check/cuda-tests       tests/cuda.rs, `cargo test --release --features cuda`
+#   target/gpu-check/cuda-tests       the `it` test binary (`cargo test --release --features cuda`),
+#                                     run with the filter `cuda::` (tests/it/cuda.rs)
 #   target/gpu-check/uring-ckpt       the CLI, `--release --features cuda`
 #   target/gpu-check/wheels/*.whl     the extension, an abi3 wheel for CPython >= 3.11
 #                                     (`maturin build --release --features cuda,pyo3/abi3-py311`),
@@ -250,19 +251,21 @@ build() {
   rm -rf "$out" && mkdir -p "$out/wheels"
   echo "== cuda test binary (release, --features cuda)"
   local exe
-  exe="$(cargo test --release --features cuda --no-run --test cuda --message-format=json 2>/dev/null \
+  exe="$(cargo test --release --features cuda --no-run --test it --message-format=json 2>/dev/null \
     | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "it":
         print(m["executable"])')" || die "cargo test --no-run failed"
-  [ -n "$exe" ] || die "no test executable for tests/cuda.rs"
+  [ -n "$exe" ] || die "no test executable for tests/it (tests/it/cuda.rs)"
   cp "$exe" "$out/cuda-tests" && strip --strip-debug "$out/cuda-tests"
   echo "== CLI (release, --features cuda)"
   cargo build --release --features cuda --bin uring-ckpt --quiet || die "CLI build failed"
   cp "${CARGO_TARGET_DIR:-target}/release/uring-ckpt" "$out/uring-ckpt" && strip --strip-debug "$out/uring-ckpt"
   echo "== abi3 wheel (CPython >= 3.11, --features cuda)"
   local py="${PYO3_PYTHON:-}"
+  # The repository's venv (scripts/test-python.sh makes it, with maturin) first.
+  [ -n "$py" ] || { [ -x "$root/.venv/bin/maturin" ] && py="$root/.venv/bin/python"; }
   [ -n "$py" ] || py="$(command -v python3.11 || command -v python3)"
   local maturin
   maturin="$(command -v maturin || echo "$(dirname "$py")/maturin")"
@@ -336,10 +339,10 @@ print("wheel imports:", uring_ckpt.__file__, "cuda_built", e.cuda_built())' || f
   "$work/venv/bin/python" -m py_compile "$work/checks.py" "$root/python/tests/test_cuda.py" && echo "checks.py and test_cuda.py parse" || fail=1
   bash -n "$0" && echo "gpu-check.sh parses" || fail=1
   "$out/uring-ckpt" --help >/dev/null && echo "CLI runs" || fail=1
-  "$out/cuda-tests" --list 2>/dev/null | grep -c ': test' | xargs echo "cuda tests listed:" || fail=1
+  "$out/cuda-tests" cuda:: --list 2>/dev/null | grep -c ': test' | xargs echo "cuda tests listed:" || fail=1
   # Without a GPU the Rust CUDA tests must skip, and must fail when a GPU is required.
-  "$out/cuda-tests" -q >/dev/null 2>&1 && echo "cuda tests pass (skip) without a GPU" || fail=1
-  if URING_CKPT_REQUIRE_GPU=1 "$out/cuda-tests" -q >/dev/null 2>&1; then
+  "$out/cuda-tests" cuda:: -q >/dev/null 2>&1 && echo "cuda tests pass (skip) without a GPU" || fail=1
+  if URING_CKPT_REQUIRE_GPU=1 "$out/cuda-tests" cuda:: -q >/dev/null 2>&1; then
     echo "FAIL: URING_CKPT_REQUIRE_GPU=1 did not fail without a GPU"; fail=1
   else
     echo "URING_CKPT_REQUIRE_GPU=1 fails without a GPU, as it should"
@@ -404,7 +407,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_dev
   if [ -n "$scratch" ] && ! mkdir -p "$scratch" 2>/dev/null; then
     echo "warning: cannot create $scratch (the Rust tests' scratch base, fixed at build time)"
   fi
-  step "Rust CUDA tests (tests/cuda.rs)" 90 "$out/cuda-tests" --test-threads=1
+  step "Rust CUDA tests (tests/it/cuda.rs)" 90 "$out/cuda-tests" cuda:: --test-threads=1
   step "pytest python/tests/test_cuda.py (no skips allowed)" 120 bash -c '
     "$1" -m pytest -p no:cacheprovider -rs -q python/tests/test_cuda.py --junitxml="$2/junit.xml" || exit 1
     "$1" - "$2/junit.xml" <<"PY"
