@@ -248,29 +248,7 @@ fn kill_child() {
     let mut config = config(engine);
     config.replace_existing = true;
     let io = UringCheckpointIO::new(config).expect("config");
-    loop {
-        // SAFETY: getppid has no preconditions.
-        if unsafe { libc::getppid() } != parent {
-            // The test that started us is gone (killed): stop instead of saving forever.
-            std::process::exit(0);
-        }
-        let step = newest_step(&dir) + 1;
-        let path = dir.join(format!("step-{step}"));
-        if let Err(e) = io.save_checkpoint(&step_data(step).checkpoint(), &path) {
-            eprintln!("save failed: {e}");
-            std::process::exit(4);
-        }
-        retention::set_latest(&path).expect("latest");
-        retention::keep_last(&dir, 2).expect("keep_last");
-    }
-}
-
-fn newest_step(dir: &Path) -> u64 {
-    retention::list_committed(dir)
-        .expect("list")
-        .last()
-        .and_then(|p| p.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok())
-        .unwrap_or(0)
+    reliability::save_steps_until_killed(&io, &dir, 2, Some(parent), step_data)
 }
 
 fn step_data(step: u64) -> Data {
@@ -340,7 +318,7 @@ fn killed_saves(lfs: &LoopFs) {
             }
         }
         // The next save of a path clears the temporary directory a killed save of it left.
-        let step = newest_step(&dir) + 1;
+        let step = reliability::newest_step(&dir) + 1;
         let io = UringCheckpointIO::new(config.clone()).expect("config");
         let path = dir.join(format!("step-{step}"));
         // Named as an unfinished save of a process that is gone (the last child killed).
@@ -355,7 +333,7 @@ fn killed_saves(lfs: &LoopFs) {
             entries(&dir)
         );
     }
-    println!("{name}: {killed} saves killed, newest step {}", newest_step(&dir));
+    println!("{name}: {killed} saves killed, newest step {}", reliability::newest_step(&dir));
     fs::remove_dir_all(&dir).expect("rm");
 }
 

@@ -6,13 +6,13 @@ use crate::common;
 use crate::reliability;
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{entries, files_of, scratch};
 use reliability::loopfs::LoopFs;
-use reliability::{fault_config, no_core_dumps, temp_dirs, Data};
+use reliability::{fault_config, newest_step, no_core_dumps, temp_dirs, Data};
 use uring_ckpt::config::EngineKind;
 use uring_ckpt::{retention, CheckpointIO, Error, UringCheckpointIO};
 
@@ -101,24 +101,9 @@ fn kill_child() {
     let Ok(dir) = std::env::var("KILL_DIR") else { return };
     let dir = PathBuf::from(dir);
     let io = UringCheckpointIO::new(fault_config(EngineKind::Uring)).expect("config");
-    loop {
-        let step = newest_step(&dir) + 1;
-        let path = dir.join(format!("step-{step}"));
-        if let Err(e) = io.save_checkpoint(&step_data(step).checkpoint(), &path) {
-            eprintln!("save failed: {e}");
-            std::process::exit(4);
-        }
-        retention::set_latest(&path).expect("latest");
-        retention::keep_last(&dir, 3).expect("keep_last");
-    }
-}
-
-fn newest_step(dir: &Path) -> u64 {
-    retention::list_committed(dir)
-        .expect("list")
-        .last()
-        .and_then(|p| p.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok())
-        .unwrap_or(0)
+    // Stops by itself if the test that started it is gone.
+    let parent = std::env::var("KILL_PARENT").ok().and_then(|p| p.parse().ok());
+    reliability::save_steps_until_killed(&io, &dir, 3, parent, step_data)
 }
 
 fn step_data(step: u64) -> Data {
@@ -142,6 +127,7 @@ fn saves_killed_at_random_moments_leave_the_latest_valid_checkpoint() {
         let mut cmd = Command::new(&exe);
         cmd.args(["--exact", &child_test, "--nocapture", "--test-threads=1"])
             .env("KILL_DIR", dir.path())
+            .env("KILL_PARENT", std::process::id().to_string())
             .stdout(Stdio::null());
         no_core_dumps(&mut cmd);
         let mut child = cmd.spawn().expect("spawn");

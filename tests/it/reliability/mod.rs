@@ -122,3 +122,39 @@ pub fn temp_dirs(dir: &Path) -> Vec<PathBuf> {
         .map(|n| dir.join(n))
         .collect()
 }
+
+/// The newest `step-<n>` checkpoint committed in `dir` (0 when there is none).
+pub fn newest_step(dir: &Path) -> u64 {
+    uring_ckpt::retention::list_committed(dir)
+        .expect("list")
+        .last()
+        .and_then(|p| p.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What a child process of a kill test does until it is killed: save `step-<n+1>` after the
+/// newest one, point `latest` at it and keep the last `keep`, forever. It stops by itself
+/// (exit 0) once `parent` (when given) is no longer its parent, so a killed test run leaves
+/// no saver behind; a failed save exits 4.
+pub fn save_steps_until_killed(
+    io: &UringCheckpointIO,
+    dir: &Path,
+    keep: usize,
+    parent: Option<i32>,
+    data: impl Fn(u64) -> Data,
+) -> ! {
+    loop {
+        // SAFETY: getppid has no preconditions.
+        if parent.is_some_and(|p| unsafe { libc::getppid() } != p) {
+            std::process::exit(0);
+        }
+        let step = newest_step(dir) + 1;
+        let path = dir.join(format!("step-{step}"));
+        if let Err(e) = io.save_checkpoint(&data(step).checkpoint(), &path) {
+            eprintln!("save failed: {e}");
+            std::process::exit(4);
+        }
+        uring_ckpt::retention::set_latest(&path).expect("latest");
+        uring_ckpt::retention::keep_last(dir, keep).expect("keep_last");
+    }
+}
