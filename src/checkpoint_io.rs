@@ -102,6 +102,19 @@ impl UringCheckpointIO {
         registration
     }
 
+    /// Loads the checkpoint at `path` into memory that already exists (`sink`: host tensors
+    /// in place, device memory), through this instance's staging pool: peak memory is the
+    /// pool's whatever the checkpoint's size. See [`load::load_into`] for `strict`.
+    pub fn load_into(
+        &self,
+        path: &Path,
+        options: &LoadOptions,
+        strict: bool,
+        sink: &dyn crate::sink::TensorSink,
+    ) -> Result<load::LoadIntoReport> {
+        load::load_into(&self.config, &self.pool, path, options, strict, sink)
+    }
+
     /// Writes this rank's tensors as shards into the shared temporary directory of `path`
     /// (named after `save_id`, which every rank of one save must share). The checkpoint is
     /// not committed until [`UringCheckpointIO::commit_ranks`] runs, after all ranks returned.

@@ -64,6 +64,15 @@ pub enum Error {
         /// What is wrong, naming the file.
         reason: String,
     },
+    /// The destination of a load into existing memory does not match the checkpoint: every
+    /// problem found (names missing on either side, sizes, dtypes, shapes), at once.
+    #[error("{} does not match the destination: {}", path.display(), problems.join("; "))]
+    Mismatch {
+        /// The checkpoint.
+        path: PathBuf,
+        /// One line per problem, each naming the tensor.
+        problems: Vec<String>,
+    },
     /// Saving would replace an existing checkpoint and replacing was not asked for.
     #[error("{} already exists; pass replace_existing to replace it atomically", .0.display())]
     AlreadyExists(PathBuf),

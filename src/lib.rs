@@ -20,6 +20,7 @@ pub mod load;
 pub mod report;
 pub mod retention;
 pub mod save;
+pub mod sink;
 pub mod source;
 pub mod store;
 pub mod synthetic;

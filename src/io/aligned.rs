@@ -208,6 +208,12 @@ impl AlignedBuf {
         padded
     }
 
+    /// The whole capacity as a read-only slice (what a read left there).
+    pub fn as_full_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid and initialised (zeroed at allocation) for capacity() bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.capacity()) }
+    }
+
     /// The whole capacity as a slice (for reads into the buffer).
     pub fn as_full_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: ptr is valid for capacity() bytes, zero-initialised at allocation, and

@@ -20,6 +20,7 @@ pub mod probe;
 pub mod pwrite;
 mod reader;
 pub mod stats;
+pub mod stream;
 #[cfg(target_os = "linux")]
 pub mod uring;
 
@@ -137,6 +138,11 @@ pub trait Reader: Send {
     /// `len` rounded up to the alignment. Bytes past the end of the file read as zero;
     /// reading short of the end of the file is an error.
     fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()>;
+    /// Reads what `feed` offers of `file`, each read into its own buffer, keeping the
+    /// engine's depth of pieces in flight across reads, and hands each finished read back
+    /// to the feed (see [`stream`]). Same alignment rules and errors as
+    /// [`Reader::read_at`].
+    fn read_stream(&mut self, file: FileId, feed: &mut dyn stream::ReadFeed) -> Result<()>;
     /// Closes a file.
     fn close(&mut self, file: FileId);
     /// Latency and volume of the reads so far.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::aligned::round_up;
 use super::file::{check_read, zero_past_eof, ReadFile, ReadFiles};
+use super::stream::{run_stream, ReadFeed};
 use super::{is_transient, Dir, EngineReport, FileId, IoStats, Reader};
 use crate::error::{Error, Result};
 
@@ -98,24 +99,24 @@ pub trait ReadEngine: Send {
 
 /// One piece of a read.
 #[derive(Debug, Clone, Copy)]
-struct Piece {
+pub(crate) struct Piece {
     /// Offset in the file.
-    offset: u64,
+    pub offset: u64,
     /// Offset in the destination.
-    at: usize,
+    pub at: usize,
     /// Bytes to request (with O_DIRECT the aligned length, even where the file ends inside).
-    len: usize,
+    pub len: usize,
     /// Bytes of the piece that lie in the file.
-    want: usize,
+    pub want: usize,
     /// Bytes read so far.
-    done: usize,
-    retries: u32,
-    started: Instant,
+    pub done: usize,
+    pub retries: u32,
+    pub started: Instant,
 }
 
 impl Piece {
     /// The request for the unread rest of the piece.
-    fn request(&self, base: *mut u8) -> ReadRequest {
+    pub(crate) fn request(&self, base: *mut u8) -> ReadRequest {
         ReadRequest {
             dst: base.wrapping_add(self.at + self.done),
             len: self.len - self.done,
@@ -125,7 +126,7 @@ impl Piece {
 }
 
 /// Splits `[offset, offset + span)` into pieces of at most `piece_len` bytes.
-fn pieces(offset: u64, span: usize, piece_len: usize, file_len: u64, direct: bool) -> Vec<Piece> {
+pub(crate) fn pieces(offset: u64, span: usize, piece_len: usize, file_len: u64, direct: bool) -> Vec<Piece> {
     let mut out = Vec::with_capacity(span.div_ceil(piece_len.max(1)));
     let mut at = 0usize;
     while at < span {
@@ -144,6 +145,53 @@ fn pieces(offset: u64, span: usize, piece_len: usize, file_len: u64, direct: boo
         at += n;
     }
     out
+}
+
+/// What became of a piece whose completion came back.
+pub(crate) enum Settled {
+    /// Short of what it wants (a short read before the end of the file) or failed
+    /// transiently: issue the rest of it again.
+    Resubmit,
+    /// All its bytes are in.
+    Done,
+    /// It failed; nothing more of it is issued.
+    Failed(Error),
+}
+
+/// Books the completion `result` of `piece`: bytes read, a short read to resubmit, an
+/// early end of the file, a transient error to retry (while `retry` holds: no other piece
+/// failed) or a hard error naming the offset.
+pub(crate) fn settle(
+    piece: &mut Piece,
+    result: io::Result<usize>,
+    latency: Option<Duration>,
+    limits: &ReadLimits,
+    file: &ReadFile,
+    stats: &mut IoStats,
+    retry: bool,
+) -> Settled {
+    match result {
+        Ok(0) => {
+            let err = io::Error::new(io::ErrorKind::UnexpectedEof, "file ended early");
+            Settled::Failed(Error::io_at("read", &file.path, piece.offset + piece.done as u64, err))
+        }
+        Ok(n) => {
+            piece.done += n;
+            if piece.done < piece.want && retry {
+                return Settled::Resubmit;
+            }
+            stats.record(piece.done, latency.unwrap_or_else(|| piece.started.elapsed()));
+            Settled::Done
+        }
+        Err(e) if is_transient(&e) && piece.retries < MAX_RETRIES && retry => {
+            piece.retries += 1;
+            Settled::Resubmit
+        }
+        Err(e) => {
+            let at = piece.offset + piece.done as u64;
+            Settled::Failed(Error::io_at(limits.op_name, &file.path, at, e))
+        }
+    }
 }
 
 /// A [`Reader`] made of the shared core and one [`ReadEngine`].
@@ -195,33 +243,11 @@ fn run<E: ReadEngine>(
                 error.get_or_insert(err);
                 continue;
             };
-            let resubmit = match result {
-                Ok(0) => {
-                    let err = io::Error::new(io::ErrorKind::UnexpectedEof, "file ended early");
-                    error.get_or_insert(Error::io_at(
-                        "read",
-                        &file.path,
-                        piece.offset + piece.done as u64,
-                        err,
-                    ));
-                    false
-                }
-                Ok(n) => {
-                    piece.done += n;
-                    // Short read before the end of the file: read the rest.
-                    let short = piece.done < piece.want && error.is_none();
-                    if !short {
-                        stats.record(piece.done, latency.unwrap_or_else(|| piece.started.elapsed()));
-                    }
-                    short
-                }
-                Err(e) if is_transient(&e) && piece.retries < MAX_RETRIES && error.is_none() => {
-                    piece.retries += 1;
-                    true
-                }
-                Err(e) => {
-                    let at = piece.offset + piece.done as u64;
-                    error.get_or_insert(Error::io_at(limits.op_name, &file.path, at, e));
+            let resubmit = match settle(piece, result, latency, limits, file, stats, error.is_none()) {
+                Settled::Resubmit => true,
+                Settled::Done => false,
+                Settled::Failed(err) => {
+                    error.get_or_insert(err);
                     false
                 }
             };
@@ -272,6 +298,12 @@ impl<E: ReadEngine> Reader for EngineReader<E> {
         outcome?;
         zero_past_eof(dst, offset, span, open.len);
         Ok(())
+    }
+
+    fn read_stream(&mut self, file: FileId, feed: &mut dyn ReadFeed) -> Result<()> {
+        let open = self.files.get(file)?;
+        let (direct, align) = (self.report.direct_io, self.report.align);
+        run_stream(&mut self.engine, &self.limits, &mut self.stats, open, direct, align, feed)
     }
 
     fn close(&mut self, file: FileId) {

@@ -5,6 +5,7 @@
 //! the CRCs of segment k while segment k+1 is being read, so checking costs no extra time
 //! when the disk is the bottleneck.
 
+mod into;
 mod shard;
 
 use std::collections::HashSet;
@@ -15,6 +16,7 @@ use bytes::Bytes;
 
 pub(crate) use crate::store::open_checkpoint;
 pub use crate::store::read_manifest;
+pub use into::{load_into, LoadIntoReport};
 pub(crate) use shard::{check_weight_map, open_shard, read_extra_file, segment_len, ShardRead};
 
 use crate::checkpoint::{LoadedCheckpoint, LoadedTensor};

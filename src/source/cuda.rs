@@ -211,6 +211,48 @@ impl CudaContext {
     }
 }
 
+/// A stream of a [`CudaContext`] lent to one thread for host-to-device copies (a load's
+/// copy thread): the context is current on that thread while the stream is held.
+pub struct CopyStream<'a> {
+    lease: crate::source::Lease<'a, Stream>,
+    _current: ContextGuard<'a>,
+}
+
+impl CudaContext {
+    /// Lends an idle stream of this context to the calling thread and makes the context
+    /// current there until the returned stream drops.
+    pub fn copy_stream(&self) -> Result<CopyStream<'_>> {
+        let current = self.enter()?;
+        let lease = self.streams.lease(|| {
+            result::stream::create(result::stream::StreamKind::NonBlocking)
+                .map(Stream)
+                .map_err(|e| cuda_err("cuStreamCreate", e))
+        })?;
+        Ok(CopyStream { lease, _current: current })
+    }
+}
+
+impl CopyStream<'_> {
+    /// Queues a copy of `src` to device address `dst` on this stream.
+    ///
+    /// # Safety
+    /// `dst..dst + src.len()` must be device memory of the context, and `src` must stay
+    /// valid and unmodified until [`CopyStream::synchronize`] returns.
+    pub unsafe fn copy_to_device(&self, dst: u64, src: &[u8]) -> Result<()> {
+        // SAFETY: the caller's contract above; the stream belongs to the current context.
+        unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), src.len(), self.lease.get().0) }
+            .result()
+            .map_err(|e| cuda_err("cuMemcpyHtoDAsync", e))
+    }
+
+    /// Waits for every copy queued on this stream.
+    pub fn synchronize(&self) -> Result<()> {
+        // SAFETY: a live stream of the current context, lent to this thread.
+        unsafe { result::stream::synchronize(self.lease.get().0) }
+            .map_err(|e| cuda_err("cuStreamSynchronize", e))
+    }
+}
+
 impl Drop for CudaContext {
     fn drop(&mut self) {
         let streams = self.streams.drain();

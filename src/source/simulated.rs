@@ -28,6 +28,7 @@ struct CopyEngine {
     bandwidth: u64,
     jobs: mpsc::Sender<Job>,
     copied: AtomicU64,
+    uploaded: AtomicU64,
 }
 
 /// A raw pointer handed to the copy thread. The thread that sends the job blocks until the
@@ -47,7 +48,8 @@ enum JobSource {
 
 struct Job {
     src: JobSource,
-    dst: SendPtr<*mut u8>,
+    /// Where the bytes go; `None` drops them (an upload into a generated tensor).
+    dst: Option<SendPtr<*mut u8>>,
     len: usize,
     done: mpsc::SyncSender<()>,
 }
@@ -68,7 +70,12 @@ impl SimulatedDevice {
             .spawn(move || copy_thread(rx, bytes_per_second))
             .map_err(|e| Error::io("spawn simulated device copy thread", "(simulated device)", e))?;
         Ok(SimulatedDevice {
-            engine: Arc::new(CopyEngine { bandwidth: bytes_per_second, jobs, copied: AtomicU64::new(0) }),
+            engine: Arc::new(CopyEngine {
+                bandwidth: bytes_per_second,
+                jobs,
+                copied: AtomicU64::new(0),
+                uploaded: AtomicU64::new(0),
+            }),
         })
     }
 
@@ -80,6 +87,11 @@ impl SimulatedDevice {
     /// Bytes copied to the host so far.
     pub fn bytes_copied(&self) -> u64 {
         self.engine.copied.load(Ordering::Relaxed)
+    }
+
+    /// A zeroed tensor of `len` bytes on this device (a destination for a load).
+    pub fn zeroed(&self, len: usize) -> SimulatedTensor {
+        self.upload(vec![0u8; len])
     }
 
     /// A tensor on this device holding `bytes` (as after a host-to-device upload).
@@ -96,29 +108,40 @@ impl SimulatedDevice {
         }
     }
 
+    /// Bytes copied from the host so far (uploads, by loads into the device).
+    pub fn bytes_uploaded(&self) -> u64 {
+        self.engine.uploaded.load(Ordering::Relaxed)
+    }
+
     fn run(&self, src: JobSource, dst: &mut [u8]) -> Result<()> {
+        self.run_job(src, Some(SendPtr(dst.as_mut_ptr())), dst.len())?;
+        self.engine.copied.fetch_add(dst.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Hands one copy to the copy thread and waits until it is done with both ends.
+    fn run_job(&self, src: JobSource, dst: Option<SendPtr<*mut u8>>, len: usize) -> Result<()> {
         let (done, wait) = mpsc::sync_channel(1);
-        let job = Job { src, dst: SendPtr(dst.as_mut_ptr()), len: dst.len(), done };
+        let job = Job { src, dst, len, done };
         let stopped = || Error::Unavailable("the simulated device's copy thread (it stopped)".into());
         self.engine.jobs.send(job).map_err(|_| stopped())?;
         // Blocks until the copy thread is done with `dst` (and the source bytes).
-        wait.recv().map_err(|_| stopped())?;
-        self.engine.copied.fetch_add(dst.len() as u64, Ordering::Relaxed);
-        Ok(())
+        wait.recv().map_err(|_| stopped())
     }
 }
 
 fn copy_thread(jobs: mpsc::Receiver<Job>, bandwidth: u64) {
     for job in jobs {
         let started = Instant::now();
-        if job.len > 0 {
-            // SAFETY: the sender blocks in `SimulatedDevice::run` until we reply, keeping
-            // `dst` (a `&mut [u8]` of `len` bytes) borrowed and unaliased meanwhile.
-            let dst = unsafe { std::slice::from_raw_parts_mut(job.dst.0, job.len) };
+        if let Some(dst) = job.dst.filter(|_| job.len > 0) {
+            // SAFETY: the sender blocks in `SimulatedDevice::run_job` until we reply,
+            // keeping `dst` (`len` bytes, borrowed mutably or write-locked) unaliased.
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst.0, job.len) };
             match job.src {
                 JobSource::Bytes(src) => {
-                    // SAFETY: the sender holds a read lock on the stored bytes, which hold at
-                    // least `len` bytes from `src`, until we reply.
+                    // SAFETY: the sender holds the source bytes (a read lock on stored device
+                    // bytes, or a borrowed host slice for an upload), at least `len` of
+                    // them from `src`, until we reply.
                     let src = unsafe { std::slice::from_raw_parts(src.0, job.len) };
                     dst.copy_from_slice(src);
                 }
@@ -178,6 +201,33 @@ impl SimulatedTensor {
                 "a generated simulated tensor cannot be written; reseed it".into(),
             )),
         }
+    }
+
+    /// Copies `bytes` from the host to `offset` of the tensor through the device's copy
+    /// thread, at its bandwidth, as a host-to-device copy followed by a synchronize does.
+    /// A generated tensor drops the bytes (it keeps no memory): a destination for
+    /// measuring loads of any size.
+    pub fn upload_at(&self, offset: usize, bytes: &[u8]) -> Result<()> {
+        let src = JobSource::Bytes(SendPtr(bytes.as_ptr()));
+        match &self.data {
+            DeviceBytes::Stored(lock) => {
+                let mut data = lock.write().map_err(|_| poisoned())?;
+                let end = offset.checked_add(bytes.len()).filter(|&end| end <= data.len());
+                let Some(end) = end else {
+                    return Err(Error::InvalidCheckpoint(format!(
+                        "upload of {} bytes at {offset} past the end of a {}-byte simulated tensor",
+                        bytes.len(),
+                        data.len()
+                    )));
+                };
+                let dst = SendPtr(data[offset..end].as_mut_ptr());
+                // The write lock is held until the copy thread has replied.
+                self.device.run_job(src, Some(dst), bytes.len())?;
+            }
+            DeviceBytes::Generated { .. } => self.device.run_job(src, None, bytes.len())?,
+        }
+        self.device.engine.uploaded.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Replaces the whole contents with the bytes [`generate`]d from `seed`.

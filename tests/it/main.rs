@@ -33,6 +33,7 @@ mod format_proptest;
 mod fs_matrix;
 mod hostile_input;
 mod load;
+mod load_into;
 mod lock_retention;
 mod pinned_bytes;
 mod python_interop;

@@ -1,0 +1,415 @@
+//! A load into a [`TensorSink`]: the restore path for memory that already exists (a
+//! model's parameters, a state dict, device memory).
+//!
+//! 1. Every shard header is read and checked; the sink is asked about every tensor
+//!    ([`TensorSink::open`]) and all mismatches are reported together, before any tensor
+//!    byte is read.
+//! 2. Per shard, the byte ranges of the wanted tensors are cut into reads of at most one
+//!    staging buffer, aligned for direct I/O, and streamed ([`Reader::read_stream`]) into
+//!    a fixed set of buffers lent by the [`StagingPool`]: the engine keeps its queue depth
+//!    in flight while copy threads take each finished buffer, hand every tensor piece in
+//!    it to the sink with its CRC computed in the same pass, and give the buffer back.
+//! 3. The per-piece CRCs are combined per tensor and checked against the shard header.
+//!
+//! Peak memory is the staging buffers, whatever the checkpoint's size.
+
+use std::collections::{HashSet, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::Instant;
+
+use super::shard::{check_weight_map, open_shard, OpenShard, ShardRead};
+use super::LoadOptions;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::io::aligned::round_down_u64;
+use crate::io::pool::{staging_align, Shape};
+use crate::io::stream::{Feed, ReadFeed, StreamRead};
+use crate::io::{open_reader, PoolBuf, Reader, StagingPool};
+use crate::report::{mib_per_s, LoadReport};
+use crate::sink::{SinkWriter, TensorMeta, TensorSink};
+use crate::store::open_checkpoint;
+
+/// Ranges closer than this are read as one (reading the gap costs less than another read).
+const COALESCE_GAP: u64 = 1 << 20;
+
+/// Copy threads of a load at most (fewer on a machine with fewer cores).
+const MAX_COPY_THREADS: usize = 4;
+
+/// What a load into a sink did.
+#[derive(Debug, Clone)]
+pub struct LoadIntoReport {
+    /// Bytes, seconds, engine, latency.
+    pub report: LoadReport,
+    /// Destinations no tensor of the checkpoint went to (empty when `strict`).
+    pub missing: Vec<String>,
+    /// Tensors of the checkpoint (among those asked for) with no destination, skipped
+    /// (empty when `strict`).
+    pub unexpected: Vec<String>,
+}
+
+/// One tensor going to the sink.
+struct Target {
+    name: String,
+    slot: usize,
+    /// `[begin, end)` in the shard file.
+    begin: u64,
+    end: u64,
+    /// The CRC to check, when verifying and the header has one.
+    crc: Option<u32>,
+}
+
+/// A finished read on its way to a copy thread.
+struct Filled {
+    shard: usize,
+    read: StreamRead,
+}
+
+/// One tensor piece's CRC: target key, offset in the tensor, bytes, CRC.
+type PieceCrc = (usize, u64, u64, crc32fast::Hasher);
+
+/// Loads the checkpoint at `dir` into `sink` through staging buffers lent by `pool`.
+///
+/// With `strict`, a destination the checkpoint lacks or a tensor (among those asked for)
+/// with no destination is a mismatch; without it they are skipped and listed in the report.
+/// Any other mismatch (size, dtype, shape) is always an error. Errors of either kind come
+/// together in one [`Error::Mismatch`], before any tensor byte is read.
+///
+/// On a read or CRC error the destinations may hold part of the checkpoint.
+pub fn load_into(
+    config: &Config,
+    pool: &StagingPool,
+    dir: &Path,
+    options: &LoadOptions,
+    strict: bool,
+    sink: &dyn TensorSink,
+) -> Result<LoadIntoReport> {
+    let started = Instant::now();
+    let (handle, manifest) = open_checkpoint(dir)?;
+    let verify = options.verify.unwrap_or(config.verify_on_load);
+    let wanted: Option<HashSet<&str>> =
+        options.names.as_ref().map(|n| n.iter().map(String::as_str).collect());
+    if let Some(names) = &options.names {
+        if let Some(missing) = names.iter().find(|n| !manifest.weight_map.contains_key(n.as_str())) {
+            return Err(Error::TensorNotFound(missing.clone()));
+        }
+    }
+    let mut reader = open_reader(config, dir)?;
+    let segment = super::segment_len(config);
+    let mut shards: Vec<(OpenShard, Vec<Target>)> = Vec::new();
+    let (mut problems, mut unexpected) = (Vec::new(), Vec::new());
+    let mut read_bytes = 0u64;
+    for info in &manifest.shards {
+        let shard = open_shard(reader.as_mut(), &handle, info, ShardRead::Header, segment)?;
+        check_weight_map(dir, &manifest.weight_map, info, &shard.header)?;
+        read_bytes += info.header_len;
+        let mut targets = Vec::new();
+        for (i, entry) in shard.header.tensors.iter().enumerate() {
+            if wanted.as_ref().is_some_and(|w| !w.contains(entry.name.as_str())) {
+                continue;
+            }
+            let meta =
+                TensorMeta { name: &entry.name, dtype: entry.dtype, shape: &entry.shape, len: entry.len() };
+            match sink.open(&meta) {
+                Ok(Some(slot)) => targets.push(Target {
+                    name: entry.name.clone(),
+                    slot,
+                    begin: shard.header.data_start + entry.data_offsets.0,
+                    end: shard.header.data_start + entry.data_offsets.1,
+                    crc: shard.header.crcs[i].filter(|_| verify),
+                }),
+                Ok(None) => unexpected.push(entry.name.clone()),
+                Err(Error::InvalidCheckpoint(problem)) => problems.push(problem),
+                Err(other) => return Err(other),
+            }
+        }
+        shards.push((shard, targets));
+    }
+    let mut missing = sink.unclaimed();
+    missing.sort();
+    if strict {
+        problems.extend(missing.drain(..).map(|name| format!("tensor {name:?} is not in the checkpoint")));
+        problems.extend(unexpected.drain(..).map(|name| format!("tensor {name:?} has no destination")));
+    }
+    if !problems.is_empty() {
+        return Err(Error::Mismatch { path: dir.to_path_buf(), problems });
+    }
+    let (data_bytes, streamed) = stream_shards(config, pool, reader.as_mut(), &mut shards, sink)?;
+    read_bytes += streamed;
+    for (shard, _) in &shards {
+        reader.close(shard.file);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(LoadIntoReport {
+        report: LoadReport {
+            data_bytes,
+            read_bytes,
+            seconds,
+            throughput_mib_s: mib_per_s(read_bytes, seconds),
+            verified: verify,
+            engine: reader.report().clone(),
+            read_latency: reader.stats().percentiles_us(),
+        },
+        missing,
+        unexpected,
+    })
+}
+
+/// The reads that cover `targets` (sorted by `begin`): ranges closer than
+/// [`COALESCE_GAP`] merged, starts aligned down to `align`, cut into reads of at most
+/// `chunk` bytes (a multiple of `align`). The reads never overlap.
+fn plan_reads(targets: &[Target], align: u64, chunk: u64) -> VecDeque<(u64, usize)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for t in targets.iter().filter(|t| t.end > t.begin) {
+        let start = round_down_u64(t.begin, align);
+        match ranges.last_mut() {
+            Some(last) if start <= last.1 + COALESCE_GAP => last.1 = last.1.max(t.end),
+            _ => ranges.push((start, t.end)),
+        }
+    }
+    let mut reads = VecDeque::new();
+    for (mut at, end) in ranges {
+        while at < end {
+            let n = chunk.min(end - at);
+            reads.push_back((at, n as usize));
+            at += n;
+        }
+    }
+    reads
+}
+
+/// Streams every shard's reads through the staging buffers to the copy threads; returns
+/// the tensor bytes delivered and the bytes read.
+fn stream_shards(
+    config: &Config,
+    pool: &StagingPool,
+    reader: &mut dyn Reader,
+    shards: &mut [(OpenShard, Vec<Target>)],
+    sink: &dyn TensorSink,
+) -> Result<(u64, u64)> {
+    let report = reader.report();
+    let align = report.align as u64;
+    let chunk = config.chunk_size as usize;
+    let shape = Shape { chunk, align: staging_align(report.align, report.mem_align) };
+    let buffers = (config.staging_pool_size as usize / chunk).max(2);
+    for (_, targets) in shards.iter_mut() {
+        targets.sort_by_key(|t| t.begin);
+    }
+    let data_bytes: u64 = shards.iter().flat_map(|(_, t)| t).map(|t| t.end - t.begin).sum();
+    let plans: Vec<VecDeque<(u64, usize)>> =
+        shards.iter().map(|(_, targets)| plan_reads(targets, align, chunk as u64)).collect();
+    let read_bytes: u64 = plans.iter().flatten().map(|&(_, n)| n as u64).sum();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_COPY_THREADS);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let fail = |err: Error| {
+        failed.store(true, Ordering::Release);
+        let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(err);
+    };
+    let shards_ro: &[(OpenShard, Vec<Target>)] = shards;
+    let (work_tx, work_rx) = mpsc::channel::<Filled>();
+    let work_rx = Mutex::new(work_rx);
+    let (back_tx, back_rx) = mpsc::channel::<PoolBuf>();
+    let crcs: Vec<PieceCrc> = std::thread::scope(|scope| {
+        let mut workers = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (work_rx, back_tx, fail, failed) = (&work_rx, back_tx.clone(), &fail, &failed);
+            let spawned = std::thread::Builder::new()
+                .name(format!("uring-ckpt-load-copy-{i}"))
+                .spawn_scoped(scope, move || copy_worker(sink, shards_ro, work_rx, &back_tx, failed, fail));
+            match spawned {
+                Ok(handle) => workers.push(handle),
+                Err(e) if workers.is_empty() => fail(Error::io("spawn a load copy thread", "(thread)", e)),
+                Err(_) => break, // fewer copy threads
+            }
+        }
+        drop(back_tx);
+        if !workers.is_empty() {
+            let mut feed = PoolFeed {
+                idle: pool.lend(shape, buffers),
+                back: back_rx,
+                work: work_tx,
+                reads: VecDeque::new(),
+                shard: 0,
+                failed: &failed,
+            };
+            for (i, plan) in plans.into_iter().enumerate() {
+                if plan.is_empty() {
+                    continue;
+                }
+                (feed.shard, feed.reads) = (i, plan);
+                if let Err(err) = reader.read_stream(shards_ro[i].0.file, &mut feed) {
+                    fail(err);
+                    break;
+                }
+            }
+            drop(feed); // closes the work channel: the copy threads finish
+        }
+        let mut crcs = Vec::new();
+        for worker in workers {
+            match worker.join() {
+                Ok(mut part) => crcs.append(&mut part),
+                Err(_) => fail(Error::Internal("a load copy thread panicked".into())),
+            }
+        }
+        crcs
+    });
+    if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(err);
+    }
+    check_crcs(shards_ro, crcs)?;
+    Ok((data_bytes, read_bytes))
+}
+
+/// The reader's end: reads of the current shard into the buffers, finished ones to the copy
+/// threads, buffers back from them.
+struct PoolFeed<'a> {
+    idle: Vec<PoolBuf>,
+    back: mpsc::Receiver<PoolBuf>,
+    work: mpsc::Sender<Filled>,
+    reads: VecDeque<(u64, usize)>,
+    shard: usize,
+    failed: &'a AtomicBool,
+}
+
+impl PoolFeed<'_> {
+    fn stopped() -> Error {
+        Error::Internal("the load's copy threads stopped".into())
+    }
+}
+
+impl ReadFeed for PoolFeed<'_> {
+    fn next(&mut self, wait: bool) -> Result<Feed> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(PoolFeed::stopped());
+        }
+        let Some(&(offset, len)) = self.reads.front() else {
+            return Ok(Feed::End);
+        };
+        let buf = match self.idle.pop() {
+            Some(buf) => buf,
+            None => match self.back.try_recv() {
+                Ok(buf) => buf,
+                Err(mpsc::TryRecvError::Empty) if !wait => return Ok(Feed::NotNow),
+                Err(mpsc::TryRecvError::Empty) => self.back.recv().map_err(|_| PoolFeed::stopped())?,
+                Err(mpsc::TryRecvError::Disconnected) => return Err(PoolFeed::stopped()),
+            },
+        };
+        self.reads.pop_front();
+        Ok(Feed::Read(StreamRead { buf, offset, len, tag: 0 }))
+    }
+
+    fn done(&mut self, read: StreamRead) -> Result<()> {
+        self.work.send(Filled { shard: self.shard, read }).map_err(|_| PoolFeed::stopped())
+    }
+}
+
+/// A copy thread: hands every tensor piece of each finished read to the sink with its CRC,
+/// flushes, and gives the buffer back. After a failure (its own or another thread's) it
+/// only gives buffers back, so the reader never waits for one in vain.
+fn copy_worker(
+    sink: &dyn TensorSink,
+    shards: &[(OpenShard, Vec<Target>)],
+    work: &Mutex<mpsc::Receiver<Filled>>,
+    back: &mpsc::Sender<PoolBuf>,
+    failed: &AtomicBool,
+    fail: &(dyn Fn(Error) + Sync),
+) -> Vec<PieceCrc> {
+    let mut crcs = Vec::new();
+    let mut writer = match sink.writer() {
+        Ok(writer) => Some(writer),
+        Err(err) => {
+            fail(err);
+            None
+        }
+    };
+    loop {
+        let next = work.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let Ok(Filled { shard, read }) = next else { break };
+        if let Some(w) = writer.as_mut().filter(|_| !failed.load(Ordering::Acquire)) {
+            if let Err(err) = copy_read(w.as_mut(), shard, &shards[shard].1, &read, &mut crcs) {
+                // No copy may still read the buffer when it goes back.
+                let _ = w.flush();
+                fail(err);
+            }
+        }
+        // The reader may have stopped: then the buffer simply goes back to the pool.
+        let _ = back.send(read.buf);
+    }
+    crcs
+}
+
+/// Hands the pieces of `targets` that lie in `read` to the sink, then waits until it no
+/// longer reads the buffer.
+fn copy_read(
+    writer: &mut dyn SinkWriter,
+    shard: usize,
+    targets: &[Target],
+    read: &StreamRead,
+    crcs: &mut Vec<PieceCrc>,
+) -> Result<()> {
+    let (start, end) = (read.offset, read.offset + read.len as u64);
+    let first = targets.partition_point(|t| t.end <= start);
+    for (i, t) in targets.iter().enumerate().skip(first) {
+        if t.begin >= end {
+            break;
+        }
+        let (from, to) = (t.begin.max(start), t.end.min(end));
+        if from >= to {
+            continue;
+        }
+        let bytes = &read.buf.as_full_slice()[(from - start) as usize..(to - start) as usize];
+        let mut crc = t.crc.map(|_| crc32fast::Hasher::new());
+        writer.write(t.slot, from - t.begin, bytes, crc.as_mut())?;
+        if let Some(crc) = crc {
+            crcs.push((target_key(shard, i), from - t.begin, to - from, crc));
+        }
+    }
+    writer.flush()
+}
+
+/// A target's index across shards, for the CRC pieces (shard in the high bits).
+fn target_key(shard: usize, index: usize) -> usize {
+    (shard << 32) | index
+}
+
+/// Combines each tensor's piece CRCs in order and checks them against its header's.
+fn check_crcs(shards: &[(OpenShard, Vec<Target>)], mut crcs: Vec<PieceCrc>) -> Result<()> {
+    crcs.sort_by_key(|&(key, at, _, _)| (key, at));
+    let mut pieces = crcs.into_iter().peekable();
+    for (s, (shard, targets)) in shards.iter().enumerate() {
+        for (i, t) in targets.iter().enumerate() {
+            let Some(expected) = t.crc else { continue };
+            let (mut whole, mut covered) = (crc32fast::Hasher::new(), 0u64);
+            while let Some((_, at, len, part)) = pieces.next_if(|&(key, ..)| key == target_key(s, i)) {
+                if at != covered {
+                    return Err(Error::Internal(format!(
+                        "tensor {:?}: a piece at {at}, expected {covered}",
+                        t.name
+                    )));
+                }
+                whole.combine(&part);
+                covered += len;
+            }
+            if covered != t.end - t.begin {
+                return Err(Error::Internal(format!(
+                    "tensor {:?}: {covered} of {} bytes copied",
+                    t.name,
+                    t.end - t.begin
+                )));
+            }
+            let actual = whole.finalize();
+            if actual != expected {
+                return Err(Error::Crc {
+                    path: shard.path.clone(),
+                    tensor: t.name.clone(),
+                    expected,
+                    actual,
+                });
+            }
+        }
+    }
+    Ok(())
+}
