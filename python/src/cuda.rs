@@ -231,6 +231,65 @@ impl Gpu {
         ))
     }
 
+    /// A sink over the device memory of CUDA torch tensors of one device (`(name, tensor,
+    /// dtype, shape)`), its copies ordered after torch's current stream of the device (where
+    /// the tensors were allocated), and the objects that keep the memory allocated.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn sink<'py>(
+        &self,
+        py: Python<'py>,
+        dests: Vec<crate::torch::PyDest<'py>>,
+    ) -> PyResult<crate::torch::HeldSink<'py>> {
+        use crate::errors::{to_py_err, OrRaise};
+        use uring_ckpt::sink::cuda::{CudaDest, CudaSink};
+        if let Err(e) = uring_ckpt::source::cuda::probe() {
+            return Err(to_py_err(py, e));
+        }
+        let Some((_, first, _, _)) = dests.first() else {
+            return Err(pyo3::exceptions::PyValueError::new_err("no destinations"));
+        };
+        let device = first.getattr("device")?;
+        let ordinal: i32 = device.getattr("index")?.extract()?;
+        let ctx = self.context(ordinal).or_raise(py)?;
+        // Recorded after the tensors were allocated on torch's current stream.
+        SAVE_BEGAN.with(|b| b.set(Some(Instant::now())));
+        let event = self.producer_event(py, &ctx, ordinal, &device)?;
+        let mut keep = Vec::with_capacity(2 * dests.len());
+        let mut raw = Vec::with_capacity(dests.len());
+        for (name, obj, dtype, shape) in dests {
+            let (address, len, storage) = crate::torch::torch_memory(py, &obj, "cuda")?;
+            let dtype = uring_ckpt::Dtype::parse(&dtype).ok_or_else(|| {
+                pyo3::exceptions::PyValueError::new_err(format!("tensor {name:?}: unknown dtype {dtype:?}"))
+            })?;
+            // SAFETY: `address`/`len` are the `data_ptr()` and byte size of a dense,
+            // contiguous tensor on CUDA device `ordinal` (checked by `torch_memory`; all
+            // destinations are on one device, checked by the caller), device memory of its
+            // primary context `ctx`; the tensor and its storage are kept referenced while
+            // the sink lives. Every copy waits for `event`, recorded on torch's current
+            // stream after the allocation, and the load synchronizes its streams before it
+            // returns. Overlapping destinations are refused by the caller.
+            raw.push(unsafe { CudaDest::from_raw(name, address as u64, len, Some(dtype), Some(shape)) });
+            keep.push(obj);
+            keep.push(storage);
+        }
+        // SAFETY: as above.
+        let sink = unsafe { CudaSink::new(ctx, raw) }.and_then(|s| s.after(event)).or_raise(py)?;
+        Ok((Box::new(sink), keep))
+    }
+
+    /// Refuses CUDA destinations: this build has no CUDA.
+    #[cfg(not(feature = "cuda"))]
+    pub(crate) fn sink<'py>(
+        &self,
+        _py: Python<'py>,
+        _dests: Vec<crate::torch::PyDest<'py>>,
+    ) -> PyResult<crate::torch::HeldSink<'py>> {
+        Err(pyo3::exceptions::PyValueError::new_err(
+            "this uring_ckpt extension was built without CUDA: rebuild it with \
+             `maturin develop --release --features cuda`, or load to the CPU",
+        ))
+    }
+
     /// The primary context of device `ordinal` (retained once per writer).
     #[cfg(feature = "cuda")]
     fn context(&self, ordinal: i32) -> uring_ckpt::Result<Arc<CudaContext>> {

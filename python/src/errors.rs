@@ -25,6 +25,7 @@ pub(crate) fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
         Error::AlreadyExists(_) => "CheckpointExistsError",
         Error::Config(_) => "ConfigError",
         Error::InvalidCheckpoint(_) => "InvalidCheckpointError",
+        Error::Mismatch { .. } => "CheckpointMismatchError",
         Error::TensorNotFound(_) => "TensorNotFoundError",
         Error::Unavailable(_) => "UnavailableError",
         Error::Locked(_) => "CheckpointLockedError",

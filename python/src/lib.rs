@@ -18,6 +18,8 @@
 //! - `report`: reports as JSON, with the count of tensors read from device memory;
 //! - `torch`: a torch tensor's memory, checked to be one dense byte range;
 //! - `cuda`: `cuda_built`/`cuda_available` and a writer's CUDA side (`Gpu`; feature `cuda`);
+//! - `sinks`: the destinations of a load into existing torch tensors (CPU or one CUDA
+//!   device);
 //! - `tensors`: a save's tensor entries held for a synchronous save or lent to a
 //!   background one; `dtypes`;
 //! - `writer`: `Writer`, synchronous saves, loads, removal, verification, inspection;
@@ -33,6 +35,7 @@ mod config;
 mod cuda;
 mod errors;
 mod report;
+mod sinks;
 mod tensors;
 mod torch;
 mod writer;

@@ -43,3 +43,11 @@ pub(crate) fn torch_memory<'py>(
     let storage = obj.call_method0("untyped_storage")?;
     Ok((address, len, storage))
 }
+
+/// One destination of a load into torch tensors, as Python hands it: `(name, tensor, dtype,
+/// shape)`, `dtype` the safetensors name of the tensor's dtype.
+pub(crate) type PyDest<'py> = (String, Bound<'py, PyAny>, String, Vec<u64>);
+
+/// A sink over tensors' memory and the objects (tensors, storages) that keep it allocated
+/// while the sink lives.
+pub(crate) type HeldSink<'py> = (Box<dyn uring_ckpt::sink::TensorSink + Send>, Vec<Bound<'py, PyAny>>);

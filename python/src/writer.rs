@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::cuda::Gpu;
 use crate::errors::OrRaise;
 use crate::report::{report_json, save_report_json, CudaUse};
+use crate::sinks::{destinations, PyDest};
 use crate::tensors::{entries, hold, Entry, Held};
 
 /// A checkpoint writer and reader with one configuration; keeps its staging buffers between
@@ -121,6 +122,29 @@ impl Writer {
         }
         let report = report_json(&loaded.report)?;
         (tensors, loaded.metadata, extras, report).into_pyobject(py)
+    }
+
+    /// Loads the checkpoint at `path` into existing torch tensors, in place: `dests` is a list
+    /// of `(name, tensor, dtype, shape)` (dense, contiguous, all on the CPU or all on one
+    /// CUDA device; `dtype` the safetensors name). Every mismatch (missing or unexpected
+    /// names with `strict`, sizes, dtypes, shapes) is raised together before anything is
+    /// read. Returns `(report, missing, unexpected)`, `report` JSON.
+    #[pyo3(signature = (path, dests, names=None, verify=None, strict=true))]
+    fn load_into<'py>(
+        &self,
+        py: Python<'py>,
+        path: PathBuf,
+        dests: Vec<PyDest<'py>>,
+        names: Option<Vec<String>>,
+        verify: Option<bool>,
+        strict: bool,
+    ) -> PyResult<(String, Vec<String>, Vec<String>)> {
+        let destinations = destinations(py, &self.gpu, dests)?;
+        self.gpu.prepare_staging(py, &self.io);
+        let options = LoadOptions { names, verify };
+        let sink = destinations.sink.as_ref();
+        let loaded = py.detach(|| self.io.load_into(&path, &options, strict, sink)).or_raise(py)?;
+        Ok((report_json(&loaded.report)?, loaded.missing, loaded.unexpected))
     }
 
     /// Deletes the checkpoint at `path` atomically (a missing path is not an error; a

@@ -10,7 +10,7 @@ import pathlib
 import uring_ckpt
 
 ROOT = pathlib.Path(uring_ckpt.__file__).parent
-ORDER = ["_uring_ckpt", "_errors", "_optional", "_safe_pickle", "_pytree", "_common", "_api", "_async"]
+ORDER = ["_uring_ckpt", "_errors", "_optional", "_safe_pickle", "_pytree", "_common", "_into", "_api", "_async"]
 ORDER += ["lightning", "__init__"]
 SUBPACKAGES = {
     "_safe_pickle": ["_describe", "_reduce", "_allow", "_scan", "_vm", "__init__"],

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use uring_ckpt::{CheckpointIO, LoadOptions, UringCheckpointIO};
+use uring_ckpt::sink::{HostSink, SimulatedSink, TensorSink};
+use uring_ckpt::source::SimulatedDevice;
+use uring_ckpt::{CheckpointIO, LoadOptions, LoadReport, UringCheckpointIO};
 
 use super::{
     engine_line, existing_dir, latency_line, mib, print_fallbacks, single_config, GlobalOpts, Result,
@@ -22,22 +24,81 @@ pub struct LoadArgs {
     /// Print the load report as JSON instead of the summary.
     #[arg(long)]
     json: bool,
+    /// Where the tensors go: `fresh` host memory (what a restart with no model yet gets),
+    /// existing `host` memory (allocated and touched before the timed load, as a model's
+    /// parameters are; loaded in place through the staging pool), or a simulated device
+    /// (`sim-device`: host-to-device copies at --device-gib-s on the device's copy thread,
+    /// keeping nothing).
+    #[arg(long, value_enum, default_value = "fresh")]
+    into: Into,
+    /// Copy bandwidth of the simulated device, GiB/s.
+    #[arg(long, default_value_t = 25.0, value_name = "GIB_S")]
+    device_gib_s: f64,
+}
+
+/// Where `load` puts the tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Into {
+    Fresh,
+    Host,
+    SimDevice,
 }
 
 pub fn run(global: &GlobalOpts, args: LoadArgs) -> Result<()> {
     existing_dir(&args.dir)?;
-    let io = UringCheckpointIO::new(single_config(global)?)?;
-    let options = LoadOptions { names: args.names, verify: args.no_verify.then_some(false) };
-    let loaded = io.load_checkpoint(&args.dir, &options)?;
-    let r = &loaded.report;
+    let config = single_config(global)?;
+    let io = UringCheckpointIO::new(config.clone())?;
+    let options = LoadOptions { names: args.names.clone(), verify: args.no_verify.then_some(false) };
+    let (r, tensors, peak) = match args.into {
+        Into::Fresh => {
+            let loaded = io.load_checkpoint(&args.dir, &options)?;
+            (loaded.report, loaded.tensors.len(), None)
+        }
+        Into::Host | Into::SimDevice => {
+            let info = uring_ckpt::inspect::inspect(&config, &args.dir)?;
+            let wanted = |name: &str| options.names.as_ref().is_none_or(|n| n.iter().any(|w| w == name));
+            let sizes: Vec<(String, usize)> = info
+                .tensors
+                .iter()
+                .filter(|t| wanted(&t.name))
+                .map(|t| (t.name.clone(), t.bytes as usize))
+                .collect();
+            let mut host: Vec<(String, Vec<u8>)> = Vec::new();
+            let device = SimulatedDevice::new((args.device_gib_s * (1u64 << 30) as f64) as u64)?;
+            let sink: Box<dyn TensorSink> = if args.into == Into::Host {
+                // Touched (written) before the load, as a live model's parameters are.
+                host = sizes.iter().map(|(n, len)| (n.clone(), vec![1u8; *len])).collect();
+                Box::new(HostSink::new(host.iter_mut().map(|(n, d)| (n.clone(), d.as_mut_slice())))?)
+            } else {
+                let dests = sizes.iter().map(|(n, len)| (n.clone(), device.generated(*len, 0))).collect();
+                Box::new(SimulatedSink::new(dests)?)
+            };
+            let before = memory::reset_peak();
+            let loaded = io.load_into(&args.dir, &options, true, sink.as_ref())?;
+            let peak = before.and_then(|b| memory::peak().map(|p| p.saturating_sub(b)));
+            drop(sink);
+            drop(host);
+            (loaded.report, sizes.len(), peak)
+        }
+    };
     if args.json {
-        let json = serde_json::to_string_pretty(r)
+        let json = serde_json::to_string_pretty(&r)
             .map_err(|e| super::CliError::msg(format!("cannot encode the report as JSON: {e}")))?;
         println!("{json}");
         return Ok(());
     }
-    println!("loaded {}", args.dir.display());
-    println!("  tensors      {}", loaded.tensors.len());
+    print_report(&args, &r, tensors, peak, config.staging_pool_size);
+    Ok(())
+}
+
+fn print_report(args: &LoadArgs, r: &LoadReport, tensors: usize, peak: Option<u64>, pool: u64) {
+    let into = match args.into {
+        Into::Fresh => "fresh host memory".to_owned(),
+        Into::Host => "existing host memory, in place".to_owned(),
+        Into::SimDevice => format!("a simulated device at {} GiB/s", args.device_gib_s),
+    };
+    println!("loaded {} into {into}", args.dir.display());
+    println!("  tensors      {tensors}");
     println!("  bytes        {} tensor bytes, {} read ({})", r.data_bytes, r.read_bytes, mib(r.read_bytes));
     println!("  time         {:.3} s", r.seconds);
     println!("  throughput   {:.1} MiB/s", r.throughput_mib_s);
@@ -45,5 +106,28 @@ pub fn run(global: &GlobalOpts, args: LoadArgs) -> Result<()> {
     println!("  engine       {}", engine_line(&r.engine));
     print_fallbacks(&r.engine);
     println!("  read lat.    {}", latency_line(&r.read_latency, None));
-    Ok(())
+    if let Some(peak) = peak {
+        println!("  peak memory  {} over the destinations (staging pool {})", mib(peak), mib(pool));
+    }
+}
+
+/// The process's resident memory, for the peak a load adds (Linux: `/proc/self`).
+mod memory {
+    /// Resets the peak resident size to the current one (`clear_refs` 5) and returns the
+    /// current one in bytes, or `None` where the kernel does not offer it.
+    pub fn reset_peak() -> Option<u64> {
+        std::fs::write("/proc/self/clear_refs", "5").ok()?;
+        status_kib("VmRSS:").map(|k| k * 1024)
+    }
+
+    /// The peak resident size since the last reset, in bytes.
+    pub fn peak() -> Option<u64> {
+        status_kib("VmHWM:").map(|k| k * 1024)
+    }
+
+    fn status_kib(key: &str) -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::{check_range, Claims, Expect, SinkWriter, TensorMeta, TensorSink};
 use crate::error::{Error, Result};
 use crate::format::Dtype;
-use crate::source::cuda::{CopyStream, CudaContext};
+use crate::source::cuda::{CopyStream, CudaContext, CudaEvent};
 
 /// One destination: `len` bytes of device memory at `ptr`, checked against a dtype and a
 /// shape when given.
@@ -43,6 +43,8 @@ impl CudaDest {
 /// Device memory of one CUDA context, filled by a load (see the module docs).
 pub struct CudaSink {
     ctx: Arc<CudaContext>,
+    /// Copies wait for it (recorded on the stream the destinations were allocated on).
+    after: Option<Arc<CudaEvent>>,
     dests: Vec<CudaDest>,
     claims: Claims,
 }
@@ -54,7 +56,25 @@ impl CudaSink {
     /// Every destination must satisfy [`CudaDest::from_raw`]'s contract.
     pub unsafe fn new(ctx: Arc<CudaContext>, dests: Vec<CudaDest>) -> Result<CudaSink> {
         let claims = Claims::new(dests.iter().map(|d| d.name.clone()).collect())?;
-        Ok(CudaSink { ctx, dests, claims })
+        Ok(CudaSink { ctx, after: None, dests, claims })
+    }
+}
+
+impl CudaSink {
+    /// Orders every copy into the destinations after `event`, recorded on the stream that
+    /// last used their memory (torch's current stream, where they were allocated), so that
+    /// no copy lands while earlier work there still uses it. The event must belong to the
+    /// sink's context.
+    pub fn after(mut self, event: Arc<CudaEvent>) -> Result<CudaSink> {
+        if event.context().raw() != self.ctx.raw() {
+            return Err(Error::InvalidCheckpoint(format!(
+                "an event of CUDA device {} cannot order copies on device {}",
+                event.context().ordinal(),
+                self.ctx.ordinal()
+            )));
+        }
+        self.after = Some(event);
+        Ok(self)
     }
 }
 
@@ -71,7 +91,11 @@ impl TensorSink for CudaSink {
     }
 
     fn writer(&self) -> Result<Box<dyn SinkWriter + '_>> {
-        Ok(Box::new(CudaWriter { sink: self, stream: self.ctx.copy_stream()?, queued: false }))
+        let stream = self.ctx.copy_stream()?;
+        if let Some(event) = &self.after {
+            stream.wait_for(event)?;
+        }
+        Ok(Box::new(CudaWriter { sink: self, stream, queued: false }))
     }
 }
 

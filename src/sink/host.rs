@@ -37,6 +37,11 @@ impl HostDest {
         self
     }
 
+    /// The destination's address.
+    pub fn address(&self) -> usize {
+        self.ptr as usize
+    }
+
     /// Bytes of the destination.
     pub fn len(&self) -> usize {
         self.len

@@ -245,6 +245,12 @@ impl CopyStream<'_> {
             .map_err(|e| cuda_err("cuMemcpyHtoDAsync", e))
     }
 
+    /// Orders the copies queued on this stream from now on after `event` (on the device;
+    /// the host does not wait).
+    pub fn wait_for(&self, event: &CudaEvent) -> Result<()> {
+        event.wait_on(self.lease.get().0)
+    }
+
     /// Waits for every copy queued on this stream.
     pub fn synchronize(&self) -> Result<()> {
         // SAFETY: a live stream of the current context, lent to this thread.
@@ -307,6 +313,11 @@ impl CudaEvent {
         }
         drop(_current);
         Ok(CudaEvent { ctx, event })
+    }
+
+    /// The context the event belongs to.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
     }
 
     /// Makes `stream` (of the same context, which is current) wait for this event.

@@ -248,3 +248,47 @@ fn copies_wait_for_the_producers_event() {
         assert!(load(&io, &path, "t") == pattern, "round {round}: the copy did not wait for the producer");
     }
 }
+
+#[test]
+fn loads_land_in_device_memory_through_the_cuda_sink() {
+    use uring_ckpt::sink::cuda::{CudaDest, CudaSink};
+    use uring_ckpt::source::TensorSource;
+    let Some(ctx) = gpu() else { return };
+    let dir = scratch();
+    let io = UringCheckpointIO::new(config()).expect("io");
+    io.prepare_staging(Arc::new(CudaStaging::new(ctx.clone())));
+    let tensors: Vec<(String, Vec<u8>)> = [("a", 3 << 20), ("b", 1), ("c", 0), ("d", 5_000_001)]
+        .iter()
+        .map(|&(n, len)| (n.to_owned(), bytes(len as u64, len)))
+        .collect();
+    let mut ck = Checkpoint::new();
+    for (name, data) in &tensors {
+        ck.add(name.clone(), Dtype::U8, &[data.len() as u64], data).expect("add");
+    }
+    let path = dir.path().join("ck");
+    io.save_checkpoint(&ck, &path).expect("save");
+    let memory: Vec<CudaTensorSource> = tensors
+        .iter()
+        .map(|(_, d)| CudaTensorSource::upload(ctx.clone(), &vec![0u8; d.len()]).expect("alloc"))
+        .collect();
+    let dests = tensors
+        .iter()
+        .zip(&memory)
+        // SAFETY: each destination is device memory of the right size owned by `memory`, which
+        // outlives the load, and no two overlap.
+        .map(|((n, d), m)| unsafe { CudaDest::from_raw(n.clone(), m.device_ptr(), d.len(), None, None) })
+        .collect();
+    // SAFETY: as above.
+    let sink = unsafe { CudaSink::new(ctx.clone(), dests) }.expect("sink");
+    io.load_into(&path, &LoadOptions::default(), true, &sink).expect("load into the device");
+    for ((name, data), m) in tensors.iter().zip(&memory) {
+        let mut back = vec![0u8; data.len()];
+        m.copy_to(0, &mut back).expect("read back");
+        assert!(back == *data, "{name}");
+    }
+    assert_eq!(
+        current_context().expect("ctx"),
+        std::ptr::null_mut(),
+        "the calling thread's context is untouched"
+    );
+}

@@ -32,10 +32,12 @@ from __future__ import annotations
 #   _safe_pickle/  the weights_only unpickler: _describe, _reduce, _allow, _scan, _vm
 #   _pytree/       state <-> tensor entries + sidecar: _format, _flatten, _restore
 #   _common        argument types, config coercion, the writer cache, save arguments/report
+#   _into          load_into (in place), loads straight into CUDA memory
 #   _api           save, load, remove, verify, inspect
 #   _async         AsyncSaver, SaveFuture
 #   lightning      the Lightning CheckpointIO plugins (imported by the user, not here)
 from ._api import inspect, load, remove, save, verify
+from ._into import LoadIntoResult, load_into
 from ._async import AsyncSaver, SaveFuture
 from ._common import ConfigLike as ConfigLike  # the types of the public signatures
 from ._common import PathLike as PathLike
@@ -44,6 +46,7 @@ from ._errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointLockedError,
+    CheckpointMismatchError,
     ConfigError,
     CorruptCheckpointError,
     InvalidCheckpointError,
@@ -60,10 +63,12 @@ __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointLockedError",
+    "CheckpointMismatchError",
     "Config",
     "ConfigError",
     "CorruptCheckpointError",
     "InvalidCheckpointError",
+    "LoadIntoResult",
     "NotACheckpointError",
     "SaveFuture",
     "TensorNotFoundError",
@@ -73,6 +78,7 @@ __all__ = [
     "cuda_available",
     "inspect",
     "load",
+    "load_into",
     "remove",
     "save",
     "verify",

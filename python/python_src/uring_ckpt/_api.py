@@ -10,6 +10,8 @@ from typing import Any
 from . import _pytree
 from ._common import ConfigLike, PathLike, cached_writer, save_args, save_report
 from ._errors import CheckpointError
+from ._into import is_single_cuda_device, load_to_device
+from ._uring_ckpt import cuda_available
 
 
 def save(
@@ -75,11 +77,19 @@ def load(
     Either way a sidecar whose tensor references do not match the shards raises
     :class:`CorruptCheckpointError`.
 
-    Loaded CPU tensors use the read buffers directly (no copy) and are writable.
+    Loaded CPU tensors use the read buffers directly (no copy) and are writable. With
+    ``device`` one CUDA device and the CUDA build (``cuda_available()``), the tensors are
+    allocated on the device and filled from the (page-locked) staging buffers, chunk by
+    chunk, copies overlapped with the next reads: no host copy of the whole checkpoint.
+    To load into a model that already exists, use :func:`load_into`.
     """
     writer = cached_writer(config)
-    tensors, metadata, extras, _report = writer.load(os.fspath(path), names, verify)
-    buffers = {name: (dtype, shape, buf) for name, dtype, shape, buf in tensors}
+    if is_single_cuda_device(device) and cuda_available():
+        buffers = load_to_device(os.fspath(path), device, names, verify, config)
+        _, metadata, extras, _report = writer.load(os.fspath(path), [], verify)  # no tensor read
+    else:
+        tensors, metadata, extras, _report = writer.load(os.fspath(path), names, verify)
+        buffers = {name: (dtype, shape, buf) for name, dtype, shape, buf in tensors}
     restorer = _pytree.Restorer(buffers, device, where=os.path.join(os.fspath(path), _pytree.SIDECAR))
     if names is not None:
         return {name: restorer.plain(name) for name in names}

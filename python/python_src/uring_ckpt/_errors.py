@@ -8,6 +8,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointLockedError",
+    "CheckpointMismatchError",
     "ConfigError",
     "CorruptCheckpointError",
     "InvalidCheckpointError",
@@ -55,6 +56,25 @@ class ConfigError(CheckpointError, ValueError):
 class InvalidCheckpointError(CheckpointError, ValueError):
     """What was handed to a save cannot be saved (duplicate names, wrong byte counts, a path
     without a usable name)."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """The destination of :func:`load_into` does not match the checkpoint. Every problem is
+    in the message; ``missing`` (destination names the checkpoint lacks), ``unexpected``
+    (checkpoint tensors with no destination) and ``mismatched`` (one line per tensor whose
+    dtype or shape differs) list them."""
+
+    def __init__(
+        self,
+        message: str,
+        missing: list[str] | None = None,
+        unexpected: list[str] | None = None,
+        mismatched: list[str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.missing = missing or []
+        self.unexpected = unexpected or []
+        self.mismatched = mismatched or []
 
 
 class TensorNotFoundError(CheckpointError, KeyError):

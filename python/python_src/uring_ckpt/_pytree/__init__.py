@@ -27,7 +27,7 @@ side: :func:`flatten`), :mod:`._restore` (the load side: :class:`Restorer`,
 from __future__ import annotations
 
 from ._flatten import Flattened, TensorEntry, cuda_direct, flatten
-from ._format import FORMAT_KEY, FORMAT_VERSION, PID_TAG, SIDECAR, torch_dtype_map
+from ._format import FORMAT_KEY, FORMAT_VERSION, PID_TAG, SIDECAR, torch_dtype_from_safetensors, torch_dtype_map
 from ._restore import Restorer, unflatten
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "TensorEntry",
     "cuda_direct",
     "flatten",
+    "torch_dtype_from_safetensors",
     "torch_dtype_map",
     "unflatten",
 ]

@@ -61,6 +61,11 @@ class Restorer:
 
     def _torch_from(self, buf: Any, dtype: Any, shape: list[int]) -> Any:
         torch = self.torch
+        if isinstance(buf, torch.Tensor):
+            # Loaded straight into device memory (a uint8 tensor of the bytes): a view.
+            if len(buf) == 0:
+                return torch.empty(shape, dtype=dtype, device=buf.device)
+            return buf.view(dtype).reshape(shape)
         if len(buf) == 0:
             return torch.empty(shape, dtype=dtype)
         # The buffer is writable and owned by `buf`, which the tensor keeps alive: no copy.
@@ -68,6 +73,8 @@ class Restorer:
 
     @staticmethod
     def _numpy_from(buf: Any, dtype: Any, shape: list[int]) -> Any:
+        if hasattr(buf, "device") and hasattr(buf, "cpu"):  # a device tensor of the bytes
+            buf = buf.cpu().numpy()
         if len(buf) == 0:
             return np.empty(shape, dtype=dtype)
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
