@@ -111,12 +111,15 @@ impl Opened {
 /// 3. another directory: all its `*.safetensors` files, sorted by name (names starting with
 ///    `.` are skipped as hidden; a `*.safetensors` name that is not a plain UTF-8 file name
 ///    is refused, never skipped);
-/// 4. a regular file: that one file, in its directory; a file named `*.safetensors.index.json`
-///    is read as that directory's index (case 2).
+/// 4. a file named `*.safetensors.index.json`: that index, of the directory it is in
+///    (case 2);
+/// 5. another regular file: that one file, in its directory, whatever its name.
 ///
 /// `path` itself is the caller's own argument and is resolved normally: a link to a
-/// directory or a file is followed (a file path is resolved with
-/// [`std::fs::canonicalize`] first, so its directory is the real one). Nothing *inside* the
+/// directory or a file is followed. A file path (case 5) is resolved with
+/// [`std::fs::canonicalize`] first, so its directory is the one the file really is in (a
+/// link to a file in a cache's blob store loads that file); an index given as the path is
+/// read through the link, and its shards are looked for beside the path. Nothing *inside* the
 /// directory is ever followed: a member that is a symbolic link (as in a Hugging Face cache
 /// snapshot, whose files link into `../../blobs`) is [`Error::Corrupt`], saying so.
 /// Temporary directories of unfinished saves (and files in them) are never opened.
@@ -181,6 +184,22 @@ fn locate(path: &Path) -> Result<Found> {
     if !meta.is_file() {
         return Err(not_checkpoint("neither a directory nor a regular file".to_owned()));
     }
+    let given_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if given_name.ends_with(INDEX_SUFFIX) {
+        // The index of the directory it is in, as given (a linked index, as in a cache
+        // snapshot, is read; the shards beside it are members, never followed).
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if temporary(parent) {
+            return Err(not_checkpoint("a file of an unfinished save's temporary directory".to_owned()));
+        }
+        let dir = Dir::open(parent)?;
+        let bytes = read_given_file(path, MAX_INDEX_LEN)?;
+        let index = check_index(&dir, given_name, &bytes)?;
+        return Ok(Found::Index { dir, name: given_name.to_owned(), index });
+    }
     let real = std::fs::canonicalize(path).map_err(|e| Error::io("resolve", path, e))?;
     let (Some(parent), Some(name)) = (real.parent(), real.file_name()) else {
         return Err(not_checkpoint("not a file in a directory".to_owned()));
@@ -192,10 +211,6 @@ fn locate(path: &Path) -> Result<Found> {
         return Err(not_checkpoint("a file of an unfinished save's temporary directory".to_owned()));
     }
     let dir = Dir::open(parent)?;
-    if name.ends_with(INDEX_SUFFIX) {
-        let index = read_index(&dir, &name)?;
-        return Ok(Found::Index { dir, name, index });
-    }
     Ok(Found::File { dir, name })
 }
 
@@ -263,11 +278,49 @@ fn scan(dir: Dir) -> Result<Found> {
     Ok(Found::Dir { dir, names: shards })
 }
 
-/// Reads and parses the index `name` (capped at [`MAX_INDEX_LEN`]).
+/// Reads and parses the index `name` of `dir` (a member: capped at [`MAX_INDEX_LEN`], never
+/// through a link).
 fn read_index(dir: &Dir, name: &str) -> Result<SafetensorsIndex> {
-    let corrupt = |reason: String| Error::Corrupt { path: dir.path().to_path_buf(), reason };
     let bytes = dir.read_file(name, MAX_INDEX_LEN).map_err(|e| member_error(dir, name, e))?;
-    let index = parse_index(&bytes).map_err(|e| corrupt(format!("{name}: {e}")))?;
+    check_index(dir, name, &bytes)
+}
+
+/// Reads the file the caller named (links followed: the caller's own argument), a regular
+/// file of at most `max` bytes.
+fn read_given_file(path: &Path, max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
+    let too_large = |len: u64| Error::Corrupt {
+        path: path.to_path_buf(),
+        reason: format!("{len} bytes or more, more than the {max} allowed for an index"),
+    };
+    if !meta.is_file() {
+        return Err(Error::NotACheckpoint {
+            path: path.to_path_buf(),
+            reason: "not a regular file".to_owned(),
+        });
+    }
+    if meta.len() > max {
+        return Err(too_large(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| Error::io("read", path, e))?;
+    if bytes.len() as u64 > max {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// Parses the index `name` of `dir` and checks its number of files.
+fn check_index(dir: &Dir, name: &str, bytes: &[u8]) -> Result<SafetensorsIndex> {
+    let corrupt = |reason: String| Error::Corrupt { path: dir.path().to_path_buf(), reason };
+    let index = parse_index(bytes).map_err(|e| corrupt(format!("{name}: {e}")))?;
     let files = index.files().len();
     if files > MAX_FOREIGN_SHARDS {
         return Err(corrupt(format!(
@@ -341,23 +394,6 @@ fn synthesize(
             if let Some(first) = weight_map.get(&tensor.name) {
                 return Err(corrupt(format!("tensor {:?} is in both {first} and {name}", tensor.name)));
             }
-            if let Some((index_name, index)) = index {
-                match index.weight_map.get(&tensor.name) {
-                    Some(mapped) if mapped == name => {}
-                    Some(mapped) => {
-                        return Err(corrupt(format!(
-                            "tensor {:?} is in {name}, but {index_name} maps it to {mapped}",
-                            tensor.name
-                        )))
-                    }
-                    None => {
-                        return Err(corrupt(format!(
-                            "{name} holds tensor {:?}, which {index_name} does not map",
-                            tensor.name
-                        )))
-                    }
-                }
-            }
             weight_map.insert(tensor.name.clone(), name.clone());
             total_size = total_size
                 .checked_add(tensor.len())
@@ -369,6 +405,21 @@ fn synthesize(
         shards.push(info);
     }
     if let Some((index_name, index)) = index {
+        for (tensor, found) in &weight_map {
+            match index.weight_map.get(tensor) {
+                Some(mapped) if mapped == found => {}
+                Some(mapped) => {
+                    return Err(corrupt(format!(
+                        "tensor {tensor:?} is in {found}, but {index_name} maps it to {mapped}"
+                    )))
+                }
+                None => {
+                    return Err(corrupt(format!(
+                        "{found} holds tensor {tensor:?}, which {index_name} does not map"
+                    )))
+                }
+            }
+        }
         if let Some((tensor, file)) = index.weight_map.iter().find(|(t, _)| !weight_map.contains_key(*t)) {
             return Err(corrupt(format!(
                 "{index_name} maps tensor {tensor:?} to {file}, which does not hold it"
