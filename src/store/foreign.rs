@@ -224,38 +224,42 @@ fn scan(dir: Dir) -> Result<Found> {
     };
     let mut indexes = Vec::new();
     let mut shards = Vec::new();
+    // The first index or shard name that cannot be read by name: refused, never skipped,
+    // unless the index named `model.safetensors.index.json` decides what is read.
+    let mut unreadable: Option<String> = None;
     for entry in &entries {
         let bytes = entry.as_bytes();
         let is_index = bytes.ends_with(INDEX_SUFFIX.as_bytes());
         if bytes.starts_with(b".") || !(is_index || bytes.ends_with(b".safetensors")) {
             continue; // hidden, or not ours to read
         }
-        let plain = entry.to_str().filter(|name| is_index || check_shard_name(name).is_ok());
-        let Some(name) = plain else {
-            return Err(corrupt(format!(
-                "{} is not a plain UTF-8 file name; refusing to read the directory without it",
-                entry.to_string_lossy()
-            )));
-        };
-        if is_index {
-            indexes.push(name.to_owned());
-        } else {
-            shards.push(name.to_owned());
+        match entry.to_str().filter(|name| is_index || check_shard_name(name).is_ok()) {
+            Some(name) if is_index => indexes.push(name.to_owned()),
+            Some(name) => shards.push(name.to_owned()),
+            None => {
+                unreadable.get_or_insert_with(|| entry.to_string_lossy().into_owned());
+            }
         }
     }
     indexes.sort_unstable();
     let chosen = match indexes.iter().position(|n| n == HF_INDEX_FILE) {
         Some(i) => Some(indexes.swap_remove(i)),
-        None if indexes.len() == 1 => indexes.pop(),
-        None if indexes.is_empty() => None,
         None => {
-            return Err(Error::NotACheckpoint {
-                path: dir.path().to_path_buf(),
-                reason: format!(
-                    "it holds several safetensors indexes ({}); pass the one to read as the path",
-                    indexes.join(", ")
-                ),
-            })
+            if let Some(name) = unreadable {
+                return Err(corrupt(format!(
+                    "{name} is not a plain UTF-8 file name; refusing to read the directory without it"
+                )));
+            }
+            if indexes.len() > 1 {
+                return Err(Error::NotACheckpoint {
+                    path: dir.path().to_path_buf(),
+                    reason: format!(
+                        "it holds several safetensors indexes ({}); pass the one to read as the path",
+                        indexes.join(", ")
+                    ),
+                });
+            }
+            indexes.pop()
         }
     };
     if let Some(name) = chosen {

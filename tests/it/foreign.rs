@@ -8,6 +8,7 @@
 use crate::common;
 
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -561,6 +562,19 @@ fn broken_files_are_refused_naming_the_file() {
     fs::write(ck.join("a.safetensors"), &good).expect("write");
     fs::write(ck.join("b.safetensors"), &good[..20]).expect("write");
     assert_refused(&ck, "one broken shard", format_of("b.safetensors", |_| true));
+
+    // A shard name that cannot be opened by name is refused, not skipped...
+    let ck = root.join("odd-name");
+    fs::create_dir(&ck).expect("mkdir");
+    fs::write(ck.join("a.safetensors"), &good).expect("write");
+    let odd = std::ffi::OsStr::from_bytes(b"b\xff.safetensors");
+    fs::write(ck.join(odd), &good).expect("write");
+    assert_refused(&ck, "non-UTF-8 shard name", corrupt_saying(&["not a plain UTF-8 file name"]));
+    // ... unless the index decides what is read.
+    let index = serde_json::json!({"weight_map": {"a": "a.safetensors", "b": "a.safetensors"}});
+    fs::write(ck.join("model.safetensors.index.json"), serde_json::to_vec(&index).expect("json"))
+        .expect("index");
+    load(&small_config(EngineKind::Buffered), &ck).expect("the index names a.safetensors only");
 
     // Nothing to read: said so.
     let empty = root.join("empty");
