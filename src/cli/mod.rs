@@ -252,7 +252,6 @@ fn parse_size_arg(s: &str) -> Result<u64> {
     parse_size(s).map_err(|e| CliError::msg(e.to_string().replace("invalid configuration: ", "")))
 }
 
-/// Checks that `dir` exists and is a directory (for subcommands that read one).
 /// Checks that `path` exists and is a directory or a file (a checkpoint of ours, a
 /// safetensors directory or Hugging Face index, or one `.safetensors` file).
 fn existing_checkpoint_path(path: &Path) -> Result<()> {
@@ -263,6 +262,7 @@ fn existing_checkpoint_path(path: &Path) -> Result<()> {
     }
 }
 
+/// Checks that `dir` exists and is a directory (for subcommands that read one).
 fn existing_dir(dir: &Path) -> Result<()> {
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => Ok(()),
