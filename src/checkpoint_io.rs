@@ -37,7 +37,9 @@ pub trait CheckpointIO: Send + Sync {
         on_staged();
         result
     }
-    /// Reads the checkpoint at `path`.
+    /// Reads the checkpoint at `path`. [`UringCheckpointIO`] also reads any safetensors
+    /// checkpoint there: one `.safetensors` file, a directory of them, or a Hugging Face
+    /// directory with a `model.safetensors.index.json` ([`crate::store::open_any`]).
     fn load_checkpoint(&self, path: &Path, options: &LoadOptions) -> Result<LoadedCheckpoint>;
     /// Deletes the checkpoint at `path` (atomically: it disappears as a whole). A missing
     /// path is not an error; a directory that is not a checkpoint is refused.

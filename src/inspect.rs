@@ -1,5 +1,9 @@
 //! Looking at a checkpoint without loading it: `inspect` (manifest and shard headers) and
 //! `verify` (structure plus every tensor's CRC-32, one shard in memory at a time).
+//!
+//! Both take any safetensors checkpoint [`open_any`] recognises: ours, a single
+//! `.safetensors` file, a directory of them, a Hugging Face index. [`verify_ours`] takes
+//! checkpoints of ours only (what retention may pick as the latest).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,6 +14,7 @@ use crate::format::{Dtype, Manifest};
 use crate::io::open_reader;
 use crate::load::{check_weight_map, open_checkpoint, open_shard, segment_len, ShardRead};
 use crate::report::mib_per_s;
+use crate::store::{open_any, CheckpointKind, Opened};
 
 /// One tensor as a shard header describes it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -31,17 +36,20 @@ pub struct TensorInfo {
 /// What `inspect` finds.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CheckpointInfo {
-    /// The checkpoint directory.
+    /// The path inspected (a directory, or a single file).
     pub path: PathBuf,
-    /// Its manifest.
+    /// What kind of checkpoint it is.
+    pub kind: CheckpointKind,
+    /// Its manifest (synthesized from the shard headers for a foreign checkpoint).
     pub manifest: Manifest,
     /// Every tensor, shard by shard in file order.
     pub tensors: Vec<TensorInfo>,
 }
 
-/// Reads the manifest and every shard header (checking sizes and header CRCs).
+/// Reads the manifest and every shard header (checking sizes and header CRCs) of the
+/// checkpoint at `dir`, of any kind ([`open_any`]).
 pub fn inspect(config: &Config, dir: &Path) -> Result<CheckpointInfo> {
-    let (handle, manifest) = open_checkpoint(dir)?;
+    let Opened { dir: handle, manifest, kind } = open_any(dir)?;
     let mut reader = open_reader(config, dir)?;
     let mut tensors = Vec::new();
     for info in &manifest.shards {
@@ -58,12 +66,14 @@ pub fn inspect(config: &Config, dir: &Path) -> Result<CheckpointInfo> {
         }
         reader.close(shard.file);
     }
-    Ok(CheckpointInfo { path: dir.to_path_buf(), manifest, tensors })
+    Ok(CheckpointInfo { path: dir.to_path_buf(), kind, manifest, tensors })
 }
 
 /// What `verify` checked.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct VerifyReport {
+    /// What kind of checkpoint was verified.
+    pub kind: CheckpointKind,
     /// Shards read.
     pub shards: usize,
     /// Tensors whose CRC matched.
@@ -81,14 +91,36 @@ pub struct VerifyReport {
 }
 
 /// Checks the manifest, every shard's size, header and header CRC, the weight map, and
-/// every tensor's CRC. Stops at the first problem, which the error names. `progress` is
-/// called with the bytes read so far after each shard.
-pub fn verify(config: &Config, dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport> {
+/// every tensor's CRC, of a checkpoint of any kind ([`open_any`]): tensors without a stored
+/// CRC (files not written by uring-ckpt) are checked for structure and size only, and
+/// counted in [`VerifyReport::tensors_without_crc`]. Stops at the first problem, which the
+/// error names. `progress` is called with the bytes read so far after each shard.
+pub fn verify(config: &Config, dir: &Path, progress: impl FnMut(u64, u64)) -> Result<VerifyReport> {
+    let started = Instant::now();
+    verify_opened(config, dir, open_any(dir)?, started, progress)
+}
+
+/// [`verify`] for checkpoints of ours only: anything without a `manifest.json` of ours is
+/// [`Error::NotACheckpoint`] (what [`crate::retention::latest_valid`] may choose from).
+pub fn verify_ours(config: &Config, dir: &Path, progress: impl FnMut(u64, u64)) -> Result<VerifyReport> {
     let started = Instant::now();
     let (handle, manifest) = open_checkpoint(dir)?;
+    let opened = Opened { dir: handle, manifest, kind: CheckpointKind::UringCkpt };
+    verify_opened(config, dir, opened, started, progress)
+}
+
+fn verify_opened(
+    config: &Config,
+    dir: &Path,
+    opened: Opened,
+    started: Instant,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<VerifyReport> {
+    let Opened { dir: handle, manifest, kind } = opened;
     let total: u64 = manifest.shards.iter().map(|s| s.size).sum();
     let mut reader = open_reader(config, dir)?;
     let mut report = VerifyReport {
+        kind,
         shards: 0,
         tensors: 0,
         tensors_without_crc: 0,

@@ -17,7 +17,8 @@
 //!   written and fsynced, renamed over `latest`, and the directory fsynced. Call it after
 //!   [`save_checkpoint`](crate::CheckpointIO::save_checkpoint) returned, which is when the
 //!   commit is durable. [`read_latest`] reads the pointer; [`latest_valid`] finds the newest
-//!   checkpoint that passes [`verify`](crate::inspect::verify), trying the pointer first.
+//!   checkpoint of ours that passes [`verify_ours`](crate::inspect::verify_ours), trying the
+//!   pointer first (a foreign safetensors directory is never the latest).
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -206,10 +207,12 @@ pub fn read_latest(parent: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(parent.join(name)))
 }
 
-/// The newest checkpoint of `parent` that passes [`verify`](crate::inspect::verify): the one
-/// `latest` names if it does, else the newest committed one that does. `None` if none does.
+/// The newest checkpoint of ours in `parent` that passes
+/// [`verify_ours`](crate::inspect::verify_ours): the one `latest` names if it does, else the
+/// newest committed one that does. `None` if none does. A directory without a manifest of
+/// ours (a plain safetensors directory) never counts, even when `latest` names it.
 pub fn latest_valid(config: &Config, parent: &Path) -> Result<Option<PathBuf>> {
-    let ok = |path: &Path| match crate::inspect::verify(config, path, |_, _| {}) {
+    let ok = |path: &Path| match crate::inspect::verify_ours(config, path, |_, _| {}) {
         Ok(_) => true,
         Err(e) => {
             log::warn!("skipping {}: {e}", path.display());

@@ -32,10 +32,18 @@ def test_missing_path(tmp_path):
 
 def test_directory_without_manifest(tmp_path):
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "junk.safetensors").write_bytes(b"x")
+    (tmp_path / "d" / "junk.bin").write_bytes(b"x")
     for fn in (uring_ckpt.load, uring_ckpt.verify, uring_ckpt.inspect):
         with pytest.raises(uring_ckpt.NotACheckpointError, match="manifest"):
             fn(tmp_path / "d")
+    # With a *.safetensors file it is read as a safetensors directory
+    # (test_safetensors_load.py): this one's header is junk, and the error names the file.
+    (tmp_path / "d" / "junk.safetensors").write_bytes(b"x")
+    for fn in (uring_ckpt.load, uring_ckpt.verify, uring_ckpt.inspect):
+        with pytest.raises(uring_ckpt.CorruptCheckpointError, match="junk.safetensors"):
+            fn(tmp_path / "d")
+    with pytest.raises(uring_ckpt.NotACheckpointError, match="refusing to delete"):
+        uring_ckpt.remove(tmp_path / "d")
 
 
 def test_a_file_is_not_a_checkpoint(tmp_path):

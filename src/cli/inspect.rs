@@ -1,14 +1,16 @@
-//! `uring-ckpt inspect`: tensors, shards and metadata of a checkpoint.
+//! `uring-ckpt inspect`: tensors, shards and metadata of a checkpoint (ours, a safetensors
+//! file or directory, a Hugging Face index).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::{existing_dir, mib, single_config, CliError, GlobalOpts, Result};
+use super::{existing_checkpoint_path, mib, single_config, CliError, GlobalOpts, Result};
 
 /// Arguments of `inspect`.
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, directory of *.safetensors files (with or without a Hugging
+    /// Face model.safetensors.index.json), or one .safetensors file.
     dir: PathBuf,
     /// Print everything as JSON.
     #[arg(long)]
@@ -16,9 +18,10 @@ pub struct InspectArgs {
 }
 
 pub fn run(global: &GlobalOpts, args: InspectArgs) -> Result<()> {
-    existing_dir(&args.dir)?;
+    existing_checkpoint_path(&args.dir)?;
     let config = single_config(global)?;
     let info = uring_ckpt::inspect::inspect(&config, &args.dir)?;
+    let kind = info.kind.describe(info.manifest.shards.len());
     if args.json {
         let json = serde_json::to_string_pretty(&info)
             .map_err(|e| CliError::msg(format!("cannot encode as JSON: {e}")))?;
@@ -55,6 +58,7 @@ pub fn run(global: &GlobalOpts, args: InspectArgs) -> Result<()> {
     let file_bytes: u64 = info.manifest.shards.iter().map(|s| s.size).sum();
     let data_bytes: u64 = info.tensors.iter().map(|t| t.bytes).sum();
     println!();
+    println!("kind: {kind}");
     println!(
         "total: {} tensors, {} data bytes ({}), {} shard(s) of {} bytes ({})",
         info.tensors.len(),

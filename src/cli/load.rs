@@ -1,4 +1,5 @@
-//! `uring-ckpt load`: read a checkpoint and report how the reads went.
+//! `uring-ckpt load`: read a checkpoint (ours, a safetensors file or directory, a Hugging
+//! Face index) and report how the reads went.
 
 use std::path::PathBuf;
 
@@ -7,13 +8,15 @@ use uring_ckpt::source::SimulatedDevice;
 use uring_ckpt::{CheckpointIO, LoadOptions, LoadReport, UringCheckpointIO};
 
 use super::{
-    engine_line, existing_dir, latency_line, mib, print_fallbacks, single_config, GlobalOpts, Result,
+    engine_line, existing_checkpoint_path, latency_line, mib, print_fallbacks, single_config, GlobalOpts,
+    Result,
 };
 
 /// Arguments of `load`.
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, directory of *.safetensors files (with or without a Hugging
+    /// Face model.safetensors.index.json), or one .safetensors file.
     dir: PathBuf,
     /// Load only these tensors (comma-separated names).
     #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
@@ -45,7 +48,9 @@ enum Into {
 }
 
 pub fn run(global: &GlobalOpts, args: LoadArgs) -> Result<()> {
-    existing_dir(&args.dir)?;
+    existing_checkpoint_path(&args.dir)?;
+    // What it is, for the summary (reads a manifest or index at most, no shard).
+    let (kind, shards) = uring_ckpt::store::identify(&args.dir)?;
     let config = single_config(global)?;
     let io = UringCheckpointIO::new(config.clone())?;
     let options = LoadOptions { names: args.names.clone(), verify: args.no_verify.then_some(false) };
@@ -87,22 +92,35 @@ pub fn run(global: &GlobalOpts, args: LoadArgs) -> Result<()> {
         println!("{json}");
         return Ok(());
     }
-    print_report(&args, &r, tensors, peak, config.staging_pool_size);
+    print_report(&args, &r, (kind, shards), tensors, peak, config.staging_pool_size);
     Ok(())
 }
 
-fn print_report(args: &LoadArgs, r: &LoadReport, tensors: usize, peak: Option<u64>, pool: u64) {
+fn print_report(
+    args: &LoadArgs,
+    r: &LoadReport,
+    (kind, shards): (uring_ckpt::store::CheckpointKind, usize),
+    tensors: usize,
+    peak: Option<u64>,
+    pool: u64,
+) {
     let into = match args.into {
         Into::Fresh => "fresh host memory".to_owned(),
         Into::Host => "existing host memory, in place".to_owned(),
         Into::SimDevice => format!("a simulated device at {} GiB/s", args.device_gib_s),
     };
     println!("loaded {} into {into}", args.dir.display());
+    println!("  kind         {}", kind.describe(shards));
     println!("  tensors      {tensors}");
     println!("  bytes        {} tensor bytes, {} read ({})", r.data_bytes, r.read_bytes, mib(r.read_bytes));
     println!("  time         {:.3} s", r.seconds);
     println!("  throughput   {:.1} MiB/s", r.throughput_mib_s);
-    println!("  verified     {}", if r.verified { "every tensor's CRC-32" } else { "no" });
+    let verified = match (r.verified, kind) {
+        (false, _) => "no",
+        (true, uring_ckpt::store::CheckpointKind::UringCkpt) => "every tensor's CRC-32",
+        (true, _) => "every stored CRC-32 (files not written by uring-ckpt store none; their structure and sizes are checked)",
+    };
+    println!("  verified     {verified}");
     println!("  engine       {}", engine_line(&r.engine));
     print_fallbacks(&r.engine);
     println!("  read lat.    {}", latency_line(&r.read_latency, None));

@@ -252,6 +252,16 @@ fn parse_size_arg(s: &str) -> Result<u64> {
     parse_size(s).map_err(|e| CliError::msg(e.to_string().replace("invalid configuration: ", "")))
 }
 
+/// Checks that `path` exists and is a directory or a file (a checkpoint of ours, a
+/// safetensors directory or Hugging Face index, or one `.safetensors` file).
+fn existing_checkpoint_path(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() || m.is_file() => Ok(()),
+        Ok(_) => Err(CliError::msg(format!("{} is neither a directory nor a regular file", path.display()))),
+        Err(e) => Err(CliError::msg(format!("cannot open {}: {e}", path.display()))),
+    }
+}
+
 /// Checks that `dir` exists and is a directory (for subcommands that read one).
 fn existing_dir(dir: &Path) -> Result<()> {
     match std::fs::metadata(dir) {

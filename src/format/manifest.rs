@@ -217,8 +217,10 @@ fn is_plain_file_name(name: &str) -> bool {
         && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control())
 }
 
-/// Whether `name` is a plain `*.safetensors` file name that stays inside the directory.
-fn check_shard_name(name: &str) -> Result<(), FormatError> {
+/// Whether `name` is a plain `*.safetensors` file name that stays inside the directory: 1 to
+/// 255 bytes, no `/`, `\`, NUL or other control character, not starting with `.`, ending
+/// with `.safetensors`.
+pub fn check_shard_name(name: &str) -> Result<(), FormatError> {
     if is_plain_file_name(name) && name.ends_with(".safetensors") {
         Ok(())
     } else {

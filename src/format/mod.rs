@@ -5,11 +5,13 @@
 //! upstream `safetensors` library loads it unchanged. Per-tensor CRC-32 values live in the
 //! header's `__metadata__` under `"crc32:<tensor name>"`.
 //!
-//! [`encode_header`] builds the file prefix, [`parse_header`] checks one strictly, and
-//! [`Manifest`] describes a whole checkpoint directory.
+//! [`encode_header`] builds the file prefix, [`parse_header`] checks one strictly,
+//! [`Manifest`] describes a whole checkpoint directory, and [`parse_index`] reads the
+//! `model.safetensors.index.json` of a sharded Hugging Face checkpoint.
 
 pub mod dtype;
 pub mod header;
+pub mod index;
 pub mod manifest;
 
 pub use dtype::{Dtype, ParseDtypeError};
@@ -17,9 +19,10 @@ pub use header::{
     encode_header, header_prefix_len, parse_header, ParsedHeader, ShardLayout, TensorEntry, TensorSpec,
     CRC_KEY_PREFIX, DATA_ALIGN, MAX_HEADER_LEN,
 };
+pub use index::{parse_index, SafetensorsIndex, HF_INDEX_FILE, INDEX_SUFFIX, MAX_INDEX_LEN};
 pub use manifest::{
-    check_extra_file_name, ExtraFileInfo, Manifest, ShardInfo, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
-    MAX_MANIFEST_LEN,
+    check_extra_file_name, check_shard_name, ExtraFileInfo, Manifest, ShardInfo, FORMAT_NAME, FORMAT_VERSION,
+    MANIFEST_FILE, MAX_MANIFEST_LEN,
 };
 
 /// Why a header or manifest is invalid (or why a layout cannot be encoded).
@@ -195,6 +198,10 @@ pub enum FormatError {
         /// The cap.
         max: u64,
     },
+    /// A `*.safetensors.index.json` is malformed (too large, no or an empty `weight_map`, a
+    /// `total_size` that is not a whole number); the message says how.
+    #[error("invalid safetensors index: {0}")]
+    BadIndex(String),
     /// A manifest's `format` is not [`FORMAT_NAME`].
     #[error("manifest format is {0:?}, expected \"uring-ckpt\"")]
     WrongFormat(String),

@@ -98,6 +98,45 @@ impl Dir {
         member_name(name).is_ok_and(|c| self.stat_entry(&c).is_ok())
     }
 
+    /// Whether the entry `name` is a symbolic link (none is ever followed; this only says
+    /// why an open was refused).
+    pub fn is_symlink(&self, name: &str) -> bool {
+        member_name(name)
+            .ok()
+            .and_then(|c| self.stat_entry(&c).ok())
+            .is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
+    }
+
+    /// The names of the entries in the directory (of every kind, `.` and `..` left out),
+    /// listed through the descriptor held (not the path, which may have changed since), in
+    /// no particular order. At most `max` names are returned; `Ok(None)` says there were
+    /// more.
+    pub fn names(&self, max: usize) -> Result<Option<Vec<std::ffi::OsString>>> {
+        use nix::fcntl::OFlag;
+        use std::os::unix::ffi::OsStrExt;
+        let listing = |e: nix::Error| Error::io("list directory", &self.path, io::Error::from(e));
+        let mut dir = nix::dir::Dir::openat(
+            Some(self.fd.as_raw_fd()),
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(listing)?;
+        let mut names = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry.map_err(listing)?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            if names.len() == max {
+                return Ok(None);
+            }
+            names.push(std::ffi::OsStr::from_bytes(name).to_owned());
+        }
+        Ok(Some(names))
+    }
+
     /// Opens the regular file `name` for reading (with O_DIRECT when `direct`) and returns
     /// it with its length. A link, a directory, a FIFO, a device or a socket at `name` is an
     /// [`Error::Corrupt`] naming what was found; a missing file is an I/O error
@@ -332,6 +371,21 @@ mod tests {
         assert!(why.contains("symbolic link"), "{why}");
         assert_eq!(std::fs::read(outside.path().join("secret")).unwrap(), b"12345678");
         assert!(reason(dir.create_file("sub", false).unwrap_err()).contains("directory"));
+    }
+
+    #[test]
+    fn names_are_listed_through_the_descriptor() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("a"), b"").unwrap();
+        std::fs::create_dir(tmp.path().join("sub")).unwrap();
+        symlink("/etc/hostname", tmp.path().join("link")).unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let mut names = dir.names(10).unwrap().unwrap();
+        names.sort();
+        assert_eq!(names, ["a", "link", "sub"].map(std::ffi::OsString::from));
+        assert_eq!(dir.names(2).unwrap(), None, "more than max");
+        assert!(dir.is_symlink("link"));
+        assert!(!dir.is_symlink("a") && !dir.is_symlink("sub") && !dir.is_symlink("missing"));
     }
 
     #[test]

@@ -29,7 +29,6 @@ use crate::io::stream::{Feed, ReadFeed, StreamRead};
 use crate::io::{open_reader, PoolBuf, Reader, StagingPool};
 use crate::report::{mib_per_s, LoadReport};
 use crate::sink::{SinkWriter, TensorMeta, TensorSink};
-use crate::store::open_checkpoint;
 
 /// Ranges closer than this are read as one (reading the gap costs less than another read).
 const COALESCE_GAP: u64 = 1 << 20;
@@ -86,7 +85,7 @@ pub fn load_into(
     sink: &dyn TensorSink,
 ) -> Result<LoadIntoReport> {
     let started = Instant::now();
-    let (handle, manifest) = open_checkpoint(dir)?;
+    let crate::store::Opened { dir: handle, manifest, .. } = crate::store::open_any(dir)?;
     let verify = options.verify.unwrap_or(config.verify_on_load);
     let wanted: Option<HashSet<&str>> =
         options.names.as_ref().map(|n| n.iter().map(String::as_str).collect());

@@ -38,7 +38,7 @@ pub struct LoadOptions {
 /// Loads the checkpoint at `dir`.
 pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<LoadedCheckpoint> {
     let started = Instant::now();
-    let (handle, manifest) = open_checkpoint(dir)?;
+    let crate::store::Opened { dir: handle, manifest, .. } = crate::store::open_any(dir)?;
     let verify = options.verify.unwrap_or(config.verify_on_load);
     let wanted: Option<HashSet<&str>> =
         options.names.as_ref().map(|n| n.iter().map(String::as_str).collect());

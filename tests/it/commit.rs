@@ -73,10 +73,16 @@ fn directory_without_manifest_is_not_a_checkpoint() {
     let dir = scratch();
     let fake = dir.path().join("fake");
     fs::create_dir(&fake).expect("mkdir");
-    fs::write(fake.join("x.safetensors"), b"junk").expect("write");
+    fs::write(fake.join("notes.txt"), b"junk").expect("write");
     let io = UringCheckpointIO::new(small_config(EngineKind::Uring)).expect("config");
     let err = io.load_checkpoint(&fake, &LoadOptions::default()).expect_err("no manifest");
     assert!(matches!(err, Error::NotACheckpoint { .. }), "{err}");
+    // With a *.safetensors file it is read as a plain safetensors directory (tests/it/foreign.rs):
+    // this one's header is junk, and the error names the file.
+    fs::write(fake.join("x.safetensors"), b"junk").expect("write");
+    let err = io.load_checkpoint(&fake, &LoadOptions::default()).expect_err("junk shard");
+    assert!(matches!(&err, Error::Format { path, .. } if path.ends_with("x.safetensors")), "{err}");
+    // Either way it is not a checkpoint of ours: never removed.
     let err = io.remove_checkpoint(&fake).expect_err("must refuse to delete a non-checkpoint");
     assert!(matches!(err, Error::NotACheckpoint { .. }), "{err}");
     assert!(fake.join("x.safetensors").exists());

@@ -308,10 +308,18 @@ fn cases() -> Vec<Case> {
     );
 
     // Manifests.
+    // Without its manifest the directory reads as a plain safetensors directory
+    // (tests/it/foreign.rs), whose stored CRCs are still checked.
     add(
-        "manifest missing",
-        Box::new(|ck| fs::remove_file(ck.join(MANIFEST_FILE)).expect("rm")),
-        Box::new(|e| matches!(e, Error::NotACheckpoint { .. })),
+        "manifest missing and a tensor byte flipped",
+        Box::new(|ck| {
+            fs::remove_file(ck.join(MANIFEST_FILE)).expect("rm");
+            let mut file = fs::read(ck.join(SHARD)).expect("read");
+            let last = file.len() - 1;
+            file[last] ^= 0x40;
+            fs::write(ck.join(SHARD), &file).expect("write");
+        }),
+        Box::new(|e| matches!(e, Error::Crc { tensor, .. } if tensor == "c")),
     );
     add(
         "manifest empty",

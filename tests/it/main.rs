@@ -28,6 +28,7 @@ mod config;
 mod cuda;
 mod extra_files;
 mod fallback;
+mod foreign;
 mod format_corpus;
 mod format_proptest;
 mod fs_matrix;

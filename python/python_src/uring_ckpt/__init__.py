@@ -9,6 +9,12 @@ directory appears under its name atomically, once everything in it is durable.
 >>> uring_ckpt.save({"model": model.state_dict(), "step": 10}, "ckpt/step-10")  # doctest: +SKIP
 >>> state = uring_ckpt.load("ckpt/step-10")                                   # doctest: +SKIP
 
+Any safetensors checkpoint loads the same way, as a flat dict of tensors: one
+``.safetensors`` file, a directory of them, or a Hugging Face directory with
+``model.safetensors.index.json``:
+
+>>> weights = uring_ckpt.load_safetensors("Llama-3-8B/")                      # doctest: +SKIP
+
 The GIL is released while bytes move to or from the disk. During a synchronous ``save`` the
 tensors are written from their own memory (no copy); changing them from another Python
 thread meanwhile races with the write, as it would with ``torch.save``. Use
@@ -33,10 +39,10 @@ from __future__ import annotations
 #   _pytree/       state <-> tensor entries + sidecar: _format, _flatten, _restore
 #   _common        argument types, config coercion, the writer cache, save arguments/report
 #   _into          load_into (in place), loads straight into CUDA memory
-#   _api           save, load, remove, verify, inspect
+#   _api           save, load, load_safetensors, remove, verify, inspect
 #   _async         AsyncSaver, SaveFuture
 #   lightning      the Lightning CheckpointIO plugins (imported by the user, not here)
-from ._api import inspect, load, remove, save, verify
+from ._api import inspect, load, load_safetensors, remove, save, verify
 from ._into import LoadIntoResult, load_into
 from ._async import AsyncSaver, SaveFuture
 from ._common import ConfigLike as ConfigLike  # the types of the public signatures
@@ -79,6 +85,7 @@ __all__ = [
     "inspect",
     "load",
     "load_into",
+    "load_safetensors",
     "remove",
     "save",
     "verify",

@@ -1,5 +1,6 @@
-"""The synchronous functions: :func:`save`, :func:`load`, :func:`remove`, :func:`verify` and
-:func:`inspect` (re-exported by the package; see its docstring)."""
+"""The synchronous functions: :func:`save`, :func:`load`, :func:`load_safetensors`,
+:func:`remove`, :func:`verify` and :func:`inspect` (re-exported by the package; see its
+docstring)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ def load(
     """Loads the checkpoint at ``path`` and rebuilds the structure that was saved, tensors as
     torch tensors when torch is importable (numpy otherwise; numpy arrays stay numpy).
 
+    ``path`` may also be any safetensors checkpoint (see :func:`load_safetensors`): it has
+    no saved structure, so a flat dict of its tensors comes back.
+
     ``device``: where torch tensors go (``"cpu"``, ``"cuda:0"``, a ``torch.device``, a dict
     mapping saved device names to new ones, or None for the device each tensor was saved
     from). ``names``: load only these tensors (their flattened names, e.g.
@@ -106,6 +110,47 @@ def load(
     return _pytree.unflatten(sidecar, restorer, weights_only=weights_only)
 
 
+def load_safetensors(
+    path: PathLike,
+    *,
+    device: Any = "cpu",
+    names: list[str] | None = None,
+    verify: bool = True,
+    config: ConfigLike = None,
+) -> dict[str, Any]:
+    """Loads the tensors of any safetensors checkpoint at ``path`` as a flat dict of name to
+    torch tensor (numpy array without torch), through the same io_uring/O_DIRECT reads as
+    :func:`load`. ``path`` is one of:
+
+    - a ``.safetensors`` file (a link to one is followed);
+    - a directory of ``*.safetensors`` files (all of them, sorted by name);
+    - a Hugging Face directory with ``model.safetensors.index.json`` (exactly the files its
+      ``weight_map`` names; each tensor must be in the file the index says, and the index's
+      ``total_size`` must be the tensors' byte total), or that index file itself;
+    - a checkpoint of ours (its tensors only, by their stored names; the rest of a saved
+      structure is not rebuilt: use :func:`load` for that).
+
+    Files in a directory are never read through a symbolic link: a Hugging Face cache
+    snapshot (``.../snapshots/<revision>/``, whose files link into ``../../blobs``) raises
+    :class:`CorruptCheckpointError` saying so; download with
+    ``huggingface_hub.snapshot_download(repo_id, local_dir=...)`` for plain files, or pass
+    one linked file itself. A file that disagrees with the index, or whose header does not
+    parse, raises :class:`CorruptCheckpointError` naming the file and tensor.
+
+    ``device``: where the tensors go (``"cpu"``, ``"cuda:0"``, a ``torch.device``).
+    ``names``: load only these tensors (others are not read); an unknown name raises
+    :class:`TensorNotFoundError`. ``verify``: check the CRC-32 of every tensor that has one
+    stored (files written by uring-ckpt); files written by others have none, and their
+    structure and sizes are always checked. Loaded CPU tensors use the read buffers
+    directly (no copy) and are writable.
+    """
+    where = os.fspath(path)
+    tensors, _metadata, _extras, _report = cached_writer(config).load(where, names, verify)
+    buffers = {name: (dtype, shape, buf) for name, dtype, shape, buf in tensors}
+    restorer = _pytree.Restorer(buffers, device, where=where)
+    return {name: restorer.plain(name) for name in (names if names is not None else buffers)}
+
+
 def remove(path: PathLike, *, config: ConfigLike = None) -> None:
     """Deletes the checkpoint at ``path`` atomically (renamed away, then deleted). A missing
     path is not an error; a directory that is not a checkpoint is refused
@@ -116,16 +161,21 @@ def remove(path: PathLike, *, config: ConfigLike = None) -> None:
 def verify(path: PathLike, *, config: ConfigLike = None) -> dict[str, Any]:
     """Checks the manifest, every shard, every tensor's CRC-32 and the sidecar; raises
     :class:`CorruptCheckpointError` (or :class:`NotACheckpointError`) at the first problem;
-    returns what was checked."""
+    returns what was checked (``kind``: ``"uring_ckpt"``, ``"safetensors_file"``,
+    ``"safetensors_dir"`` or ``"hugging_face_index"``; ``tensors``: those whose CRC matched;
+    ``tensors_without_crc``: those of files not written by uring-ckpt, checked for
+    structure and size only). ``path`` may be any safetensors checkpoint
+    (:func:`load_safetensors`)."""
     result: dict[str, Any] = json.loads(cached_writer(config).verify(os.fspath(path)))
     return result
 
 
 def inspect(path: PathLike, *, config: ConfigLike = None) -> dict[str, Any]:
-    """The manifest and every tensor's name, dtype, shape, size and shard, without reading
-    tensor data."""
+    """The kind, the manifest and every tensor's name, dtype, shape, size and shard, without
+    reading tensor data. ``path`` may be any safetensors checkpoint (:func:`load_safetensors`;
+    its manifest is then made from the shard headers)."""
     result: dict[str, Any] = json.loads(cached_writer(config).inspect(os.fspath(path)))
     return result
 
 
-__all__ = ["inspect", "load", "remove", "save", "verify"]
+__all__ = ["inspect", "load", "load_safetensors", "remove", "save", "verify"]
