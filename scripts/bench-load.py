@@ -43,6 +43,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -574,6 +575,12 @@ def main() -> None:
     size_fio = max((spec_bytes + 8 * MIB - 1) // (8 * MIB) * (8 * MIB), 8 * MIB)
     print(f"state dict: {len(spec)} tensors, {spec_bytes / MIB:.1f} MiB; saving every format once",
           file=sys.stderr, flush=True)
+    copies = len({FILES[m] for m in methods})  # the files (or directories) the methods read
+    need = copies * size_fio + 64 * MIB
+    free = shutil.disk_usage(work).free
+    if free < need:
+        raise SystemExit(f"{work} has {free / MIB:.0f} MiB free; {copies} copies of the state dict "
+                         f"need about {need / MIB:.0f} MiB: free some space, or a smaller --size")
     # Saved in a process of its own: this one stays small (a child's ru_maxrss starts from
     # its parent's high-water mark at exec), and a crash while saving is one more skip.
     prep = [sys.executable, os.path.abspath(__file__), "--prepare", "--work", work, "--bin", bin_path,
