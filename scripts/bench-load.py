@@ -31,6 +31,8 @@ Methods (--methods takes these keys):
   ours             uring_ckpt.load(path)  (fresh tensors, CRC-32s checked)
   ours-into        uring_ckpt.load_into(target, path)  (in place, when the build has it)
   cli              `uring-ckpt load PATH --json`: its reported seconds, and the process wall time
+  cli-into         `uring-ckpt load PATH --into host --json` (in place into memory the CLI
+                   allocates and touches before its timing; when the binary has --into)
 
 Writes OUT/bench-load.md (the table) and OUT/bench-load.json (every run), prints the table. A
 method that cannot run (not installed, save or load failed) gets a `skipped: <reason>` row;
@@ -71,10 +73,11 @@ LABELS = {
     "ours-into": "**uring_ckpt.load_into** (into existing state dict)",
     "cli": "**uring-ckpt load** CLI (its reported time)",
     "cli-wall": "uring-ckpt load CLI (process wall, exec to exit)",
+    "cli-into": "**uring-ckpt load --into host** CLI (in place, its reported time)",
 }
 METHODS = [k for k in LABELS if k != "cli-wall"]
 PEERS = ["safetensors", "torch", "tensorizer", "fastsafetensors", "dcp"]
-IN_PLACE = {"dcp", "ours-into"}
+IN_PLACE = {"dcp", "ours-into", "cli-into"}
 
 # The files each method reads, relative to the work directory.
 FILES = {
@@ -88,6 +91,7 @@ FILES = {
     "ours": "uring",
     "ours-into": "uring",
     "cli": "uring",
+    "cli-into": "uring",
 }
 
 
@@ -470,6 +474,12 @@ def save_formats(work: str, spec, seed: int, size_fio: int, bin_path: str, metho
         if not (bin_path and os.access(bin_path, os.X_OK)):
             raise Skip(f"no uring-ckpt binary at {bin_path!r} (cargo build --release, or --bin)")
 
+    def cli_into_ok():
+        cli_ok()
+        usage = subprocess.run([bin_path, "load", "--help"], capture_output=True, text=True).stdout
+        if "--into" not in usage:
+            raise Skip("this uring-ckpt binary has no `load --into`")
+
     def fio_file():
         cmd = ["fio", "--name=prep", f"--filename={os.path.join(work, FILES['fio-1M'])}", "--rw=write",
                "--bs=8M", "--direct=1", "--ioengine=io_uring", "--iodepth=32", f"--size={size_fio}",
@@ -487,8 +497,9 @@ def save_formats(work: str, spec, seed: int, size_fio: int, bin_path: str, metho
     step(["torch"], "torch.save", pt)
     step(["tensorizer"], "tensorizer TensorSerializer", tz)
     step(["dcp"], "DCP save, FileSystemWriter", dc)
-    step(["ours", "ours-into", "cli"], "uring_ckpt.save", ours)
+    step(["ours", "ours-into", "cli", "cli-into"], "uring_ckpt.save", ours)
     step(["cli"], "uring-ckpt binary", cli_ok)
+    step(["cli-into"], "uring-ckpt load --into", cli_into_ok)
     del sd
     gc.collect()
     return skips, payload, checksums, info
@@ -623,10 +634,10 @@ def main() -> None:
             seconds = job["io_bytes"] / job["bw_bytes"]
             runs[method].append({"seconds": seconds, "bytes": job["io_bytes"], "wall_s": wall,
                                  "peak_rss_mib": peak, "command": " ".join(cmd)})
-        elif method == "cli":
-            path = os.path.join(work, FILES["cli"])
+        elif method in ("cli", "cli-into"):
+            path = os.path.join(work, FILES[method])
             drop_cache([path], drop == "drop_caches")
-            cmd = [bin_path, "load", path, "--json"]
+            cmd = [bin_path, "load", path, "--json"] + (["--into", "host"] if method == "cli-into" else [])
             rc, wall, peak, out, err = run_child_process(cmd, a.timeout, tag + ".out", tag + ".err")
             if rc != 0:
                 raise RuntimeError(f"uring-ckpt load exit {rc}: {last_line(err or out)}")
@@ -634,8 +645,9 @@ def main() -> None:
             common = {"bytes": payload, "peak_rss_mib": peak, "command": " ".join(cmd),
                       "cli_mib_s": report["throughput_mib_s"], "cli_read_bytes": report["read_bytes"],
                       "engine": report["engine"]["engine"], "verified": report.get("verified")}
-            runs["cli"].append({"seconds": report["seconds"], "wall_s": wall, **common})
-            runs["cli-wall"].append({"seconds": wall, "wall_s": wall, **common})
+            runs[method].append({"seconds": report["seconds"], "wall_s": wall, **common})
+            if method == "cli":
+                runs["cli-wall"].append({"seconds": wall, "wall_s": wall, **common})
         else:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--work", work,
                    "--touch", a.touch, "--drop", drop]
@@ -704,11 +716,13 @@ def main() -> None:
         if m == "tensorizer":
             notes.append("plaid_mode=True passed (documented as a no-op in tensorizer 2.x)"
                          if rs[0].get("plaid_mode") else "plaid_mode not accepted by this tensorizer")
-        if m in IN_PLACE:
+        if m == "cli-into":
+            notes.append("target allocated and touched by the CLI before its timing")
+        elif m in IN_PLACE:
             notes.append("target allocated and zero-filled before the timing")
         if m in ("ours", "ours-into"):
             notes.append("CRC-32s checked")
-        if m == "cli":
+        if m in ("cli", "cli-into"):
             notes.append(f"CLI-reported {statistics.median(x['cli_mib_s'] for x in rs):.0f} MiB/s "
                          f"({rs[0]['engine']} engine, CRCs checked: {rs[0]['verified']})")
         if m == "cli-wall":

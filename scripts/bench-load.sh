@@ -3,7 +3,7 @@
 # fio O_DIRECT io_uring read (bs 1M and 8M, qd32: the physical limit), safetensors load_file,
 # torch.load, tensorizer, fastsafetensors (nogds, CPU), DCP FileSystemReader into an existing
 # state dict, uring_ckpt.load, uring_ckpt.load_into (when the build has it) and the
-# `uring-ckpt load` CLI. --repeat rounds, round-robin, every load in a fresh process after
+# `uring-ckpt load` CLI (fresh, and --into host when it has it). --repeat rounds, round-robin, every load in a fresh process after
 # dropping the page cache; medians, x fio read, x fastest peer, peak RSS.
 #
 #   scripts/bench-load.sh [--size 1GiB] [--dir DIR | --fs xfs|ext4|btrfs|tmpfs] [--out DIR]
@@ -43,7 +43,7 @@ while [ $# -gt 0 ]; do
     --python) python="$2"; shift 2 ;;
     --methods|--touch|--seed|--timeout) extra+=("$1" "$2"); shift 2 ;;
     --keep) keep=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
