@@ -71,8 +71,8 @@ LABELS = {
     "dcp": "DCP dcp.load, FileSystemReader (into existing state dict)",
     "ours": "**uring_ckpt.load** (fresh)",
     "ours-into": "**uring_ckpt.load_into** (into existing state dict)",
-    "cli": "**uring-ckpt load** CLI (its reported time)",
-    "cli-wall": "uring-ckpt load CLI (process wall, exec to exit)",
+    "cli": "**uring-ckpt load --into fresh** CLI (its reported time)",
+    "cli-wall": "uring-ckpt load --into fresh CLI (process wall, exec to exit)",
     "cli-into": "**uring-ckpt load --into host** CLI (in place, its reported time)",
 }
 METHODS = [k for k in LABELS if k != "cli-wall"]
@@ -637,7 +637,7 @@ def main() -> None:
         elif method in ("cli", "cli-into"):
             path = os.path.join(work, FILES[method])
             drop_cache([path], drop == "drop_caches")
-            cmd = [bin_path, "load", path, "--json"] + (["--into", "host"] if method == "cli-into" else [])
+            cmd = [bin_path, "load", path, "--json", "--into", "host" if method == "cli-into" else "fresh"]
             rc, wall, peak, out, err = run_child_process(cmd, a.timeout, tag + ".out", tag + ".err")
             if rc != 0:
                 raise RuntimeError(f"uring-ckpt load exit {rc}: {last_line(err or out)}")

@@ -27,12 +27,13 @@ pub struct LoadArgs {
     /// Print the load report as JSON instead of the summary.
     #[arg(long)]
     json: bool,
-    /// Where the tensors go: `fresh` host memory (what a restart with no model yet gets),
-    /// existing `host` memory (allocated and touched before the timed load, as a model's
-    /// parameters are; loaded in place through the staging pool), or a simulated device
-    /// (`sim-device`: host-to-device copies at --device-gib-s on the device's copy thread,
-    /// keeping nothing).
-    #[arg(long, value_enum, default_value = "fresh")]
+    /// Where the tensors go: existing `host` memory (the default: allocated and touched
+    /// before the timed load, as a live model's parameters are, and loaded in place through
+    /// the staging pool), `fresh` host memory allocated by the load (what a restart with no
+    /// model yet gets: the kernel's zeroing of the new pages is in the time), or a simulated
+    /// device (`sim-device`: host-to-device copies at --device-gib-s on the device's copy
+    /// thread, keeping nothing).
+    #[arg(long, value_enum, default_value = "host")]
     into: Into,
     /// Copy bandwidth of the simulated device, GiB/s.
     #[arg(long, default_value_t = 25.0, value_name = "GIB_S")]

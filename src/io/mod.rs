@@ -16,6 +16,7 @@ mod core;
 pub mod dir;
 pub(crate) mod file;
 pub mod pool;
+mod prefault;
 pub mod probe;
 pub mod pwrite;
 mod reader;

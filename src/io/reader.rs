@@ -10,50 +10,13 @@ use std::time::{Duration, Instant};
 
 use super::aligned::round_up;
 use super::file::{check_read, zero_past_eof, ReadFile, ReadFiles};
+use super::prefault::{Frontier, PREFAULT_MIN};
 use super::stream::{run_stream, ReadFeed};
 use super::{is_transient, Dir, EngineReport, FileId, IoStats, Reader};
 use crate::error::{Error, Result};
 
 /// Transient errors (EINTR/EAGAIN/EBUSY) tolerated for one piece before giving up.
 const MAX_RETRIES: u32 = 64;
-
-/// Reads at least this large fault their destination in on a helper thread (see
-/// [`prefault`]); below it a thread costs more than it saves.
-const PREFAULT_MIN: usize = 32 << 20;
-
-/// Bytes the helper thread faults in per `madvise` call.
-const PREFAULT_STEP: usize = 8 << 20;
-
-/// Faults in the pages of `[start, start + len)` in order, ahead of the reads, until done or
-/// `stop` is set. A fresh destination (a load's new tensors) is otherwise faulted in, page by
-/// page and zeroed, by the thread that submits the reads (inside `io_uring_enter`), serially
-/// with them: on the RAM-backed XFS that zeroing was 85% of a load's CPU samples (the pwrite
-/// pool spreads it over its threads). `MADV_POPULATE_WRITE` only maps and zeroes pages not
-/// yet present and leaves the contents of present ones alone, so racing with the reads that
-/// land there is harmless. Best effort: a kernel without it (before 5.14) or a mapping that
-/// refuses it stops here, and the reads fault the rest in themselves.
-fn prefault(start: usize, len: usize, stop: &std::sync::atomic::AtomicBool) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::sync::atomic::Ordering;
-        let page = 4096usize;
-        let mut at = start & !(page - 1);
-        let end = start + len;
-        while at < end && !stop.load(Ordering::Relaxed) {
-            let n = PREFAULT_STEP.min(end - at);
-            // SAFETY: the range lies in memory mapped for the caller's destination (rounded
-            // down to its first page, which holds destination bytes); POPULATE_WRITE changes
-            // no byte of it, it only populates page tables as a write fault would.
-            let rc = unsafe { libc::madvise(at as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
-            if rc != 0 {
-                return;
-            }
-            at += n;
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (start, len, stop);
-}
 
 /// One request handed to an engine: read `len` bytes at `offset` of the file into `dst`.
 ///
@@ -211,6 +174,10 @@ impl<E: ReadEngine> EngineReader<E> {
 
 /// Issues every piece that lies in the file, at most `max_in_flight` at a time, and waits
 /// until all have come back. Returns the first failure.
+///
+/// With a `frontier` (a helper faulting the destination in ahead), a piece is issued only
+/// once its part of the destination is faulted in, so that the zeroing of fresh pages stays
+/// on the helper's core instead of delaying the submissions.
 fn run<E: ReadEngine>(
     engine: &mut E,
     limits: &ReadLimits,
@@ -218,12 +185,22 @@ fn run<E: ReadEngine>(
     file: &ReadFile,
     base: *mut u8,
     pieces: &mut [Piece],
+    frontier: Option<&Frontier>,
 ) -> Result<()> {
     let depth = limits.max_in_flight.max(1);
     let (mut next, mut inflight) = (0usize, 0usize);
     let mut error: Option<Error> = None;
     loop {
         while error.is_none() && next < pieces.len() && inflight < depth {
+            if let Some(frontier) = frontier {
+                let end = pieces[next].at + pieces[next].len;
+                if !frontier.reached(end) {
+                    if inflight > 0 {
+                        break; // reap completions meanwhile
+                    }
+                    frontier.wait_for(end);
+                }
+            }
             if pieces[next].want > 0 {
                 pieces[next].started = Instant::now();
                 engine.start(file, next, pieces[next].request(base));
@@ -281,18 +258,18 @@ impl<E: ReadEngine> Reader for EngineReader<E> {
         // Every request points into `dst`, which stays borrowed here until `run` has seen
         // every piece come back (it does not return before that, even on error). The helper
         // only gets its address, and is joined before `dst` is touched again.
-        let stop = std::sync::atomic::AtomicBool::new(false);
+        let frontier = Frontier::new(span);
         let outcome = std::thread::scope(|scope| {
-            if span >= PREFAULT_MIN {
-                let stop = &stop;
-                let addr = base as usize;
+            let helped = span >= PREFAULT_MIN && {
+                let (frontier, addr) = (&frontier, base as usize);
                 // Without the helper (no thread to be had) the reads fault the pages themselves.
-                let _ = std::thread::Builder::new()
+                std::thread::Builder::new()
                     .name("uring-ckpt-prefault".into())
-                    .spawn_scoped(scope, move || prefault(addr, span, stop));
-            }
-            let outcome = run(engine, limits, stats, open, base, &mut pieces);
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    .spawn_scoped(scope, move || frontier.fault_in(addr))
+                    .is_ok()
+            };
+            let outcome = run(engine, limits, stats, open, base, &mut pieces, helped.then_some(&frontier));
+            frontier.stop();
             outcome
         });
         outcome?;
