@@ -4,6 +4,12 @@
 # Python safetensors save_file + fsync, and torch.save + fsync when torch is importable.
 #
 #   scripts/compare.sh [--size 4GiB] [--dir DIR | --fs xfs|ext4|btrfs|tmpfs] [--out DIR] [--repeat N]
+#                      [--no-peer-loads]
+#
+# Then, in the same run and on the same directory, the loads of every peer (scripts/bench-load.py:
+# safetensors, torch.load, tensorizer, fastsafetensors, DCP, ours fresh and in place, fio's read),
+# appended to OUT/compare.md, when the venv has torch (scripts/test-python.sh installs it);
+# --no-peer-loads skips them.
 #
 # --fs KIND measures on a RAM-backed file system from scripts/fastdev.sh (root; sized 2 x SIZE
 # + 1GiB, or --fs-size), brought up for the run and down afterwards unless it was up already.
@@ -21,6 +27,7 @@ out="$root/target/compare"
 repeat=1
 fs=""
 fs_size=""
+peer_loads=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size="$2"; shift 2 ;;
@@ -29,7 +36,8 @@ while [ $# -gt 0 ]; do
     --repeat) repeat="$2"; shift 2 ;;
     --fs) fs="$2"; shift 2 ;;
     --fs-size) fs_size="$2"; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --no-peer-loads) peer_loads=""; shift ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -69,3 +77,14 @@ mkdir -p "$dir" "$out"
 
 "$python" "$root/scripts/compare.py" --bin "$root/target/release/uring-ckpt" \
   --size "$size" --dir "$dir" --out "$out" --repeat "$repeat"
+
+if [ -n "$peer_loads" ]; then
+  if "$python" -c "import torch, uring_ckpt" 2>/dev/null; then
+    echo "== loads of every peer (scripts/bench-load.py), same directory" >&2
+    "$python" "$root/scripts/bench-load.py" --bin "$root/target/release/uring-ckpt" \
+      --size "$size" --dir "$dir" --out "$out" --repeat "$repeat" >&2
+    { echo; echo "### Loads of every peer (same run, same directory)"; echo; cat "$out/bench-load.md"; } >>"$out/compare.md"
+  else
+    echo "peer loads skipped: $python has no torch/uring_ckpt (run scripts/test-python.sh first)" >&2
+  fi
+fi

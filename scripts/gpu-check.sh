@@ -30,7 +30,8 @@
 #      compared after load, a failed save then a good one, current device/context unchanged
 #      after a save from another thread, a kernel still writing the tensor on a side stream
 #      when the save starts, and an 8 GiB bf16 checkpoint saved in sync, snapshot and stream
-#      modes with copy GB/s, stall and page-locked counts;
+#      modes with copy GB/s, stall and page-locked counts, then loaded back into device memory
+#      fresh (`load(device="cuda")`) and in place (`load_into`), GB/s and host peak RSS;
 #   6. a summary; the exit status is non-zero on any failure.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -238,8 +239,60 @@ def _():
     return "; ".join(lines)
 
 
+def host_peak_reset():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_kib("VmRSS:")
+
+
+def status_kib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    return 0
+
+
+loads = {}
+
+
+@check(f"{big_gib:g} GiB bf16 loaded into device memory: fresh (load device=cuda) and in place (load_into)")
+def _():
+    state = big_state()
+    torch.cuda.synchronize()
+    nbytes = sum(v.numel() * v.element_size() for v in state.values())
+    p = path("big-load")
+    uring_ckpt.save(state, p)
+    lines = []
+    for how in ("fresh", "in-place", "fresh", "in-place"):
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1")
+        target = {k: torch.empty_like(v) for k, v in state.items()} if how == "in-place" else None
+        torch.cuda.synchronize()
+        before = host_peak_reset()
+        started = time.perf_counter()
+        if how == "fresh":
+            back = uring_ckpt.load(p, device="cuda")
+        else:
+            result = uring_ckpt.load_into(target, p)
+            back = target
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        grown = (status_kib("VmHWM:") - before) / 1024
+        same(state, back)
+        del back, target
+        line = f"{how}: {nbytes / seconds / 1e9:.2f} GB/s ({seconds:.2f}s), host peak +{grown:.0f} MiB"
+        print("  " + line, flush=True)
+        lines.append(line)
+        loads.setdefault(how, []).append({"gb_s": nbytes / seconds / 1e9, "seconds": seconds, "host_peak_mib": grown})
+        assert grown < 512, f"{how}: the host peak grew {grown:.0f} MiB (no full host copy expected)"
+    uring_ckpt.remove(p)
+    return "; ".join(lines)
+
+
 with open(os.path.join(work, "checks.json"), "w") as f:
-    json.dump({"results": results, "big": big}, f, indent=1, default=str)
+    json.dump({"results": results, "big": big, "loads": loads}, f, indent=1, default=str)
 failed = [r for r in results if not r[1]]
 print(f"python checks: {len(results) - len(failed)} passed, {len(failed)} failed")
 sys.exit(1 if failed else 0)

@@ -80,8 +80,8 @@ pub fn run(global: &GlobalOpts, args: TuneArgs) -> Result<()> {
             setting.config.queue_depth,
             format_size(setting.config.chunk_size)
         ));
-        let (saves, _, _) =
-            measure(setting, &ckpt, &workspace, &[Phase::Save], args.repeat, false, || bar.inc(1))?;
+        let saves =
+            measure(setting, &ckpt, &workspace, &[Phase::Save], args.repeat, false, || bar.inc(1))?.saves;
         rows.push((Row::new(setting, Phase::Save, saves), setting.config.clone()));
     }
     bar.finish_and_clear();

@@ -8,8 +8,9 @@ use serde::Serialize;
 use uring_ckpt::background::{AsyncCheckpointIO, AsyncOptions, OwnedCheckpoint};
 use uring_ckpt::config::{AsyncMode, Config, EngineKind};
 use uring_ckpt::io::stats::LatencySummary;
+use uring_ckpt::sink::HostSink;
 use uring_ckpt::source::HostPtrSource;
-use uring_ckpt::{Checkpoint, CheckpointIO, LoadOptions, SaveReport, UringCheckpointIO};
+use uring_ckpt::{Checkpoint, CheckpointIO, LoadOptions, LoadReport, SaveReport, UringCheckpointIO};
 
 use super::resources::{cpu_seconds, drop_page_cache, peak_rss, reset_peak_rss};
 use super::scratch::{interrupted, Workspace};
@@ -20,7 +21,11 @@ use crate::cli::{CliError, Result};
 #[serde(rename_all = "lowercase")]
 pub(in crate::cli) enum Phase {
     Save,
+    /// A load into memory the load allocates (a restart with no model yet).
     Load,
+    /// A load in place into host memory allocated and touched before the timed runs (a live
+    /// model's parameters), through the staging pool.
+    LoadInto,
     /// An async save in snapshot mode: `s` is the caller's stall, MiB/s is to durable.
     Snapshot,
     /// An async save in stream mode: `s` is the caller's stall, MiB/s is to durable.
@@ -32,6 +37,7 @@ impl Phase {
         match self {
             Phase::Save => "save",
             Phase::Load => "load",
+            Phase::LoadInto => "load-into",
             Phase::Snapshot => "async-snapshot",
             Phase::Stream => "async-stream",
         }
@@ -41,7 +47,7 @@ impl Phase {
         match self {
             Phase::Snapshot => Some(AsyncMode::Snapshot),
             Phase::Stream => Some(AsyncMode::Stream),
-            Phase::Save | Phase::Load => None,
+            Phase::Save | Phase::Load | Phase::LoadInto => None,
         }
     }
 }
@@ -99,9 +105,37 @@ impl Sample {
     }
 }
 
-/// Runs `repeat` saves (each to a new path) and, when asked, a load of each from disk.
-/// Returns the save samples, the load samples, and whether the peak RSS could be reset
-/// before every run.
+/// The samples of [`measure`]: saves, fresh loads, in-place loads.
+#[derive(Default)]
+pub(in crate::cli) struct Measured {
+    pub saves: Vec<Sample>,
+    pub loads: Vec<Sample>,
+    pub loads_into: Vec<Sample>,
+    /// Whether the peak RSS could be reset before every run.
+    pub rss_reset: bool,
+}
+
+impl Sample {
+    /// The figures of one load, `cpu_seconds` what the process spent on it.
+    fn of_load(r: &LoadReport, cpu_seconds: f64) -> Sample {
+        Sample {
+            mib_s: r.throughput_mib_s,
+            seconds: r.seconds,
+            bytes: r.read_bytes,
+            cpu_seconds,
+            latency: r.read_latency,
+            ops: 0,
+            peak_rss_bytes: peak_rss(),
+            engine_used: r.engine.engine,
+            fallbacks: fallbacks(&r.engine),
+            zero_copy_bytes: 0,
+            staged_bytes: 0,
+        }
+    }
+}
+
+/// Runs `repeat` saves (each to a new path) and, when asked, a fresh and an in-place load
+/// of each from disk.
 pub(in crate::cli) fn measure(
     setting: &Setting,
     ckpt: &Checkpoint<'_>,
@@ -110,47 +144,46 @@ pub(in crate::cli) fn measure(
     repeat: u32,
     keep: bool,
     mut tick: impl FnMut(),
-) -> Result<(Vec<Sample>, Vec<Sample>, bool)> {
+) -> Result<Measured> {
     let io = UringCheckpointIO::new(setting.config.clone())?;
-    let (mut saves, mut loads) = (Vec::new(), Vec::new());
-    let mut rss_reset = true;
+    let mut out = Measured { rss_reset: true, ..Measured::default() };
+    // The in-place destination: allocated and touched once, reused by every run.
+    let mut dests: Vec<(String, Vec<u8>)> = if phases.contains(&Phase::LoadInto) {
+        ckpt.tensors.iter().map(|t| (t.name.clone(), vec![1u8; t.data.len()])).collect()
+    } else {
+        Vec::new()
+    };
     for _ in 0..repeat {
         if interrupted() {
             return Err(CliError::msg("interrupted"));
         }
         let path = workspace.next_path();
-        rss_reset &= reset_peak_rss();
+        out.rss_reset &= reset_peak_rss();
         let before = cpu_seconds();
         let report = io.save_checkpoint(ckpt, &path)?;
         let cpu = cpu_seconds() - before;
-        saves.push(Sample::of_save(&report, report.seconds, cpu));
+        out.saves.push(Sample::of_save(&report, report.seconds, cpu));
         if phases.contains(&Phase::Load) {
             drop_page_cache(&path)?;
-            rss_reset &= reset_peak_rss();
+            out.rss_reset &= reset_peak_rss();
             let before = cpu_seconds();
             let loaded = io.load_checkpoint(&path, &LoadOptions::default())?;
-            let cpu = cpu_seconds() - before;
-            let r = &loaded.report;
-            loads.push(Sample {
-                mib_s: r.throughput_mib_s,
-                seconds: r.seconds,
-                bytes: r.read_bytes,
-                cpu_seconds: cpu,
-                latency: r.read_latency,
-                ops: 0,
-                peak_rss_bytes: peak_rss(),
-                engine_used: r.engine.engine,
-                fallbacks: fallbacks(&r.engine),
-                zero_copy_bytes: 0,
-                staged_bytes: 0,
-            });
+            out.loads.push(Sample::of_load(&loaded.report, cpu_seconds() - before));
+        }
+        if phases.contains(&Phase::LoadInto) {
+            drop_page_cache(&path)?;
+            out.rss_reset &= reset_peak_rss();
+            let sink = HostSink::new(dests.iter_mut().map(|(n, d)| (n.clone(), d.as_mut_slice())))?;
+            let before = cpu_seconds();
+            let loaded = io.load_into(&path, &LoadOptions::default(), true, &sink)?;
+            out.loads_into.push(Sample::of_load(&loaded.report, cpu_seconds() - before));
         }
         if !keep {
             io.remove_checkpoint(&path)?;
         }
         tick();
     }
-    Ok((saves, loads, rss_reset))
+    Ok(out)
 }
 
 /// Runs `repeat` async saves in `phase`'s mode through one `AsyncCheckpointIO` (so later

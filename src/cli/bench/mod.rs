@@ -50,10 +50,12 @@ pub struct BenchArgs {
     /// Element type.
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: DtypeArg,
-    /// Phases to measure: save, load (a load always needs a save first), and the async
-    /// saves `snapshot` and `stream` (for those rows `s` is the caller's stall until the
-    /// tensors may change again, and MiB/s is to durable).
-    #[arg(long, default_value = "save,load", value_name = "save,load,snapshot,stream")]
+    /// Phases to measure: save, load (into memory the load allocates), load-into (in place
+    /// into host memory allocated and touched before the runs, through the staging pool; a
+    /// load always needs a save first), and the async saves `snapshot` and `stream` (for
+    /// those rows `s` is the caller's stall until the tensors may change again, and MiB/s is
+    /// to durable).
+    #[arg(long, default_value = "save,load,load-into", value_name = "save,load,load-into,snapshot,stream")]
     phases: String,
     /// Runs per engine and setting; the table shows the median (and min-max of MiB/s).
     #[arg(long, default_value_t = 3, value_name = "N")]
@@ -113,14 +115,16 @@ pub fn run(global: &GlobalOpts, args: BenchArgs) -> Result<()> {
     let mut rss_per_run = true;
     for setting in &settings {
         bar.set_message(format!("{} {}", setting.config.engine, format_size(setting.config.chunk_size)));
-        let (save, load, per_run) =
-            measure(setting, &ckpt, &workspace, &phases, args.repeat, args.keep, || bar.inc(1))?;
-        rss_per_run &= per_run;
+        let measured = measure(setting, &ckpt, &workspace, &phases, args.repeat, args.keep, || bar.inc(1))?;
+        rss_per_run &= measured.rss_reset;
         if phases.contains(&Phase::Save) {
-            rows.push(Row::new(setting, Phase::Save, save));
+            rows.push(Row::new(setting, Phase::Save, measured.saves));
         }
         if phases.contains(&Phase::Load) {
-            rows.push(Row::new(setting, Phase::Load, load));
+            rows.push(Row::new(setting, Phase::Load, measured.loads));
+        }
+        if phases.contains(&Phase::LoadInto) {
+            rows.push(Row::new(setting, Phase::LoadInto, measured.loads_into));
         }
         for phase in phases.iter().copied().filter(|p| p.async_mode().is_some()) {
             let samples = measure_async(setting, &ckpt, &workspace, phase, args.repeat, || bar.inc(1))?;
@@ -171,9 +175,12 @@ fn parse_phases(s: &str) -> Result<Vec<Phase>> {
     let phases = parse_list(s, "--phases", |p| match p.to_ascii_lowercase().as_str() {
         "save" => Ok(Phase::Save),
         "load" => Ok(Phase::Load),
+        "load-into" | "into" => Ok(Phase::LoadInto),
         "snapshot" | "async-snapshot" => Ok(Phase::Snapshot),
         "stream" | "async-stream" => Ok(Phase::Stream),
-        _ => Err(CliError::msg(format!("unknown phase {p:?}; expected save, load, snapshot or stream"))),
+        _ => Err(CliError::msg(format!(
+            "unknown phase {p:?}; expected save, load, load-into, snapshot or stream"
+        ))),
     })?;
     let mut out = Vec::new();
     for p in phases {
