@@ -89,7 +89,20 @@ pub(crate) fn check_read(
     file_len: u64,
     mem_align: usize,
 ) -> Result<()> {
-    if span > dst.len() || (dst.as_ptr() as usize) % mem_align != 0 {
+    check_read_at(path, (dst.as_ptr() as usize, dst.len()), offset, len, span, file_len, mem_align)
+}
+
+/// [`check_read`] of a destination given by its address and length.
+pub(crate) fn check_read_at(
+    path: &Path,
+    (address, dst_len): (usize, usize),
+    offset: u64,
+    len: usize,
+    span: usize,
+    file_len: u64,
+    mem_align: usize,
+) -> Result<()> {
+    if span > dst_len || address % mem_align != 0 {
         return Err(Error::io_at(
             "read (destination too small or unaligned)",
             path,

@@ -138,7 +138,26 @@ pub trait Reader: Send {
     /// [`EngineReport::mem_align`] and is at least
     /// `len` rounded up to the alignment. Bytes past the end of the file read as zero;
     /// reading short of the end of the file is an error.
-    fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()>;
+    fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()> {
+        // SAFETY: `dst` is borrowed mutably for the whole call, so nothing else uses it.
+        unsafe { self.read_raw(file, (dst.as_mut_ptr(), dst.len()), offset, len, &mut |_| {}) }
+    }
+    /// [`Reader::read_at`] into `dst.0 .. dst.0 + dst.1`, calling `progress(n)` each time the
+    /// first `n` bytes of the read are all in (growing, ending at `len`), so that a caller can
+    /// use them while the rest is still being read.
+    ///
+    /// # Safety
+    /// The destination must be writable memory of `dst.1` bytes that nothing else writes,
+    /// and nothing else reads except the first `n` bytes after `progress(n)`, until the call
+    /// returns.
+    unsafe fn read_raw(
+        &mut self,
+        file: FileId,
+        dst: (*mut u8, usize),
+        offset: u64,
+        len: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<()>;
     /// Reads what `feed` offers of `file`, each read into its own buffer, keeping the
     /// engine's depth of pieces in flight across reads, and hands each finished read back
     /// to the feed (see [`stream`]). Same alignment rules and errors as

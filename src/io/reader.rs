@@ -9,7 +9,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use super::aligned::round_up;
-use super::file::{check_read, zero_past_eof, ReadFile, ReadFiles};
+use super::file::{check_read_at, ReadFile, ReadFiles};
 use super::prefault::{Frontier, PREFAULT_MIN};
 use super::stream::{run_stream, ReadFeed};
 use super::{is_transient, Dir, EngineReport, FileId, IoStats, Reader};
@@ -172,6 +172,14 @@ impl<E: ReadEngine> EngineReader<E> {
     }
 }
 
+/// Where the pieces of one read go: the destination's start, the helper faulting it in
+/// ahead (if any), and who hears of each growth of the prefix read so far.
+struct Destination<'a> {
+    base: *mut u8,
+    frontier: Option<&'a Frontier>,
+    progress: &'a mut dyn FnMut(usize),
+}
+
 /// Issues every piece that lies in the file, at most `max_in_flight` at a time, and waits
 /// until all have come back. Returns the first failure.
 ///
@@ -183,13 +191,17 @@ fn run<E: ReadEngine>(
     limits: &ReadLimits,
     stats: &mut IoStats,
     file: &ReadFile,
-    base: *mut u8,
     pieces: &mut [Piece],
-    frontier: Option<&Frontier>,
+    dest: Destination<'_>,
 ) -> Result<()> {
+    let Destination { base, frontier, progress } = dest;
     let depth = limits.max_in_flight.max(1);
     let (mut next, mut inflight) = (0usize, 0usize);
     let mut error: Option<Error> = None;
+    // Pieces complete out of order: `settled[i]` once piece i is in; `prefix` pieces from the
+    // start are, and the caller hears of each growth of that prefix.
+    let mut settled = vec![false; pieces.len()];
+    let mut prefix = 0usize;
     loop {
         while error.is_none() && next < pieces.len() && inflight < depth {
             if let Some(frontier) = frontier {
@@ -205,6 +217,8 @@ fn run<E: ReadEngine>(
                 pieces[next].started = Instant::now();
                 engine.start(file, next, pieces[next].request(base));
                 inflight += 1;
+            } else {
+                settled[next] = true; // wholly past the end of the file: nothing to read
             }
             next += 1;
         }
@@ -232,6 +246,17 @@ fn run<E: ReadEngine>(
                 engine.start(file, idx, piece.request(base));
             } else {
                 inflight -= 1;
+                settled[idx] = true;
+            }
+        }
+        if error.is_none() {
+            let before = prefix;
+            while prefix < pieces.len() && settled[prefix] {
+                prefix += 1;
+            }
+            if prefix > before {
+                let last = &pieces[prefix - 1];
+                progress(last.at + last.want);
             }
         }
     }
@@ -247,33 +272,53 @@ impl<E: ReadEngine> Reader for EngineReader<E> {
         self.files.open(&mut self.report, dir, name)
     }
 
-    fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()> {
+    unsafe fn read_raw(
+        &mut self,
+        file: FileId,
+        (base, dst_len): (*mut u8, usize),
+        offset: u64,
+        len: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<()> {
         let open = self.files.get(file)?;
         let direct = self.report.direct_io;
         let span = if direct { round_up(len, self.report.align) } else { len };
-        check_read(&open.path, dst, offset, len, span, open.len, self.limits.mem_align)?;
+        check_read_at(
+            &open.path,
+            (base as usize, dst_len),
+            offset,
+            len,
+            span,
+            open.len,
+            self.limits.mem_align,
+        )?;
         let mut pieces = pieces(offset, span, self.limits.piece_len, open.len, direct);
-        let base = dst.as_mut_ptr();
         let (engine, limits, stats) = (&mut self.engine, &self.limits, &mut self.stats);
         // Every request points into `dst`, which stays borrowed here until `run` has seen
         // every piece come back (it does not return before that, even on error). The helper
         // only gets its address, and is joined before `dst` is touched again.
-        let frontier = Frontier::new(span);
+        let fault_ahead = Frontier::new(span);
         let outcome = std::thread::scope(|scope| {
             let helped = span >= PREFAULT_MIN && {
-                let (frontier, addr) = (&frontier, base as usize);
+                let (frontier, addr) = (&fault_ahead, base as usize);
                 // Without the helper (no thread to be had) the reads fault the pages themselves.
                 std::thread::Builder::new()
                     .name("uring-ckpt-prefault".into())
                     .spawn_scoped(scope, move || frontier.fault_in(addr))
                     .is_ok()
             };
-            let outcome = run(engine, limits, stats, open, base, &mut pieces, helped.then_some(&frontier));
-            frontier.stop();
+            let mut within = |n: usize| progress(n.min(len));
+            let dest = Destination { base, frontier: helped.then_some(&fault_ahead), progress: &mut within };
+            let outcome = run(engine, limits, stats, open, &mut pieces, dest);
+            fault_ahead.stop();
             outcome
         });
         outcome?;
-        zero_past_eof(dst, offset, span, open.len);
+        let valid = open.len.saturating_sub(offset).min(span as u64) as usize;
+        // SAFETY: `valid..span` lies in the destination (`span <= dst_len`, checked) past the
+        // `len` bytes read, which is all the caller may be reading meanwhile (`read_raw`'s
+        // contract); every read has come back.
+        unsafe { std::ptr::write_bytes(base.add(valid), 0, span - valid) };
         Ok(())
     }
 
@@ -398,6 +443,20 @@ mod tests {
         assert_eq!(requests[4], (2, 3616, 16_384));
         assert_eq!(requests.len(), 5, "{requests:?}");
         assert_eq!((reader.stats().ops, reader.stats().bytes), (3, 20_000), "one record per piece");
+    }
+
+    #[test]
+    fn progress_reports_the_prefix_read_so_far_up_to_the_length() {
+        let (mut reader, file, data, _dir) = open_scripted(30_000, true, &[Step::Cap(100)]);
+        let mut buf = filled(32_768);
+        let mut seen = Vec::new();
+        // SAFETY: `buf` is borrowed for the call and read only after it.
+        unsafe { reader.read_raw(file, (buf.as_mut_ptr(), buf.capacity()), 0, 29_000, &mut |n| seen.push(n)) }
+            .expect("read");
+        assert_eq!(&buf.as_full_mut_slice()[..29_000], &data[..29_000]);
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "growing: {seen:?}");
+        assert_eq!(seen.last(), Some(&29_000), "ends at the length asked for, not the aligned span");
+        assert!(seen.iter().all(|&n| n % 8192 == 0 || n == 29_000), "whole pieces only: {seen:?}");
     }
 
     #[test]

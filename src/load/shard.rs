@@ -116,8 +116,9 @@ fn check_header(dir: &Path, path: &Path, info: &ShardInfo, prefix: &[u8], len: u
     Ok(header)
 }
 
-/// Reads `[done, len)` of the file into `buf` segment by segment. With `verify`, a second
-/// thread checks the CRCs of everything read so far while the next segment is read.
+/// Reads `[done, len)` of the file into `buf` in one read (the engine's depth in flight
+/// throughout). With `verify`, a second thread checks the CRCs of what has been read so
+/// far, in order, while the rest is still being read (it hears of each new prefix).
 fn read_rest(
     reader: &mut dyn Reader,
     file: FileId,
@@ -128,42 +129,58 @@ fn read_rest(
     verify: Option<&ParsedHeader>,
 ) -> Result<()> {
     let len = len as usize;
-    let Some(header) = verify else {
-        return if done < len {
-            reader.read_at(file, &mut buf[done..], done as u64, len - done)
-        } else {
-            Ok(())
+    if done >= len {
+        return match verify {
+            Some(header) => verify_prefix(path, header, &buf[..len]),
+            None => Ok(()),
         };
+    }
+    let Some(header) = verify else {
+        return reader.read_at(file, &mut buf[done..], done as u64, len - done);
     };
+    // The verifier is fed at least a segment at a time (or the end), not every piece.
+    let feed_min = segment.max(1);
+    let (base, cap) = (buf.as_mut_ptr(), buf.len());
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<(usize, &[u8])>();
         let verifier = scope.spawn(move || verify_segments(path, header, rx));
-        let (first, mut rest) = buf.split_at_mut(done.min(buf.len()));
-        let _ = tx.send((0, &first[..done.min(len)]));
-        let mut offset = done;
-        let mut read_result = Ok(());
-        while offset < len {
-            let n = segment.min(len - offset);
-            // The last segment keeps the buffer's padding: direct reads need whole blocks.
-            let take = if offset + n >= len { rest.len() } else { n };
-            let (segment, tail) = rest.split_at_mut(take);
-            if let Err(err) = reader.read_at(file, segment, offset as u64, n) {
-                read_result = Err(err);
-                break;
+        // SAFETY: the first `done` bytes were read before; nothing writes them now.
+        let _ = tx.send((0, unsafe { std::slice::from_raw_parts(base, done) }));
+        let mut fed = done;
+        let mut feed = |upto: usize| {
+            if upto > fed && (upto - fed >= feed_min || upto >= len) {
+                // SAFETY: `read_raw` reports `upto - done` bytes from `done` as read and
+                // no longer written (its contract), so `fed..upto` may be read from here on.
+                let part = unsafe { std::slice::from_raw_parts(base.add(fed), upto - fed) };
+                // A send fails only when the verifier stopped at a mismatch; it reports it.
+                let _ = tx.send((fed, part));
+                fed = upto;
             }
-            let segment: &[u8] = segment;
-            if tx.send((offset, &segment[..n])).is_err() {
-                break; // the verifier stopped at a mismatch; it reports it below
-            }
-            offset += n;
-            rest = tail;
+        };
+        // SAFETY: `buf` is borrowed mutably here; past `done` nothing but the reads writes
+        // it, and the verifier reads only what `progress` reported as read.
+        let read = unsafe {
+            reader.read_raw(file, (base.add(done), cap - done), done as u64, len - done, &mut |n| {
+                feed(done + n)
+            })
+        };
+        if read.is_ok() {
+            feed(len);
         }
         drop(tx);
         let verified = verifier
             .join()
             .unwrap_or_else(|_| Err(Error::Internal("the CRC verifier thread panicked".into())));
-        verified.and(read_result)
+        verified.and(read)
     })
+}
+
+/// Checks the CRCs of a shard read whole in its first read.
+fn verify_prefix(path: &Path, header: &ParsedHeader, bytes: &[u8]) -> Result<()> {
+    let (tx, rx) = mpsc::channel::<(usize, &[u8])>();
+    let _ = tx.send((0, bytes));
+    drop(tx);
+    verify_segments(path, header, rx)
 }
 
 /// Feeds consecutive segments of a shard file to one hasher per tensor; fails on the first
