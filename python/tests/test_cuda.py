@@ -334,3 +334,14 @@ def test_load_into_a_cuda_model_in_place(tmp_path: Any) -> None:
     mixed = {"weight": torch.zeros(200, 300), "bias": torch.zeros(200, device="cuda")}
     result = uring_ckpt.load_into(mixed, tmp_path / "ck", config=CONFIG)
     assert result.missing == [] and torch.equal(mixed["bias"].cpu(), source.bias.detach())
+
+
+def test_load_safetensors_to_a_cuda_device(tmp_path: Any) -> None:
+    _require_gpu()
+    from safetensors.torch import save_file
+
+    state = {"a": torch.randn(1000, 33), "b": torch.arange(7, dtype=torch.int64)}
+    save_file(state, str(tmp_path / "m.safetensors"))
+    loaded = uring_ckpt.load_safetensors(tmp_path / "m.safetensors", device="cuda:0", config=CONFIG)
+    for k, v in state.items():
+        assert loaded[k].device.type == "cuda" and torch.equal(loaded[k].cpu(), v), k

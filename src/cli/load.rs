@@ -41,7 +41,8 @@ pub struct LoadArgs {
 }
 
 /// Where `load` puts the tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 enum Into {
     Fresh,
     Host,
@@ -55,6 +56,7 @@ pub fn run(global: &GlobalOpts, args: LoadArgs) -> Result<()> {
     let config = single_config(global)?;
     let io = UringCheckpointIO::new(config.clone())?;
     let options = LoadOptions { names: args.names.clone(), verify: args.no_verify.then_some(false) };
+    let mut uploaded = None;
     let (r, tensors, peak) = match args.into {
         Into::Fresh => {
             let loaded = io.load_checkpoint(&args.dir, &options)?;
@@ -84,12 +86,25 @@ pub fn run(global: &GlobalOpts, args: LoadArgs) -> Result<()> {
             let peak = before.and_then(|b| memory::peak().map(|p| p.saturating_sub(b)));
             drop(sink);
             drop(host);
+            if args.into == Into::SimDevice {
+                uploaded = Some(device.bytes_uploaded());
+            }
             (loaded.report, sizes.len(), peak)
         }
     };
     if args.json {
-        let json = serde_json::to_string_pretty(&r)
-            .map_err(|e| super::CliError::msg(format!("cannot encode the report as JSON: {e}")))?;
+        // The load report, with where the tensors went and the peak memory the load added.
+        let encode =
+            |e: serde_json::Error| super::CliError::msg(format!("cannot encode the report as JSON: {e}"));
+        let mut value = serde_json::to_value(&r).map_err(encode)?;
+        if let Some(fields) = value.as_object_mut() {
+            let into = serde_json::to_value(args.into).map_err(encode)?;
+            fields.insert("into".into(), into);
+            fields.insert("peak_extra_bytes".into(), peak.into());
+            fields.insert("staging_pool_bytes".into(), config.staging_pool_size.into());
+            fields.insert("device_bytes_uploaded".into(), uploaded.into());
+        }
+        let json = serde_json::to_string_pretty(&value).map_err(encode)?;
         println!("{json}");
         return Ok(());
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::aligned::round_up;
 use super::file::{check_read_at, ReadFile, ReadFiles};
-use super::prefault::{Frontier, PREFAULT_MIN};
+use super::prefault::{Frontier, PREFAULT_HELPERS, PREFAULT_MIN};
 use super::stream::{run_stream, ReadFeed};
 use super::{is_transient, Dir, EngineReport, FileId, IoStats, Reader};
 use crate::error::{Error, Result};
@@ -299,14 +299,19 @@ impl<E: ReadEngine> Reader for EngineReader<E> {
         // only gets its address, and is joined before `dst` is touched again.
         let fault_ahead = Frontier::new(span);
         let outcome = std::thread::scope(|scope| {
-            let helped = span >= PREFAULT_MIN && {
-                let (frontier, addr) = (&fault_ahead, base as usize);
-                // Without the helper (no thread to be had) the reads fault the pages themselves.
-                std::thread::Builder::new()
-                    .name("uring-ckpt-prefault".into())
-                    .spawn_scoped(scope, move || frontier.fault_in(addr))
-                    .is_ok()
-            };
+            // Helpers share the faulting (a fault costs the most on a virtual machine, where
+            // the host backs the page too); without one (no thread to be had) the reads fault
+            // the pages themselves.
+            let mut helped = false;
+            if span >= PREFAULT_MIN {
+                for i in 0..PREFAULT_HELPERS {
+                    let (frontier, addr) = (&fault_ahead, base as usize);
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("uring-ckpt-prefault-{i}"))
+                        .spawn_scoped(scope, move || frontier.fault_in(addr));
+                    helped |= spawned.is_ok();
+                }
+            }
             let mut within = |n: usize| progress(n.min(len));
             let dest = Destination { base, frontier: helped.then_some(&fault_ahead), progress: &mut within };
             let outcome = run(engine, limits, stats, open, &mut pieces, dest);
@@ -451,8 +456,10 @@ mod tests {
         let mut buf = filled(32_768);
         let mut seen = Vec::new();
         // SAFETY: `buf` is borrowed for the call and read only after it.
-        unsafe { reader.read_raw(file, (buf.as_mut_ptr(), buf.capacity()), 0, 29_000, &mut |n| seen.push(n)) }
-            .expect("read");
+        unsafe {
+            reader.read_raw(file, (buf.as_mut_ptr(), buf.capacity()), 0, 29_000, &mut |n| seen.push(n))
+        }
+        .expect("read");
         assert_eq!(&buf.as_full_mut_slice()[..29_000], &data[..29_000]);
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "growing: {seen:?}");
         assert_eq!(seen.last(), Some(&29_000), "ends at the length asked for, not the aligned span");

@@ -142,11 +142,16 @@ def load_safetensors(
     :class:`TensorNotFoundError`. ``verify``: check the CRC-32 of every tensor that has one
     stored (files written by uring-ckpt); files written by others have none, and their
     structure and sizes are always checked. Loaded CPU tensors use the read buffers
-    directly (no copy) and are writable.
+    directly (no copy) and are writable; with one CUDA device and the CUDA build they are
+    filled in device memory from the staging buffers, as :func:`load` does.
     """
     where = os.fspath(path)
-    tensors, _metadata, _extras, _report = cached_writer(config).load(where, names, verify)
-    buffers = {name: (dtype, shape, buf) for name, dtype, shape, buf in tensors}
+    if is_single_cuda_device(device) and cuda_available():
+        # Straight into device memory through the staging pool: no host copy.
+        buffers = load_to_device(where, device, names, verify, config)
+    else:
+        tensors, _metadata, _extras, _report = cached_writer(config).load(where, names, verify)
+        buffers = {name: (dtype, shape, buf) for name, dtype, shape, buf in tensors}
     restorer = _pytree.Restorer(buffers, device, where=where)
     return {name: restorer.plain(name) for name in (names if names is not None else buffers)}
 
