@@ -33,8 +33,9 @@ they ask through the Rust engine (io_uring + O_DIRECT, CRC-32 per tensor):
   earlier checkpoint at ``path`` (``replace=True``) is untouched, and the next save of the
   same path removes the temporary directory (its coordinator is this process, or is gone;
   directories of live coordinators elsewhere are left alone). A rank killed outright
-  leaves the others blocked in DCP's collectives until the process group's timeout
-  (``init_process_group(timeout=...)``); then the same holds.
+  makes the others fail in DCP's collectives (with gloo at once, on the dropped
+  connection; at the latest at the process group's timeout,
+  ``init_process_group(timeout=...)``); then the same holds.
 - **Load.** ``read_metadata`` reads ``dcp.metadata`` through the checked path (size and
   CRC from the manifest) and unpickles it with uring_ckpt's restricted unpickler, allowing
   only DCP's metadata classes, ``torch.Size``, dtypes and layouts: a hostile file cannot
