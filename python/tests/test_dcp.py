@@ -241,3 +241,12 @@ def test_hostile_metadata_is_refused_without_running_code(tmp_path: Any) -> None
     back = udcp._unpickle_metadata(pickle.dumps(md, protocol=2), "dcp.metadata")
     assert back.state_dict_metadata.keys() == md.state_dict_metadata.keys()
     assert back.storage_data.keys() == md.storage_data.keys()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_async_save_goes_through_dcp_default_stager(tmp_path: Any) -> None:
+    path = str(tmp_path / "async")
+    future = dcp.async_save(plain_state(6), storage_writer=UringStorageWriter(path), no_dist=True)
+    (future.upload_completion if hasattr(future, "upload_completion") else future).result()
+    assert_plain_equal(load_plain(path), 6)
+    assert leftovers(path) == []
