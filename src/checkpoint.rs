@@ -67,7 +67,7 @@ impl std::fmt::Debug for TensorView<'_> {
 }
 
 /// A set of tensors and metadata to save.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Checkpoint<'a> {
     /// Tensors in the order they are laid out on disk.
     pub tensors: Vec<TensorView<'a>>,
@@ -76,6 +76,18 @@ pub struct Checkpoint<'a> {
     /// Small non-tensor files (name, bytes) written into the checkpoint directory before the
     /// manifest and listed in it with their size and CRC-32: part of the atomic commit.
     pub extra_files: Vec<(String, &'a [u8])>,
+    /// Whether a (single-process) save also writes `model.safetensors.index.json`
+    /// ([`HF_INDEX_FILE`](crate::format::HF_INDEX_FILE)), so that Hugging Face tooling loads
+    /// the directory as a sharded checkpoint whose tensor names are these tensors' names.
+    /// Default true; without tensors no index is written. An extra file of that name is
+    /// then refused.
+    pub hf_index: bool,
+}
+
+impl Default for Checkpoint<'_> {
+    fn default() -> Self {
+        Checkpoint { tensors: Vec::new(), metadata: BTreeMap::new(), extra_files: Vec::new(), hf_index: true }
+    }
 }
 
 impl<'a> Checkpoint<'a> {
@@ -135,6 +147,12 @@ impl<'a> Checkpoint<'a> {
     pub fn validate(&self) -> Result<()> {
         for (i, (name, _)) in self.extra_files.iter().enumerate() {
             check_extra_name(name, &self.extra_files[..i])?;
+            if self.hf_index && name == crate::format::HF_INDEX_FILE {
+                return Err(Error::InvalidCheckpoint(format!(
+                    "extra file {name:?}: the save writes that index itself (set hf_index to false \
+                     to write your own)"
+                )));
+            }
         }
         let mut seen = HashSet::with_capacity(self.tensors.len());
         for t in &self.tensors {

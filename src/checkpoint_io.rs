@@ -46,7 +46,7 @@ pub trait CheckpointIO: Send + Sync {
     fn remove_checkpoint(&self, path: &Path) -> Result<()>;
 }
 
-pub use crate::save::RankShards;
+pub use crate::save::{RankShards, TensorLocation};
 
 /// The default [`CheckpointIO`]: io_uring + O_DIRECT (with fallbacks), sharded, atomic.
 /// Staging buffers are allocated once, in one [`StagingPool`] shared by the shard writers of
@@ -117,9 +117,23 @@ impl UringCheckpointIO {
         load::load_into(&self.config, &self.pool, path, options, strict, sink)
     }
 
+    /// Begins a multi-rank save of `path`, on its coordinator, before any rank writes:
+    /// returns a new save id for every rank's [`UringCheckpointIO::save_rank`] and the
+    /// [`UringCheckpointIO::commit_ranks`]. It refuses an existing `path` unless the config
+    /// replaces, creates the shared temporary directory, and removes what earlier
+    /// multi-rank saves of `path` left when they failed (a rank raised or was killed, so no
+    /// commit came): the directories of save ids minted here whose coordinator is gone, or
+    /// is this process (a save of a path that begins ends this process's earlier one of
+    /// the same path). See [`crate::store::clean_stale_rank_dirs`].
+    pub fn begin_ranks(&self, path: &Path) -> Result<String> {
+        save::begin_ranks(&self.config, path)
+    }
+
     /// Writes this rank's tensors as shards into the shared temporary directory of `path`
     /// (named after `save_id`, which every rank of one save must share). The checkpoint is
     /// not committed until [`UringCheckpointIO::commit_ranks`] runs, after all ranks returned.
+    /// The result says where each tensor is ([`RankShards::tensors`]) and serializes, to
+    /// travel to the coordinator.
     pub fn save_rank(
         &self,
         checkpoint: &Checkpoint<'_>,
@@ -130,16 +144,19 @@ impl UringCheckpointIO {
         save::save_rank(&self.config, &self.pool, checkpoint, path, save_id, rank)
     }
 
-    /// Commits a multi-rank save once every rank's [`RankShards`] is in: writes the manifest,
-    /// fsyncs and renames. `metadata` goes into the manifest.
+    /// Commits a multi-rank save once every rank's [`RankShards`] is in: checks that each
+    /// reported shard is in the temporary directory at its size, writes `extra_files`
+    /// (name, bytes) and the manifest (with `metadata`), fsyncs and renames. On error nothing
+    /// is committed and the temporary directory is removed.
     pub fn commit_ranks(
         &self,
         path: &Path,
         save_id: &str,
         ranks: &[RankShards],
         metadata: &BTreeMap<String, String>,
+        extra_files: &[(String, &[u8])],
     ) -> Result<()> {
-        save::commit_ranks(&self.config, path, save_id, ranks, metadata)
+        save::commit_ranks(&self.config, path, save_id, ranks, metadata, extra_files)
     }
 }
 

@@ -29,7 +29,7 @@ pub use background::{
     AsyncCheckpointIO, AsyncOptions, Durable, OwnedCheckpoint, OwnedTensor, SaveHandle, Staged,
 };
 pub use checkpoint::{Checkpoint, LoadReport, LoadedCheckpoint, LoadedTensor, SaveReport, TensorView};
-pub use checkpoint_io::{CheckpointIO, LoadOptions, RankShards, UringCheckpointIO};
+pub use checkpoint_io::{CheckpointIO, LoadOptions, RankShards, TensorLocation, UringCheckpointIO};
 pub use config::{AsyncMode, Config, EngineKind, FsyncPolicy};
 pub use format::Dtype;
 

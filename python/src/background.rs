@@ -150,7 +150,7 @@ impl AsyncWriter {
     /// Starts saving (same arguments as `Writer.save`) and returns its `SaveHandle` once the
     /// save has started (waiting first, GIL released, for a free slot). The tensors (CUDA
     /// ones included) must not change until `wait_staged()` returns.
-    #[pyo3(signature = (path, tensors, extra_files, metadata))]
+    #[pyo3(signature = (path, tensors, extra_files, metadata, hf_index=true))]
     fn save(
         &self,
         py: Python<'_>,
@@ -158,6 +158,7 @@ impl AsyncWriter {
         tensors: &Bound<'_, PyList>,
         extra_files: &Bound<'_, PyList>,
         metadata: BTreeMap<String, String>,
+        hf_index: bool,
     ) -> PyResult<SaveHandle> {
         let mut checkpoint = OwnedCheckpoint::new();
         let mut cuda = CudaUse::default();
@@ -176,6 +177,7 @@ impl AsyncWriter {
             checkpoint.add_extra_file(name.clone(), Bytes::copy_from_slice(bytes.as_bytes())).or_raise(py)?;
         }
         checkpoint.metadata = metadata;
+        checkpoint.hf_index = hf_index;
         let io = self.io.clone();
         let started = py.detach(|| io.save_checkpoint(checkpoint, &path));
         let handle = started.or_raise(py)?;

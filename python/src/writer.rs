@@ -1,12 +1,15 @@
 //! `Writer`: synchronous saves, loads, removal, verification and inspection with one
-//! configuration, every call with the GIL released while the I/O runs.
+//! configuration, every call with the GIL released while the I/O runs; and the three steps
+//! of a multi-rank save (`begin_ranks`, `save_rank`, `commit_ranks`) that
+//! `uring_ckpt.dcp` drives.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
-use uring_ckpt::{Checkpoint, CheckpointIO, Dtype, LoadOptions, UringCheckpointIO};
+use uring_ckpt::{Checkpoint, CheckpointIO, Dtype, LoadOptions, RankShards, UringCheckpointIO};
 
 use crate::buffers::Buffer;
 use crate::config::Config;
@@ -23,6 +26,33 @@ pub(crate) struct Writer {
     /// Declared first, so dropped before `io` (see [`Gpu`]).
     gpu: Gpu,
     io: UringCheckpointIO,
+}
+
+impl Writer {
+    /// Holds the memory of a save's tensor entries (see `save`): their specs, the memory,
+    /// and how many came from CUDA memory (the staging pool is page-locked if any did).
+    #[allow(clippy::type_complexity)]
+    fn hold_tensors<'py>(
+        &self,
+        py: Python<'py>,
+        tensors: &Bound<'py, PyList>,
+    ) -> PyResult<(Vec<(String, Dtype, Vec<u64>)>, Vec<Held<'py>>, CudaUse)> {
+        let mut specs: Vec<(String, Dtype, Vec<u64>)> = Vec::with_capacity(tensors.len());
+        let mut held: Vec<Held<'py>> = Vec::with_capacity(tensors.len());
+        let mut cuda = CudaUse::default();
+        self.gpu.begin_save();
+        for entry in entries(tensors) {
+            let Entry { name, dtype, shape, kind, obj } = entry?;
+            specs.push((name, dtype, shape));
+            let memory = hold(py, &self.gpu, &kind, &obj)?;
+            cuda.count(&kind, memory.data().len());
+            held.push(memory);
+        }
+        if cuda.tensors > 0 {
+            self.gpu.prepare_staging(py, &self.io);
+        }
+        Ok((specs, held, cuda))
+    }
 }
 
 #[pymethods]
@@ -55,10 +85,11 @@ impl Writer {
     /// for a contiguous CPU torch tensor, `"cuda"` for a contiguous CUDA torch tensor (feature
     /// `cuda`; its copies are ordered after torch's current stream of its device) or `"buffer"` for a C-contiguous buffer of its
     /// bytes), `extra_files` (`(name, bytes)`) and string `metadata` as a committed checkpoint
-    /// at `path`. Returns the save report as JSON (with `cuda_tensors` and `cuda_bytes`). No
+    /// at `path`, with a Hugging Face `model.safetensors.index.json` when `hf_index`.
+    /// Returns the save report as JSON (with `cuda_tensors` and `cuda_bytes`). No
     /// tensor bytes are copied in Python or here; CUDA tensors are copied from the device
     /// into the staging buffers, chunk by chunk.
-    #[pyo3(signature = (path, tensors, extra_files, metadata))]
+    #[pyo3(signature = (path, tensors, extra_files, metadata, hf_index=true))]
     fn save(
         &self,
         py: Python<'_>,
@@ -66,21 +97,9 @@ impl Writer {
         tensors: &Bound<'_, PyList>,
         extra_files: &Bound<'_, PyList>,
         metadata: BTreeMap<String, String>,
+        hf_index: bool,
     ) -> PyResult<String> {
-        let mut specs: Vec<(String, Dtype, Vec<u64>)> = Vec::with_capacity(tensors.len());
-        let mut held: Vec<Held<'_>> = Vec::with_capacity(tensors.len());
-        let mut cuda = CudaUse::default();
-        self.gpu.begin_save();
-        for entry in entries(tensors) {
-            let Entry { name, dtype, shape, kind, obj } = entry?;
-            specs.push((name, dtype, shape));
-            let memory = hold(py, &self.gpu, &kind, &obj)?;
-            cuda.count(&kind, memory.data().len());
-            held.push(memory);
-        }
-        if cuda.tensors > 0 {
-            self.gpu.prepare_staging(py, &self.io);
-        }
+        let (specs, held, cuda) = self.hold_tensors(py, tensors)?;
         let extras: Vec<(String, Bound<'_, PyBytes>)> = extra_files.extract()?;
         let mut checkpoint = Checkpoint::new();
         for ((name, dtype, shape), memory) in specs.iter().zip(&held) {
@@ -90,10 +109,65 @@ impl Writer {
             checkpoint.add_extra_file(name.clone(), bytes.as_bytes()).or_raise(py)?;
         }
         checkpoint.metadata = metadata;
+        checkpoint.hf_index = hf_index;
         let report = py.detach(|| self.io.save_checkpoint(&checkpoint, &path)).or_raise(py)?;
         drop(checkpoint);
         drop(held);
         save_report_json(&report, cuda)
+    }
+
+    /// Begins a multi-rank save of `path` on its coordinator (before any rank writes):
+    /// refuses an existing `path` unless the config replaces, removes what failed earlier
+    /// multi-rank saves of `path` left, creates the shared temporary directory and returns
+    /// the save id every rank passes to `save_rank` and the coordinator to `commit_ranks`.
+    fn begin_ranks(&self, py: Python<'_>, path: PathBuf) -> PyResult<String> {
+        py.detach(|| self.io.begin_ranks(&path)).or_raise(py)
+    }
+
+    /// Writes this rank's `tensors` (entries as for `save`, taken without a copy) as shards
+    /// into the shared temporary directory of save `save_id` of `path`; commits nothing.
+    /// Returns this rank's part as JSON: `rank`, `shards`, `weight_map`, `data_bytes` and
+    /// `tensors` (`name`, `file`, `offset`, `length`, `crc32` of each), which the
+    /// coordinator passes to `commit_ranks`.
+    fn save_rank(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        save_id: String,
+        rank: u32,
+        tensors: &Bound<'_, PyList>,
+    ) -> PyResult<String> {
+        let (specs, held, _cuda) = self.hold_tensors(py, tensors)?;
+        let mut checkpoint = Checkpoint::new();
+        for ((name, dtype, shape), memory) in specs.iter().zip(&held) {
+            checkpoint.add_source(name.clone(), *dtype, shape, memory.data()).or_raise(py)?;
+        }
+        let part = py.detach(|| self.io.save_rank(&checkpoint, &path, &save_id, rank)).or_raise(py)?;
+        drop(checkpoint);
+        drop(held);
+        report_json(&part)
+    }
+
+    /// Commits a multi-rank save once every rank's part (the JSON `save_rank` returned) is
+    /// in: checks that every shard is there, writes `extra_files` (`(name, bytes)`) and the
+    /// manifest (with string `metadata`), fsyncs, renames. Nothing is committed on error.
+    fn commit_ranks(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        save_id: String,
+        ranks: Vec<String>,
+        metadata: BTreeMap<String, String>,
+        extra_files: &Bound<'_, PyList>,
+    ) -> PyResult<()> {
+        let parts = ranks
+            .iter()
+            .map(|json| serde_json::from_str::<RankShards>(json))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| PyValueError::new_err(format!("commit_ranks: a rank's part does not parse: {e}")))?;
+        let extras: Vec<(String, Bound<'_, PyBytes>)> = extra_files.extract()?;
+        let files: Vec<(String, &[u8])> = extras.iter().map(|(n, b)| (n.clone(), b.as_bytes())).collect();
+        py.detach(|| self.io.commit_ranks(&path, &save_id, &parts, &metadata, &files)).or_raise(py)
     }
 
     /// Loads the checkpoint at `path`: returns `(tensors, metadata, extra_files, report)` with

@@ -37,7 +37,7 @@ impl std::fmt::Debug for OwnedTensor {
 }
 
 /// A checkpoint whose tensors a background save can hold on to: sources behind `Arc`s.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct OwnedCheckpoint {
     /// Tensors in the order they are laid out on disk.
     pub tensors: Vec<OwnedTensor>,
@@ -46,6 +46,20 @@ pub struct OwnedCheckpoint {
     /// Small non-tensor files (name, bytes), committed with the shards (see
     /// [`Checkpoint::extra_files`]).
     pub extra_files: Vec<(String, Bytes)>,
+    /// Whether the save also writes `model.safetensors.index.json` (see
+    /// [`Checkpoint::hf_index`]); default true.
+    pub hf_index: bool,
+}
+
+impl Default for OwnedCheckpoint {
+    fn default() -> Self {
+        OwnedCheckpoint {
+            tensors: Vec::new(),
+            metadata: BTreeMap::new(),
+            extra_files: Vec::new(),
+            hf_index: true,
+        }
+    }
 }
 
 impl OwnedCheckpoint {
@@ -114,6 +128,7 @@ impl OwnedCheckpoint {
                 .collect(),
             metadata: self.metadata.clone(),
             extra_files: self.extra_files.iter().map(|(n, b)| (n.clone(), &b[..])).collect(),
+            hf_index: self.hf_index,
         }
     }
 }

@@ -107,7 +107,7 @@ pub(super) fn snapshot_save<C: CheckpointIO>(
         copy_snapshot(&checkpoint, &offsets, &mut area.buf.as_full_mut_slice()[..total], SNAPSHOT_PIECE);
     let snapshot_seconds = copy_started.elapsed().as_secs_f64();
     // Nothing reads the sources any more: release them before saying so.
-    let OwnedCheckpoint { tensors, metadata, extra_files } = checkpoint;
+    let OwnedCheckpoint { tensors, metadata, extra_files, hf_index } = checkpoint;
     let specs: Vec<(String, Dtype, Vec<u64>, usize)> =
         tensors.into_iter().map(|t| (t.name, t.dtype, t.shape, t.source.len())).collect();
     on_staged();
@@ -126,6 +126,7 @@ pub(super) fn snapshot_save<C: CheckpointIO>(
                 .collect(),
             metadata,
             extra_files: extra_files.iter().map(|(n, b)| (n.clone(), &b[..])).collect(),
+            hf_index,
         };
         inner.save_checkpoint(&view, path)
     });

@@ -83,6 +83,22 @@ pub fn parse_index(bytes: &[u8]) -> Result<SafetensorsIndex, FormatError> {
     Ok(SafetensorsIndex { total_size, weight_map })
 }
 
+/// The index Hugging Face tooling reads beside the shards of a flat checkpoint:
+/// `{"metadata": {"total_size": N}, "weight_map": {tensor: file}}`, pretty-printed with a
+/// trailing newline. `total_size` is the sum of the tensors' byte sizes. [`parse_index`]
+/// reads it back (it refuses an empty weight map, so write none for a checkpoint without
+/// tensors).
+pub fn encode_index(weight_map: &BTreeMap<String, String>, total_size: u64) -> Vec<u8> {
+    let value = serde_json::json!({
+        "metadata": { "total_size": total_size },
+        "weight_map": weight_map,
+    });
+    // Infallible: string keys and plain values only.
+    let mut out = serde_json::to_vec_pretty(&value).expect("an index always serializes");
+    out.push(b'\n');
+    out
+}
+
 /// `value` as a `u64` when it is a non-negative whole number (some writers store
 /// `total_size` as a float such as `1.5e9`).
 fn whole_number(value: &serde_json::Value) -> Option<u64> {
@@ -163,6 +179,17 @@ mod tests {
         assert_eq!(index.total_size, None);
         let index = parse(r#"{"metadata": {"total_size": 1.5e3}, "weight_map": {"a": "x.safetensors"}}"#);
         assert_eq!(index.expect("float size").total_size, Some(1500));
+    }
+
+    #[test]
+    fn encoded_indexes_parse_back() {
+        let map = BTreeMap::from([
+            ("a.weight".to_owned(), "shard-r00000-00000.safetensors".to_owned()),
+            ("b".to_owned(), "shard-r00000-00001.safetensors".to_owned()),
+        ]);
+        let index = parse_index(&encode_index(&map, 1234)).expect("parses");
+        assert_eq!(index.total_size, Some(1234));
+        assert_eq!(index.weight_map, map);
     }
 
     #[test]

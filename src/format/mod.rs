@@ -19,7 +19,7 @@ pub use header::{
     encode_header, header_prefix_len, parse_header, ParsedHeader, ShardLayout, TensorEntry, TensorSpec,
     CRC_KEY_PREFIX, DATA_ALIGN, MAX_HEADER_LEN,
 };
-pub use index::{parse_index, SafetensorsIndex, HF_INDEX_FILE, INDEX_SUFFIX, MAX_INDEX_LEN};
+pub use index::{encode_index, parse_index, SafetensorsIndex, HF_INDEX_FILE, INDEX_SUFFIX, MAX_INDEX_LEN};
 pub use manifest::{
     check_extra_file_name, check_shard_name, ExtraFileInfo, Manifest, ShardInfo, FORMAT_NAME, FORMAT_VERSION,
     MANIFEST_FILE, MAX_MANIFEST_LEN,

@@ -1,8 +1,12 @@
 //! Saving a checkpoint: cut it into shards ([`plan`]), write them on up to four threads
 //! ([`workers`]), each shard as one aligned stream through the staging pool
-//! ([`shard_writer`]), then commit the directory ([`crate::store`]). A multi-rank save
-//! writes each rank's shards into one shared temporary directory and commits once
-//! ([`ranks`]).
+//! ([`shard_writer`]), then commit the directory ([`crate::store`]), with a Hugging Face
+//! index (`model.safetensors.index.json`) unless asked not to. A multi-rank save writes
+//! each rank's shards into one shared temporary directory and commits once ([`ranks`]).
+//!
+//! Every shard header's `__metadata__` holds the checkpoint's metadata plus
+//! `"format": "pt"` (unless the metadata sets `format` itself), which Hugging Face loaders
+//! require of a PyTorch checkpoint.
 //!
 //! [`crate::UringCheckpointIO`] is the public face of this module; the functions here take
 //! the config and the staging pool it owns.
@@ -18,16 +22,36 @@ use std::time::Instant;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
-use crate::error::Result;
-use crate::format::{Manifest, ShardInfo};
+use crate::error::{Error, Result};
+use crate::format::{encode_index, Manifest, ShardInfo, HF_INDEX_FILE};
 use crate::io::StagingPool;
 use crate::report::{SaveReport, StagedSignal};
 use crate::store::{self, TempCheckpointDir};
 
-pub(crate) use ranks::{commit_ranks, save_rank};
+pub(crate) use ranks::{begin_ranks, commit_ranks, save_rank};
 
-/// One rank's part of a multi-rank save: the shards it wrote and how.
-#[derive(Debug, Clone)]
+/// Where one saved tensor's bytes are: what a multi-rank caller (a
+/// `torch.distributed.checkpoint` storage writer, say) records to read them back without
+/// the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TensorLocation {
+    /// The tensor's name.
+    pub name: String,
+    /// Its shard file, in the checkpoint directory.
+    pub file: String,
+    /// Offset of its first byte in that file.
+    pub offset: u64,
+    /// Its length in bytes.
+    pub length: u64,
+    /// CRC-32 (IEEE) of its bytes, as stored in the shard header.
+    pub crc32: u32,
+}
+
+/// One rank's part of a multi-rank save: the shards it wrote and how. Serializes (with
+/// serde, e.g. to JSON) without its `report`, so that the ranks can send their parts to the
+/// coordinator, which commits them ([`commit_ranks`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RankShards {
     /// The rank.
     pub rank: u32,
@@ -37,8 +61,11 @@ pub struct RankShards {
     pub weight_map: BTreeMap<String, String>,
     /// Sum of its tensor bytes.
     pub data_bytes: u64,
-    /// How its writes went.
-    pub report: SaveReport,
+    /// Where each of its tensors is, in the order written.
+    pub tensors: Vec<TensorLocation>,
+    /// How its writes went (on the rank that wrote; `None` once deserialized).
+    #[serde(skip)]
+    pub report: Option<SaveReport>,
 }
 
 /// A whole single-process save of `checkpoint` at `path`; `on_staged` (if any) is called
@@ -75,13 +102,18 @@ fn save_signalled(
     let tmp = TempCheckpointDir::create(path, replace)?;
     let rank = workers::write_shards(config, pool, checkpoint, path, tmp.path(), 0, signal)?;
     let commit_started = Instant::now();
+    let report = rank.report.ok_or_else(|| Error::Internal("a rank save without its report".into()))?;
     let mut manifest =
         Manifest::new(rank.shards, rank.weight_map, rank.data_bytes, checkpoint.metadata.clone());
     for (name, bytes) in &checkpoint.extra_files {
         manifest.extra_files.push(tmp.write_extra_file(name, bytes)?);
     }
+    if checkpoint.hf_index && !manifest.weight_map.is_empty() {
+        let index = encode_index(&manifest.weight_map, manifest.total_size);
+        manifest.extra_files.push(tmp.write_extra_file(HF_INDEX_FILE, &index)?);
+    }
     tmp.commit(&manifest, replace)?;
-    let mut report = rank.report;
+    let mut report = report;
     report.commit_seconds = commit_started.elapsed().as_secs_f64();
     report.finish(signal.started, signal.is_watched().then(|| signal.seconds()).flatten());
     log::info!(

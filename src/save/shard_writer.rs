@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use super::TensorLocation;
 use crate::checkpoint::{TensorData, TensorView};
 use crate::error::{Error, Result};
 use crate::format::{encode_header, ShardInfo, ShardLayout, TensorSpec};
@@ -84,7 +85,8 @@ impl Default for ShardOptions<'_> {
     }
 }
 
-/// Writes one complete shard file at `path` and returns its manifest entry.
+/// Writes one complete shard file at `path` and returns its manifest entry, how its bytes
+/// travelled and where each tensor is in it.
 pub(crate) fn write_shard<'a>(
     writer: &mut dyn Writer<'a>,
     path: &Path,
@@ -92,7 +94,7 @@ pub(crate) fn write_shard<'a>(
     tensors: &[&TensorView<'a>],
     metadata: &BTreeMap<String, String>,
     options: ShardOptions<'_>,
-) -> Result<(ShardInfo, ShardVolume)> {
+) -> Result<(ShardInfo, ShardVolume, Vec<TensorLocation>)> {
     let specs = tensors
         .iter()
         .map(|t| TensorSpec { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() })
@@ -154,7 +156,19 @@ pub(crate) fn write_shard<'a>(
         header_crc32: crc32fast::hash(&header),
         tensor_count: tensors.len() as u64,
     };
-    Ok((info, stream.volume))
+    let locations = layout
+        .tensors
+        .iter()
+        .zip(&crcs)
+        .map(|(entry, &crc32)| TensorLocation {
+            name: entry.name.clone(),
+            file: file_name.to_owned(),
+            offset: prefix_len + entry.data_offsets.0,
+            length: entry.len(),
+            crc32,
+        })
+        .collect();
+    Ok((info, stream.volume, locations))
 }
 
 /// Capacity of the writer's staging buffers.

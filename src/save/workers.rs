@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::plan::{plan_shards, shard_file_name, worker_config};
 use super::shard_writer::{write_shard, ShardOptions, ShardVolume};
-use super::RankShards;
+use super::{RankShards, TensorLocation};
 use crate::checkpoint::{Checkpoint, TensorView};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -42,15 +42,15 @@ pub(super) fn write_shards(
     pool.set_capacity(config.staging_buffers().max(2).max(workers * share));
     let next = AtomicUsize::new(0);
     let names: Vec<String> = (0..plan.len()).map(|i| shard_file_name(rank, i)).collect();
+    let header_metadata = header_metadata(&checkpoint.metadata);
 
     let outcomes: Vec<Result<WorkerOutcome>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 let (plan, names, next, per_worker, pool) = (&plan, &names, &next, &per_worker, pool);
-                let staging = (pool, share);
-                scope.spawn(move || {
-                    run_worker(per_worker, dir, staging, plan, names, next, &checkpoint.metadata, options)
-                })
+                let (staging, metadata) = ((pool, share), &header_metadata);
+                scope
+                    .spawn(move || run_worker(per_worker, dir, staging, plan, names, next, metadata, options))
             })
             .collect();
         handles
@@ -61,7 +61,7 @@ pub(super) fn write_shards(
             .collect()
     });
 
-    let mut shards: Vec<(usize, ShardInfo)> = Vec::new();
+    let mut shards: Vec<(usize, ShardInfo, Vec<TensorLocation>)> = Vec::new();
     let mut stats = IoStats::default();
     let mut volume = ShardVolume::default();
     let mut engine: Option<EngineReport> = None;
@@ -82,8 +82,15 @@ pub(super) fn write_shards(
     if let Some(err) = first_error {
         return Err(err);
     }
-    shards.sort_by_key(|(i, _)| *i);
-    let shards: Vec<ShardInfo> = shards.into_iter().map(|(_, s)| s).collect();
+    shards.sort_by_key(|(i, ..)| *i);
+    let mut tensors = Vec::with_capacity(checkpoint.tensors.len());
+    let shards: Vec<ShardInfo> = shards
+        .into_iter()
+        .map(|(_, shard, locations)| {
+            tensors.extend(locations);
+            shard
+        })
+        .collect();
     let mut weight_map = BTreeMap::new();
     for (i, tensors) in plan.iter().enumerate() {
         for t in tensors {
@@ -113,7 +120,25 @@ pub(super) fn write_shards(
         submit_calls: stats.submits,
         sqes_submitted: stats.sqes_submitted,
     };
-    Ok(RankShards { rank, shards, weight_map, data_bytes: checkpoint.data_bytes(), report })
+    Ok(RankShards {
+        rank,
+        shards,
+        weight_map,
+        data_bytes: checkpoint.data_bytes(),
+        tensors,
+        report: Some(report),
+    })
+}
+
+/// Key and value every shard header's `__metadata__` carries unless the checkpoint's
+/// metadata sets the key: Hugging Face loaders refuse a PyTorch checkpoint without it.
+const HF_FORMAT: (&str, &str) = ("format", "pt");
+
+/// The `__metadata__` of every shard: the checkpoint's metadata plus [`HF_FORMAT`].
+fn header_metadata(metadata: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut out = metadata.clone();
+    out.entry(HF_FORMAT.0.to_owned()).or_insert_with(|| HF_FORMAT.1.to_owned());
+    out
 }
 
 fn empty_report(config: &Config) -> EngineReport {
@@ -130,7 +155,7 @@ fn empty_report(config: &Config) -> EngineReport {
 }
 
 struct WorkerOutcome {
-    shards: Vec<(usize, ShardInfo)>,
+    shards: Vec<(usize, ShardInfo, Vec<TensorLocation>)>,
     stats: IoStats,
     volume: ShardVolume,
     engine: EngineReport,
@@ -159,10 +184,10 @@ fn run_worker<'a>(
             break;
         }
         let path = dir.join(&names[i]);
-        let (info, shard_volume) =
+        let (info, shard_volume, locations) =
             write_shard(writer.as_mut(), &path, &names[i], &plan[i], metadata, options)?;
         volume.add(&shard_volume);
-        shards.push((i, info));
+        shards.push((i, info, locations));
     }
     let stats = writer.stats().clone();
     let engine = writer.report().clone();

@@ -63,6 +63,13 @@ impl TempCheckpointDir {
         Ok(TempCheckpointDir { tmp, target: target.to_path_buf(), parent, committed: false })
     }
 
+    /// Leaves the directory in place, no longer counted as in use by this process: a rank of
+    /// a multi-rank save hands it on to the other ranks and the commit (or, if the save
+    /// fails, to [`clean_stale_rank_dirs`](super::lock::clean_stale_rank_dirs)).
+    pub fn keep(mut self) {
+        self.committed = true; // so Drop unregisters it and removes nothing
+    }
+
     /// The temporary directory the shards go into.
     pub fn path(&self) -> &Path {
         &self.tmp

@@ -15,6 +15,16 @@
 //! (an unfinished save) and `.<name>.tmp-removing-<pid>` (an interrupted removal). Directories
 //! of another live process, those this process still uses, and those of multi-rank saves
 //! (named by their save id) are left alone.
+//!
+//! Multi-rank saves whose save id this crate minted ([`names::rank_save_id`]:
+//! `.<name>.tmp-r-<host>-<pid>-<hex nanos>-<n>`) are cleaned when the next multi-rank save
+//! of the same path begins ([`clean_stale_rank_dirs`]): a directory whose coordinator (on this
+//! host and boot) is gone, or is this very process (which is beginning a new save of that
+//! path, so its earlier one ended: it committed, or failed on some rank, which a coordinator
+//! is not told of). Directories of coordinators on other hosts are left alone: their
+//! process ids mean nothing here.
+//!
+//! [`names::rank_save_id`]: super::names::rank_save_id
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
@@ -24,7 +34,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::names::{lock_path, split_target, temp_dir_owner};
+use super::names::{host_tag, lock_path, rank_dir_owner, split_target, temp_dir_owner};
 // Configuration, so defined in `crate::config`; also named here, where it is used.
 pub use crate::config::LockMode;
 use crate::error::{Error, Result};
@@ -178,6 +188,47 @@ pub fn clean_stale_temp_dirs(target: &Path) -> Result<Vec<PathBuf>> {
         match fs::remove_dir_all(&path) {
             Ok(()) => {
                 log::info!("removed {} left by a crashed save (pid {pid})", path.display());
+                removed.push(path);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("could not remove stale {}: {e}", path.display()),
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes the temporary directories of earlier multi-rank saves of `target` (save ids
+/// minted by [`rank_save_id`](super::names::rank_save_id)) whose coordinator is gone or is
+/// this process, except `keep`'s (the save id beginning now). Call it holding `target`'s
+/// [`SaveLock`], as the coordinator of a new save of `target`, before any rank writes.
+/// Returns the directories removed; one that cannot be removed is logged and skipped.
+pub fn clean_stale_rank_dirs(target: &Path, keep: &str) -> Result<Vec<PathBuf>> {
+    let (parent, name) = split_target(target)?;
+    let entries = match fs::read_dir(&parent) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list directory", &parent, e)),
+    };
+    let kept = format!(".{name}{}{keep}", super::names::TMP_MARKER);
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(entry_name) = file_name.to_str() else { continue };
+        let Some(owner) = rank_dir_owner(&name, entry_name) else { continue };
+        if entry_name == kept || owner.host != host_tag() {
+            continue;
+        }
+        if owner.pid != std::process::id() && process_alive(owner.pid) {
+            continue;
+        }
+        let path = entry.path();
+        match fs::remove_dir_all(&path) {
+            Ok(()) => {
+                log::info!(
+                    "removed {}, left by a multi-rank save that did not commit (coordinator pid {})",
+                    path.display(),
+                    owner.pid
+                );
                 removed.push(path);
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -19,7 +19,7 @@ pub mod remove;
 
 pub use commit::{fsync_dir, TempCheckpointDir};
 pub use foreign::{identify, open_any, CheckpointKind, Opened, MAX_FOREIGN_SHARDS};
-pub use lock::{clean_stale_temp_dirs, SaveLock};
+pub use lock::{clean_stale_rank_dirs, clean_stale_temp_dirs, SaveLock};
 pub use names::{is_temporary_name, lock_path, split_target, TMP_MARKER};
 pub use open::{ensure_checkpoint, open_checkpoint, read_manifest};
 pub use remove::remove_checkpoint_dir;

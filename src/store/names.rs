@@ -1,9 +1,11 @@
 //! The names of the directory protocol: a checkpoint `<parent>/<name>`, its temporary
 //! directories `.<name>.tmp-<suffix>`, its removal `.<name>.tmp-removing-<pid>` and its lock
-//! file `.<name>.lock`; which names a save accepts.
+//! file `.<name>.lock`; which names a save accepts; the save ids of multi-rank saves this
+//! crate mints (`r-<host>-<pid>-<hex nanos>-<n>`), whose coordinator can be told alive or gone.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
@@ -130,6 +132,66 @@ pub fn validate_save_id(target: &Path, save_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Prefix of the save ids [`rank_save_id`] mints.
+const RANK_ID_PREFIX: &str = "r-";
+
+/// Eight hex digits naming this host and boot: a process id means something only where this
+/// tag matches (the CRC-32 of the host name and the kernel's boot id).
+pub fn host_tag() -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| {
+        let mut hasher = crc32fast::Hasher::new();
+        let mut name = [0u8; 256];
+        // SAFETY: the buffer is writable for its length; gethostname writes at most that
+        // many bytes and does not keep the pointer.
+        if unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } == 0 {
+            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            hasher.update(&name[..end]);
+        }
+        hasher.update(b"\0");
+        if let Ok(boot) = std::fs::read("/proc/sys/kernel/random/boot_id") {
+            hasher.update(&boot);
+        }
+        format!("{:08x}", hasher.finalize())
+    })
+}
+
+/// A save id for a multi-rank save coordinated by this process:
+/// `r-<host tag>-<pid>-<hex nanos>-<counter>`, unique on this host, at most
+/// 64 bytes. A later save of the same path recognises it
+/// ([`rank_dir_owner`]) and removes the directory once its coordinator is gone.
+pub fn rank_save_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{RANK_ID_PREFIX}{}-{}-{nanos:x}-{n}", host_tag(), std::process::id())
+}
+
+/// Who coordinates the multi-rank save of a temporary directory: the host tag and process
+/// id in its save id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankDirOwner {
+    /// The coordinator's [`host_tag`].
+    pub host: String,
+    /// The coordinator's process id (on that host).
+    pub pid: u32,
+}
+
+/// The coordinator of a temporary directory of `name` whose save id [`rank_save_id`]
+/// minted (`.<name>.tmp-r-<host>-<pid>-<hex nanos>-<n>`); `None` for any other name.
+pub fn rank_dir_owner(name: &str, entry: &str) -> Option<RankDirOwner> {
+    let rest = entry.strip_prefix('.')?.strip_prefix(name)?.strip_prefix(TMP_MARKER)?;
+    let rest = rest.strip_prefix(RANK_ID_PREFIX)?;
+    let parts: Vec<&str> = rest.split('-').collect();
+    let [host, pid, nanos, n] = parts[..] else { return None };
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if host.len() != 8 || !hex(host) || !digits(pid) || !hex(nanos) || !digits(n) {
+        return None;
+    }
+    Some(RankDirOwner { host: host.to_owned(), pid: pid.parse().ok()? })
+}
+
 /// The process id in a temporary directory name of `name` made by a single-process save
 /// (`.<name>.tmp-<pid>-<hex nanos>-<n>`) or a removal (`.<name>.tmp-removing-<pid>`).
 /// `None` for any other name, including multi-rank save directories.
@@ -171,9 +233,31 @@ mod tests {
     }
 
     #[test]
+    fn owner_of_rank_save_ids() {
+        let id = rank_save_id();
+        let entry = format!(".ck{TMP_MARKER}{id}");
+        let owner = rank_dir_owner("ck", &entry).expect("minted ids are recognised");
+        assert_eq!(owner, RankDirOwner { host: host_tag().to_owned(), pid: std::process::id() });
+        assert!(validate_save_id(Path::new("ck"), &id).is_ok(), "{id}");
+        assert_eq!(temp_dir_owner("ck", &entry), None, "not a single-process directory");
+        assert_eq!(rank_dir_owner("other", &entry), None);
+        assert_eq!(rank_dir_owner("ck", ".ck.tmp-step-100"), None, "ids chosen by the caller");
+        assert_eq!(rank_dir_owner("ck", ".ck.tmp-r-abc-1-2-3"), None, "host tag of 8 hex digits");
+        assert_eq!(rank_dir_owner("ck", ".ck.tmp-r-0123abcd-1-2-3-4"), None);
+        assert_eq!(
+            rank_dir_owner("ck", ".ck.tmp-r-0123abcd-77-1f-0"),
+            Some(RankDirOwner { host: "0123abcd".into(), pid: 77 })
+        );
+        assert_eq!(temp_dir_owner("ck", ".ck.tmp-1234-17a3f-0"), Some(1234));
+        assert_eq!(rank_dir_owner("ck", ".ck.tmp-1234-17a3f-0"), None);
+    }
+
+    #[test]
     fn own_suffixes_fit_the_bound() {
         let longest = format!("{}-{:x}-{}", u32::MAX, u128::MAX, u64::MAX);
         assert!(longest.len() <= MAX_OWN_SUFFIX, "{}", longest.len());
+        let longest_rank = format!("{RANK_ID_PREFIX}{}-{}-{:x}-{}", host_tag(), u32::MAX, u64::MAX, u64::MAX);
+        assert!(longest_rank.len() <= MAX_OWN_SUFFIX, "{}", longest_rank.len());
         assert!(format!("removing-{}", u32::MAX).len() <= MAX_OWN_SUFFIX);
     }
 

@@ -244,6 +244,7 @@ fn our_own_checkpoints_read_as_before_and_without_their_manifest_as_a_directory(
     let config = small_config(EngineKind::Uring);
     let data = bytes(7, 5000);
     let mut ck = Checkpoint::new();
+    ck.hf_index = false; // without its manifest: a plain directory of shards (with it: an HF index)
     ck.add("w", Dtype::U8, &[5000], &data).expect("w");
     ck.set_metadata("step", "3");
     let path = dir.path().join("ours");

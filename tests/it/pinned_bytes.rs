@@ -1,8 +1,10 @@
 //! The bytes of a checkpoint are pinned: three deterministic synthetic checkpoints, saved on
 //! every engine, must give exactly these files (CRC-32 and length of each), as written by the
-//! code before the redesign (`uring-ckpt save --synthetic ...` at commit 5529683). A change
-//! that alters the format, the header padding, the manifest's JSON or the sharding shows
-//! up here.
+//! code before the redesign (`uring-ckpt save --synthetic ...` at commit 5529683), then
+//! re-pinned once on purpose when every shard header gained `"format": "pt"` and a save
+//! gained `model.safetensors.index.json` (branch `dcp`; the shard lengths did not change).
+//! A change that alters the format, the header padding, the manifest's JSON or the sharding
+//! shows up here.
 
 use crate::common;
 
@@ -28,8 +30,9 @@ const PINNED: [Pinned; 3] = [
         dtype: Dtype::BF16,
         max_shard_size: None,
         files: &[
-            ("manifest.json", 1336, 0xecf3894f),
-            ("shard-r00000-00000.safetensors", 3149824, 0x91c7a397),
+            ("manifest.json", 1463, 0x22b2899e),
+            ("model.safetensors.index.json", 974, 0x19ab6878),
+            ("shard-r00000-00000.safetensors", 3149824, 0x0cc82221),
         ],
     },
     Pinned {
@@ -39,8 +42,9 @@ const PINNED: [Pinned; 3] = [
         dtype: Dtype::F32,
         max_shard_size: None,
         files: &[
-            ("manifest.json", 30253, 0x9117e86d),
-            ("shard-r00000-00000.safetensors", 2161792, 0x838dbaa2),
+            ("manifest.json", 30382, 0x52392106),
+            ("model.safetensors.index.json", 29889, 0x94520721),
+            ("shard-r00000-00000.safetensors", 2161792, 0x9e428f3b),
         ],
     },
     Pinned {
@@ -50,11 +54,12 @@ const PINNED: [Pinned; 3] = [
         dtype: Dtype::BF16,
         max_shard_size: Some(1 << 20),
         files: &[
-            ("manifest.json", 23854, 0x13faa637),
-            ("shard-r00000-00000.safetensors", 1059328, 0xca8d5dec),
-            ("shard-r00000-00001.safetensors", 1053696, 0xb23e3419),
-            ("shard-r00000-00002.safetensors", 1053440, 0x4bb83e8c),
-            ("shard-r00000-00003.safetensors", 37248, 0x81af8fda),
+            ("manifest.json", 23983, 0xc4a0b4e2),
+            ("model.safetensors.index.json", 22984, 0x14a647b8),
+            ("shard-r00000-00000.safetensors", 1059328, 0x3459712a),
+            ("shard-r00000-00001.safetensors", 1053696, 0x9e37f882),
+            ("shard-r00000-00002.safetensors", 1053440, 0xf5d49ec7),
+            ("shard-r00000-00003.safetensors", 37248, 0x15122f39),
         ],
     },
 ];

@@ -22,6 +22,7 @@ def save(
     config: ConfigLike = None,
     replace: bool | None = None,
     metadata: dict[str, str] | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> dict[str, Any]:
     """Saves ``state`` (a nested dict/list of tensors and anything picklable, such as a
     Lightning checkpoint dict) as a committed checkpoint directory at ``path``; returns once
@@ -41,9 +42,20 @@ def save(
     ``replace``: whether an existing checkpoint at ``path`` may be replaced (atomically);
     default from the config (``replace_existing``, false), else
     :class:`CheckpointExistsError`. ``metadata``: strings stored in the manifest.
+    ``extra_files``: small files (name to bytes, e.g. ``{"config.json": ...}``) written into
+    the checkpoint directory and committed with it atomically, each listed in the manifest
+    with its size and CRC-32 (names are plain file names, not ``*.safetensors``,
+    ``manifest.json``, ``extras.pkl`` nor, for a flat state dict, the index below).
+
+    A flat state dict (``model.state_dict()``: string keys to tensors, nothing nested) is
+    also a Hugging Face checkpoint: tensor names are its keys, every shard header says
+    ``"format": "pt"``, and ``model.safetensors.index.json`` (``total_size`` and the
+    ``weight_map``) is committed beside ``manifest.json``. With ``extra_files={"config.json":
+    ...}``, ``transformers``' ``from_pretrained(path)`` loads it. Tied weights are stored once,
+    under the first key (``transformers`` re-ties the others).
     """
     flat = _pytree.flatten(state)
-    report = cached_writer(config, replace).save(*save_args(flat, path, metadata))
+    report = cached_writer(config, replace).save(*save_args(flat, path, metadata, extra_files))
     return save_report(report, flat.copied_bytes)
 
 

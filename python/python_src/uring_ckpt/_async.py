@@ -111,13 +111,15 @@ class AsyncSaver:
         path: PathLike,
         *,
         metadata: dict[str, str] | None = None,
+        extra_files: dict[str, bytes] | None = None,
     ) -> SaveFuture:
-        """Queues the save of ``state`` to ``path``; returns once it is staged."""
+        """Queues the save of ``state`` to ``path``; returns once it is staged. ``metadata``
+        and ``extra_files`` as for :func:`uring_ckpt.save`."""
         if self._closed:
             raise RuntimeError("AsyncSaver is closed")
         started = time.perf_counter()
         flat = _pytree.flatten(state)
-        handle = self._writer.save(*save_args(flat, path, metadata))
+        handle = self._writer.save(*save_args(flat, path, metadata, extra_files))
         handle.wait_staged()
         future = SaveFuture(handle, time.perf_counter() - started, flat.copied_bytes)
         with self._lock:

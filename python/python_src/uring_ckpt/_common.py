@@ -59,13 +59,34 @@ def manifest_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     return out
 
 
+def extra_file_list(extra_files: dict[str, bytes] | None) -> list[tuple[str, bytes]]:
+    """A save's ``extra_files`` argument as ``(name, bytes)`` pairs, checked: names are
+    strings, contents bytes-like, and none is the sidecar's name (the Rust side checks that
+    the names are plain file names)."""
+    out: list[tuple[str, bytes]] = []
+    for name, data in (extra_files or {}).items():
+        if not isinstance(name, str):
+            raise TypeError(f"extra file names must be strings, not {type(name).__name__}")
+        if name == _pytree.SIDECAR:
+            raise ValueError(f"extra file {name!r}: the name is the sidecar's, reserved")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"extra file {name!r} must be bytes, not {type(data).__name__}")
+        out.append((name, bytes(data)))
+    return out
+
+
 def save_args(
-    flat: _pytree.Flattened, path: PathLike, metadata: dict[str, str] | None
-) -> tuple[str, list[tuple[str, str, list[int], str, Any]], list[tuple[str, bytes]], dict[str, str]]:
+    flat: _pytree.Flattened,
+    path: PathLike,
+    metadata: dict[str, str] | None,
+    extra_files: dict[str, bytes] | None = None,
+) -> tuple[str, list[tuple[str, str, list[int], str, Any]], list[tuple[str, bytes]], dict[str, str], bool]:
     """The arguments of ``Writer.save`` and ``AsyncWriter.save`` for a flattened state: the
-    path, the tensor entries, the sidecar as the one extra file, and the metadata."""
+    path, the tensor entries, the sidecar and the caller's extra files, the metadata, and
+    whether to write a Hugging Face index (for a flat state dict only)."""
     tensors = [e.as_tuple() for e in flat.tensors]
-    return os.fspath(path), tensors, [(_pytree.SIDECAR, flat.sidecar)], manifest_metadata(metadata)
+    extras = [(_pytree.SIDECAR, flat.sidecar), *extra_file_list(extra_files)]
+    return os.fspath(path), tensors, extras, manifest_metadata(metadata), flat.flat
 
 
 def save_report(report: str, copied_bytes: int) -> dict[str, Any]:

@@ -48,7 +48,21 @@ class Writer:
         tensors: list[_TensorEntry],
         extra_files: list[tuple[str, bytes]],
         metadata: dict[str, str],
+        hf_index: bool = True,
     ) -> str: ...
+    def begin_ranks(self, path: _Path) -> str:
+        """Coordinator: a new multi-rank save id (stale leftovers removed, directory made)."""
+    def save_rank(self, path: _Path, save_id: str, rank: int, tensors: list[_TensorEntry]) -> str:
+        """This rank's shards into the shared temporary directory; its part as JSON."""
+    def commit_ranks(
+        self,
+        path: _Path,
+        save_id: str,
+        ranks: list[str],
+        metadata: dict[str, str],
+        extra_files: list[tuple[str, bytes]],
+    ) -> None:
+        """Coordinator: checks every rank's shards, writes the manifest, renames once."""
     def load(
         self, path: _Path, names: list[str] | None = None, verify: bool | None = None
     ) -> tuple[list[tuple[str, str, list[int], Buffer]], dict[str, str], dict[str, bytes], str]: ...
@@ -92,6 +106,7 @@ class AsyncWriter:
         tensors: list[_TensorEntry],
         extra_files: list[tuple[str, bytes]],
         metadata: dict[str, str],
+        hf_index: bool = True,
     ) -> SaveHandle: ...
     def in_flight(self) -> int: ...
     def teardown(self) -> None: ...

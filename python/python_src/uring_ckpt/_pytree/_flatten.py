@@ -66,6 +66,10 @@ class Flattened:
     """Bytes copied to make tensors contiguous or move them to the CPU."""
     cuda_devices: list[Any] = field(default_factory=list)
     """CUDA devices of the ``"cuda"`` entries."""
+    flat: bool = False
+    """Whether the state is a flat state dict: a dict of string keys to tensors and plain
+    values (no nested dict, list or tuple), each tensor stored under its key (or tied to one
+    that is). Such a checkpoint is also a Hugging Face checkpoint (``hf_index``)."""
 
 
 class _Namer:
@@ -212,4 +216,14 @@ def flatten(state: Any) -> Flattened:
     buf = io.BytesIO()
     pickler = _Flattener(buf, state)
     pickler.dump(state)
-    return Flattened(pickler.entries, buf.getvalue(), pickler.copied, list(pickler.cuda_devices.values()))
+    devices = list(pickler.cuda_devices.values())
+    return Flattened(pickler.entries, buf.getvalue(), pickler.copied, devices, _is_flat(state, pickler.entries))
+
+
+def _is_flat(state: Any, entries: list[TensorEntry]) -> bool:
+    """See :attr:`Flattened.flat`."""
+    if not isinstance(state, dict) or not entries:
+        return False
+    if not all(isinstance(k, str) and not isinstance(v, (dict, list, tuple)) for k, v in state.items()):
+        return False
+    return all(e.name in state for e in entries)

@@ -58,13 +58,22 @@ from ._scan import scan
 from ._vm import _Machine
 
 
-def load(data: bytes, persistent_load: Callable[[Any], Any], where: str = "extras.pkl") -> Any:
+def load(
+    data: bytes,
+    persistent_load: Callable[[Any], Any],
+    where: str = "extras.pkl",
+    extra_globals: dict[str, Any] | None = None,
+) -> Any:
     """Unpickles ``data`` under the allow-list; ``persistent_load`` resolves tensor
-    references. Raises :class:`UnsafeCheckpointError` for anything refused or malformed
-    (and lets ``CorruptCheckpointError`` from ``persistent_load`` through)."""
+    references. ``extra_globals`` (``{"module.qualname": obj}``) are allowed for this load
+    only, as if added with ``torch.serialization.add_safe_globals`` (the DCP reader passes
+    DCP's metadata classes). Raises :class:`UnsafeCheckpointError` for anything refused or
+    malformed (and lets ``CorruptCheckpointError`` from ``persistent_load`` through)."""
     try:
         tabs = tables()
         user = _user_globals()
+        if extra_globals:
+            user = {**user, **extra_globals}
         ops = scan(bytes(data), tabs, user, where)
         return _Machine(len(data), persistent_load, tabs, user, where).run(ops)
     except CorruptCheckpointError:

@@ -1,0 +1,252 @@
+"""torch.distributed.checkpoint through uring_ckpt.dcp: ranks are spawned processes on one
+machine (gloo on 127.0.0.1, CPU tensors, DTensors on a CPU DeviceMesh), each bounded in
+time (gloo timeout in the ranks, a deadline for the whole job here). What the ranks saw
+comes back as JSON files (tests/_dcp_workers.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import socket
+import time
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
+dcp = pytest.importorskip("torch.distributed.checkpoint")
+
+from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
+
+import uring_ckpt  # noqa: E402
+from uring_ckpt.dcp import METADATA_FILE, UringStorageReader, UringStorageWriter  # noqa: E402
+
+JOB_DEADLINE = 90.0
+"""Seconds a whole spawned job may take before its ranks are killed and the test fails."""
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free right now on 127.0.0.1."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def run_job(scenario: str, world: int, path: str, out: str, ports: int = 1) -> list[int | None]:
+    """Runs ``scenario`` on ``world`` spawned ranks; returns their exit codes (None: still
+    running at the deadline, then killed)."""
+    import _dcp_workers  # noqa: F401 - importable here means importable in the children
+
+    ctx = multiprocessing.get_context("spawn")
+    os.makedirs(out, exist_ok=True)
+    chosen = free_ports(ports)
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        procs = [
+            ctx.Process(target=_dcp_workers.main, args=(r, world, chosen, scenario, path, out), daemon=True)
+            for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    deadline = time.monotonic() + JOB_DEADLINE
+    codes: list[int | None] = []
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+            codes.append(None)
+        else:
+            codes.append(p.exitcode)
+    return codes
+
+
+def read(out: str, phase: str, rank: int) -> dict[str, Any]:
+    with open(os.path.join(out, f"{phase}-{rank}.json")) as f:
+        result: dict[str, Any] = json.load(f)
+    return result
+
+
+def errors(out: str, world: int) -> str:
+    found = []
+    for rank in range(world):
+        p = os.path.join(out, f"error-{rank}.json")
+        if os.path.exists(p):
+            found.append(f"rank {rank}: {read(out, 'error', rank)['trace']}")
+    return "\n".join(found)
+
+
+def leftovers(path: str) -> list[str]:
+    name = os.path.basename(path)
+    return sorted(n for n in os.listdir(os.path.dirname(path)) if n != name)
+
+
+def test_sharded_state_saved_on_4_ranks_loads_on_2_and_on_3(tmp_path: Any) -> None:
+    path, out = str(tmp_path / "ckpt" / "step-1"), str(tmp_path / "out")
+    codes = run_job("reshard", 4, path, out, ports=3)
+    assert codes == [0, 0, 0, 0], errors(out, 4)
+    for world in (2, 3):
+        counts = []
+        for rank in range(world):
+            checks = read(out, f"load{world}", rank)
+            counts.append(checks.pop("counts"))
+            assert all(checks.values()), (world, rank, checks)
+        # Whole saved chunks are read in place; a chunk split between two ranks is read,
+        # narrowed and copied by each: on 2 ranks, rows 3-5 of `b` (saved 3+3+3+1, loaded
+        # 5+5); on 3 ranks, rows 3-5 and 6-8 of `a` (3 each, loaded 4 each) and of `b`.
+        assert all(c["in_place"] > 0 for c in counts), counts
+        assert all(c["bytes"] == 2 for c in counts), ("step and blob on every rank", counts)
+        assert sum(c["copied"] for c in counts) == {2: 2, 3: 8}[world], counts
+    assert leftovers(path) == [], "no temporary directory, no lock file"
+    # One committed checkpoint of ours: verify checks every shard, CRC and dcp.metadata.
+    report = uring_ckpt.verify(path)
+    assert report["kind"] == "uring_ckpt", report
+    info = uring_ckpt.inspect(path)
+    names = {t["name"] for t in info["tensors"]}
+    assert {"model.a@0,0", "model.a@3,0", "model.a@6,0", "model.a@9,0", "model.c@0,0", "step"} <= names
+    assert info["manifest"]["metadata"]["uring_ckpt.dcp"] == "1"
+    assert METADATA_FILE in {f["file"] for f in info["manifest"]["extra_files"]}
+    files = {f["file"] for f in info["manifest"]["shards"]}
+    assert {f.split("-")[1] for f in files} == {"r00000", "r00001", "r00002", "r00003"}, files
+
+
+def test_a_rank_raising_in_write_data_commits_nothing_and_the_next_save_cleans_up(tmp_path: Any) -> None:
+    path, out = str(tmp_path / "ckpt" / "latest"), str(tmp_path / "out")
+    codes = run_job("raising_rank", 4, path, out)
+    assert codes == [0, 0, 0, 0], errors(out, 4)
+    name = os.path.basename(path)
+    for rank in range(4):
+        failed = read(out, "failed", rank)
+        assert failed["raised"] == "CheckpointException", failed
+        assert "injected failure on rank 1" in failed["message"], failed["message"]
+        assert all(failed["loaded"].values()), ("the previous checkpoint loads", failed["loaded"])
+        listing = failed["listing"]
+        assert name in listing and len(listing) == 2, listing
+        assert listing[0].startswith(f".{name}.tmp-r-"), ("the failed save's directory, not renamed", listing)
+        after = read(out, "after", rank)
+        assert after["listing"] == [name], after["listing"]
+        assert all(after["loaded"].values()), after["loaded"]
+    uring_ckpt.verify(path)
+
+
+def plain_state(seed: int) -> dict[str, Any]:
+    """The whole values of _dcp_workers.full_tensors, as one process holds them."""
+    import _dcp_workers
+
+    full = _dcp_workers.full_tensors(seed)
+    return {
+        "model": {k: full[k] for k in ("a", "b", "c")},
+        "plain": full["plain"],
+        "z": full["z"],
+        "step": 100 + seed,
+        "blob": io.BytesIO(b"bytes of step %d" % seed),
+    }
+
+
+def load_plain(path: str) -> dict[str, Any]:
+    state = plain_state(0)
+    state["model"] = {k: torch.zeros_like(v) for k, v in state["model"].items()}
+    state["plain"], state["z"], state["step"] = torch.zeros_like(state["plain"]), torch.zeros_like(state["z"]), 0
+    state["blob"] = io.BytesIO()
+    dcp.load(state, storage_reader=UringStorageReader(path), no_dist=True)
+    return state
+
+
+def assert_plain_equal(state: dict[str, Any], seed: int) -> None:
+    want = plain_state(seed)
+    for key in ("a", "b", "c"):
+        assert torch.equal(state["model"][key], want["model"][key]), key
+    assert torch.equal(state["plain"], want["plain"]) and torch.equal(state["z"], want["z"])
+    assert state["step"] == want["step"]
+    assert state["blob"].getvalue() == want["blob"].getvalue()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_rank_killed_mid_save_commits_nothing_and_the_survivors_get_an_error(tmp_path: Any) -> None:
+    path, out = str(tmp_path / "ckpt" / "latest"), str(tmp_path / "out")
+    started = time.monotonic()
+    codes = run_job("killed_rank", 4, path, out)
+    assert codes[1] == -9, (codes, errors(out, 4))
+    assert codes[0] == 0 and codes[2] == 0 and codes[3] == 0, (codes, errors(out, 4))
+    for rank in (0, 2, 3):
+        result = read(out, "killed", rank)
+        assert result["raised"] is not None, result
+        assert result["seconds"] < 45, result  # bounded by the gloo timeout (10 s) per collective
+    assert time.monotonic() - started < JOB_DEADLINE
+    name = os.path.basename(path)
+    left = leftovers(path)
+    assert any(n.startswith(f".{name}.tmp-r-") for n in left), left
+    # The previous checkpoint is intact: loaded whole in this process, resharded from 4 ranks.
+    assert_plain_equal(load_plain(path), 1)
+    uring_ckpt.verify(path)
+    # The next save (this process coordinates; the failed save's coordinator is gone)
+    # removes the leftover.
+    dcp.save(plain_state(5), storage_writer=UringStorageWriter(path, replace=True), no_dist=True)
+    assert leftovers(path) == [], leftovers(path)
+    assert_plain_equal(load_plain(path), 5)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_single_process_round_trip_and_errors(tmp_path: Any) -> None:
+    path = str(tmp_path / "one")
+    dcp.save(plain_state(2), storage_writer=UringStorageWriter(path), no_dist=True)
+    assert_plain_equal(load_plain(path), 2)
+    # An existing checkpoint is not replaced unless asked.
+    with pytest.raises(CheckpointException, match="already exists"):
+        dcp.save(plain_state(3), storage_writer=UringStorageWriter(path), no_dist=True)
+    assert_plain_equal(load_plain(path), 2)
+    assert leftovers(path) == []
+    # A uring_ckpt checkpoint that is not a DCP one says so.
+    other = str(tmp_path / "flat")
+    uring_ckpt.save({"w": torch.ones(3)}, other)
+    with pytest.raises(CheckpointException, match="not a torch.distributed.checkpoint checkpoint"):
+        load_plain(other)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_hostile_metadata_is_refused_without_running_code(tmp_path: Any) -> None:
+    import pickle
+
+    from uring_ckpt import dcp as udcp
+
+    class Boom:
+        def __reduce__(self) -> Any:
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    with pytest.raises(uring_ckpt.UnsafeCheckpointError):
+        udcp._unpickle_metadata(pickle.dumps(Boom()), "dcp.metadata")
+    assert not (tmp_path / "pwned").exists()
+    # A real metadata object goes through.
+    path = str(tmp_path / "m")
+    md = dcp.save(plain_state(4), storage_writer=UringStorageWriter(path), no_dist=True)
+    back = udcp._unpickle_metadata(pickle.dumps(md, protocol=2), "dcp.metadata")
+    assert back.state_dict_metadata.keys() == md.state_dict_metadata.keys()
+    assert back.storage_data.keys() == md.storage_data.keys()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_async_save_goes_through_dcp_default_stager(tmp_path: Any) -> None:
+    path = str(tmp_path / "async")
+    future = dcp.async_save(plain_state(6), storage_writer=UringStorageWriter(path), no_dist=True)
+    (future.upload_completion if hasattr(future, "upload_completion") else future).result()
+    assert_plain_equal(load_plain(path), 6)
+    assert leftovers(path) == []
