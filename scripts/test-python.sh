@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Python package's tests: installs (once) maturin, pytest, torch and lightning into the
+# The Python package's tests: installs (once) maturin, pytest, torch, lightning and transformers into the
 # repository's venv (the one scripts/python-env.sh makes), builds the extension in release
 # mode with `maturin develop`, lints the extension crate (with and without its `cuda`
 # feature), then runs pytest on python/tests (python/tests/test_cuda.py's GPU tests skip
@@ -13,10 +13,12 @@ cd "$root"
 
 python="$(bash scripts/python-env.sh)"
 venv="$(dirname "$(dirname "$python")")"
-if ! "$python" -c "import maturin, pytest, torch, lightning" 2>/dev/null; then
-  echo "installing maturin, pytest, torch and lightning into $venv (first run only)" >&2
+if ! "$python" -c "import maturin, pytest, torch, lightning, transformers" 2>/dev/null; then
+  echo "installing maturin, pytest, torch, lightning and transformers into $venv (first run only)" >&2
   start=$(date +%s)
-  "$python" -m pip install --quiet --disable-pip-version-check "maturin>=1.5,<2" pytest "torch>=2.1" "lightning>=2.1"
+  # transformers: python/tests/test_hf.py loads our checkpoints with from_pretrained.
+  "$python" -m pip install --quiet --disable-pip-version-check "maturin>=1.5,<2" pytest "torch>=2.1" "lightning>=2.1" \
+    "transformers>=4.40"
   echo "installed in $(( $(date +%s) - start ))s" >&2
 fi
 
