@@ -12,24 +12,34 @@ unpickler, which never runs code (see :func:`uring_ckpt.load`); a refused global
 :class:`uring_ckpt.UnsafeCheckpointError`. Only an explicit ``weights_only=False``
 (``Trainer.fit(..., weights_only=False)``) unpickles everything, for checkpoints you trust.
 
+The first asynchronous save need not stall longer than the later ones: give the Trainer
+the plugin's :meth:`AsyncUringCheckpointIO.reserve_callback` too, and the snapshot area is
+made and faulted in, in the background, before the first save (see :class:`ReserveSnapshot`)::
+
+    io = AsyncUringCheckpointIO()
+    Trainer(plugins=[io], callbacks=[io.reserve_callback(), ModelCheckpoint(...)])
+
 Works with ``lightning`` (``lightning.pytorch``) or, failing that, ``pytorch_lightning``.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
 from ._api import load, remove, save
-from ._async import AsyncSaver, SaveFuture, wait_all
+from ._async import AsyncSaver, SaveFuture, snapshot_bytes, wait_all
 from ._common import ConfigLike, coerce_config
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+    from lightning.pytorch.callbacks import Callback
 except ImportError:  # the standalone pytorch_lightning package
     from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO  # type: ignore[no-redef,assignment]
+    from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef,assignment]
 
-__all__ = ["AsyncUringCheckpointIO", "UringCheckpointIO"]
+__all__ = ["AsyncUringCheckpointIO", "ReserveSnapshot", "UringCheckpointIO"]
 
 
 def _device(map_location: Any) -> Any:
@@ -90,19 +100,52 @@ class AsyncUringCheckpointIO(UringCheckpointIO):
     """Like :class:`UringCheckpointIO`, but ``save_checkpoint`` returns once the tensors are
     snapshotted (copied to host memory: :class:`uring_ckpt.AsyncSaver`'s ``snapshot``
     mode, whatever the config's ``async_mode``); the write and commit run in the background
-    (``max_in_flight`` saves at most; each holds a host copy of the checkpoint). An error of
-    a background save is raised by the next ``save_checkpoint``, ``load_checkpoint``,
-    ``remove_checkpoint`` or ``teardown``. Loads and removes wait for the saves in flight
-    first, so ``save_top_k`` never removes a checkpoint being written."""
+    (``max_in_flight`` saves at most; each holds a host copy of the checkpoint), at the
+    config's ``background_nice`` with at most ``background_threads`` writer threads. An error
+    of a background save is raised by the next ``save_checkpoint``, ``load_checkpoint``,
+    ``remove_checkpoint`` or ``teardown``. Loads wait for every save in flight first, and a
+    remove for the saves of that path, so ``save_top_k`` never removes a checkpoint being
+    written (nor waits for the save it just started).
+
+    ``reserve``: the snapshot area to make and fault in right away, in the background (a byte
+    count, a state, or an ``nn.Module``; see :meth:`uring_ckpt.AsyncSaver.reserve`), so that
+    the first save stalls no longer than later ones. Without it, :meth:`reserve_callback`
+    sizes the area from the model and its optimizers during ``fit``."""
 
     def __init__(
-        self, config: ConfigLike = None, *, verify_on_load: bool = True, max_in_flight: int = 1
+        self,
+        config: ConfigLike = None,
+        *,
+        verify_on_load: bool = True,
+        max_in_flight: int = 1,
+        reserve: Any = None,
     ) -> None:
         super().__init__(config, verify_on_load=verify_on_load)
         self.max_in_flight = max_in_flight
         self._saver: AsyncSaver | None = None
         self._futures: list[SaveFuture] = []
         self._lock = threading.Lock()
+        if reserve is not None:
+            self.reserve(reserve)
+
+    def saver(self) -> AsyncSaver:
+        """The :class:`uring_ckpt.AsyncSaver` behind the plugin (made on first use)."""
+        with self._lock:
+            if self._saver is None:
+                self._saver = AsyncSaver(self.config, max_in_flight=self.max_in_flight)
+            return self._saver
+
+    def reserve(self, state: Any) -> int:
+        """Makes the snapshot area for a checkpoint of ``state`` (bytes, a state or an
+        ``nn.Module``) and faults it in on a helper thread; returns at once, with the bytes
+        asked for (see :meth:`uring_ckpt.AsyncSaver.reserve`)."""
+        return self.saver().reserve(state)
+
+    def reserve_callback(self, *, slack: int = 1 << 20) -> ReserveSnapshot:
+        """A Lightning callback that reserves this plugin's snapshot area during ``fit``,
+        sized from the model and the optimizers (plus ``slack`` bytes): pass it to the
+        Trainer's ``callbacks`` (see :class:`ReserveSnapshot`)."""
+        return ReserveSnapshot(self, slack=slack)
 
     def _raise_finished_errors(self) -> None:
         with self._lock:
@@ -118,14 +161,22 @@ class AsyncUringCheckpointIO(UringCheckpointIO):
             futures, self._futures = self._futures, []
         wait_all(futures)
 
+    def _wait_for(self, path: Any) -> None:
+        """Waits for the saves of ``path`` (raising the first error among them), then raises
+        the errors of saves that finished meanwhile."""
+        key = os.path.abspath(os.fspath(path))
+        with self._lock:
+            mine = [f for f in self._futures if os.path.abspath(f.path) == key]
+            self._futures = [f for f in self._futures if os.path.abspath(f.path) != key]
+        wait_all(mine)
+        self._raise_finished_errors()
+
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
         self._refuse_storage_options(storage_options)
         self._raise_finished_errors()
-        if self._saver is None:
-            self._saver = AsyncSaver(self.config, max_in_flight=self.max_in_flight)
-        future = self._saver.save(checkpoint, path)
+        future = self.saver().save(checkpoint, path)
         with self._lock:
             self._futures.append(future)
 
@@ -136,10 +187,60 @@ class AsyncUringCheckpointIO(UringCheckpointIO):
         return super().load_checkpoint(path, map_location, weights_only)
 
     def remove_checkpoint(self, path: Any) -> None:
-        self._wait_all()
+        self._wait_for(path)
         super().remove_checkpoint(path)
 
     def teardown(self) -> None:
         """Waits for every save in flight; raises the first error among them."""
         self._wait_all()
         self._saver = None
+
+
+class ReserveSnapshot(Callback):
+    """Reserves the snapshot area of an :class:`AsyncUringCheckpointIO` ahead of its first
+    save, so that the first save's stall is one memory copy, as the later ones are, instead
+    of that plus faulting a fresh area in: at ``fit`` start for the model's ``state_dict()``
+    and the optimizers' state so far, then after each training batch until every optimizer
+    has state (Adam makes its moments at its first step), each time for the bytes counted
+    plus ``slack``, rounded up to 2 MiB. The area is made at once and faulted in on a helper
+    thread at the config's ``background_nice``; a larger estimate grows it (its pages kept);
+    the first save trims it to that save's size. Counting walks the state's tensors only
+    (nothing is copied).
+
+    ``Trainer(plugins=[io], callbacks=[io.reserve_callback(), ...])``."""
+
+    def __init__(self, io: AsyncUringCheckpointIO, *, slack: int = 1 << 20) -> None:
+        super().__init__()
+        self.io = io
+        self.slack = slack
+        self.reserved = 0
+        """Bytes asked for so far."""
+        self._settled = False
+        self._batches = 0
+
+    @staticmethod
+    def estimate(trainer: Any, pl_module: Any) -> int:
+        """Tensor bytes of the model's ``state_dict()`` and the optimizers' state now: the
+        bulk of a Lightning checkpoint."""
+        optimizers = [list(opt.state.values()) for opt in trainer.optimizers]
+        return snapshot_bytes({"state_dict": pl_module.state_dict(), "optimizer_states": optimizers})
+
+    def _reserve(self, trainer: Any, pl_module: Any) -> None:
+        huge = 2 << 20
+        nbytes = -(-(self.estimate(trainer, pl_module) + self.slack) // huge) * huge
+        if nbytes > self.reserved:
+            self.io.reserve(nbytes)
+            self.reserved = nbytes
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._reserve(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._settled:
+            return
+        self._batches += 1
+        # Every optimizer has state once it stepped (or after enough batches, whatever it keeps).
+        self._settled = self._batches >= 64 or all(len(opt.state) > 0 for opt in trainer.optimizers)
+        self._reserve(trainer, pl_module)
