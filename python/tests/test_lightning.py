@@ -126,7 +126,8 @@ def test_async_plugin_snapshot_isolation_and_errors(tmp_path):
 
     with pytest.raises(TypeError):
         plugin.save_checkpoint({}, tmp_path / "c.ckpt", storage_options={"x": 1})
-    plugin.remove_checkpoint(tmp_path / "a.ckpt")
+    plugin.remove_checkpoint(tmp_path / "a.ckpt")  # in the background
+    plugin.teardown()  # waits for it
     assert not (tmp_path / "a.ckpt").exists()
 
 
@@ -208,6 +209,32 @@ def test_async_plugin_reserve_argument(tmp_path):
     stats = plugin.saver().snapshot_stats()
     assert stats["areas"] == 1 and stats["reserved_bytes"] == 3 << 20, stats
     plugin.save_checkpoint({"w": torch.ones(1 << 10), "global_step": 1}, tmp_path / "a.ckpt")
-    plugin.remove_checkpoint(tmp_path / "a.ckpt")  # waits for that save, then removes it
-    assert not (tmp_path / "a.ckpt").exists()
+    plugin.remove_checkpoint(tmp_path / "a.ckpt")  # after that save, in the background
     plugin.teardown()
+    assert not (tmp_path / "a.ckpt").exists()
+
+
+def test_async_plugin_removes_in_the_background_in_order_with_saves(tmp_path):
+    import threading
+
+    plugin = AsyncUringCheckpointIO()
+    w = torch.arange(1 << 16, dtype=torch.float32)
+    # Save, remove, save again to the same path: the second save waits for the removal.
+    plugin.save_checkpoint({"w": w, "n": 1}, tmp_path / "a.ckpt")
+    plugin.remove_checkpoint(tmp_path / "a.ckpt")
+    plugin.save_checkpoint({"w": w, "n": 2}, tmp_path / "a.ckpt")
+    assert plugin.load_checkpoint(tmp_path / "a.ckpt")["n"] == 2  # waits for everything
+    # The removal thread runs at background_nice.
+    plugin.remove_checkpoint(tmp_path / "a.ckpt")
+    niceness = plugin._remover.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    assert niceness.result() >= plugin.config.background_nice == 10
+    plugin.teardown()
+    assert not (tmp_path / "a.ckpt").exists()
+    # A failed removal (not a checkpoint) surfaces at the next call.
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "file").write_bytes(b"x")
+    plugin.remove_checkpoint(tmp_path / "plain")
+    with pytest.raises(uring_ckpt.NotACheckpointError):
+        plugin.teardown()
+    plugin.teardown()  # raised once
+    assert (tmp_path / "plain" / "file").exists()

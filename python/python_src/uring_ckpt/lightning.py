@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ._api import load, remove, save
@@ -101,11 +102,14 @@ class AsyncUringCheckpointIO(UringCheckpointIO):
     snapshotted (copied to host memory: :class:`uring_ckpt.AsyncSaver`'s ``snapshot``
     mode, whatever the config's ``async_mode``); the write and commit run in the background
     (``max_in_flight`` saves at most; each holds a host copy of the checkpoint), at the
-    config's ``background_nice`` with at most ``background_threads`` writer threads. An error
-    of a background save is raised by the next ``save_checkpoint``, ``load_checkpoint``,
-    ``remove_checkpoint`` or ``teardown``. Loads wait for every save in flight first, and a
-    remove for the saves of that path, so ``save_top_k`` never removes a checkpoint being
-    written (nor waits for the save it just started).
+    config's ``background_nice`` with at most ``background_threads`` writer threads.
+    ``remove_checkpoint`` (``save_top_k`` rotation) runs in the background too, on one thread
+    at ``background_nice``, after the saves of that path: deleting a checkpoint can take as
+    long as writing it (a file system mounted with ``discard`` trims every freed block
+    before ``unlink`` returns), and the training loop need not wait for it. A save to a path
+    being removed waits for the removal; loads and ``teardown`` wait for every save and
+    removal. An error of a background save or removal is raised by the next
+    ``save_checkpoint``, ``load_checkpoint``, ``remove_checkpoint`` or ``teardown``.
 
     ``reserve``: the snapshot area to make and fault in right away, in the background (a byte
     count, a state, or an ``nn.Module``; see :meth:`uring_ckpt.AsyncSaver.reserve`), so that
@@ -124,6 +128,8 @@ class AsyncUringCheckpointIO(UringCheckpointIO):
         self.max_in_flight = max_in_flight
         self._saver: AsyncSaver | None = None
         self._futures: list[SaveFuture] = []
+        self._removals: list[tuple[str, Future[None]]] = []
+        self._remover: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         if reserve is not None:
             self.reserve(reserve)
@@ -151,30 +157,56 @@ class AsyncUringCheckpointIO(UringCheckpointIO):
         with self._lock:
             done = [f for f in self._futures if f.done()]
             self._futures = [f for f in self._futures if not f.done()]
-        for f in done:
-            error = f.exception()
+            removed = [f for _, f in self._removals if f.done()]
+            self._removals = [(k, f) for k, f in self._removals if not f.done()]
+        errors = [f.exception() for f in done] + [f.exception() for f in removed]
+        for error in errors:
             if error is not None:
                 raise error
 
     def _wait_all(self) -> None:
         with self._lock:
             futures, self._futures = self._futures, []
-        wait_all(futures)
+            removals, self._removals = self._removals, []
+        first: BaseException | None = None
+        for _, removal in removals:
+            error = removal.exception()
+            first = first or error
+        try:
+            wait_all(futures)
+        finally:
+            if first is not None:
+                raise first
 
-    def _wait_for(self, path: Any) -> None:
-        """Waits for the saves of ``path`` (raising the first error among them), then raises
-        the errors of saves that finished meanwhile."""
-        key = os.path.abspath(os.fspath(path))
+    def _wait_removal_of(self, key: str) -> None:
+        """Waits for the removals of ``key`` in flight (their errors are raised later)."""
         with self._lock:
-            mine = [f for f in self._futures if os.path.abspath(f.path) == key]
-            self._futures = [f for f in self._futures if os.path.abspath(f.path) != key]
-        wait_all(mine)
-        self._raise_finished_errors()
+            pending = [f for k, f in self._removals if k == key]
+        for f in pending:
+            f.exception()
+
+    def _remove_later(self, path: Any, saves: list[SaveFuture]) -> None:
+        """Waits for ``saves`` (their errors are the saves' to raise), then removes ``path``."""
+        for f in saves:
+            f.exception()
+        UringCheckpointIO.remove_checkpoint(self, path)
+
+    def _lower_priority(self) -> None:
+        """The removal thread's start: down to ``background_nice``, never back up."""
+        nice = self.config.background_nice
+        if nice > 0 and hasattr(os, "setpriority"):
+            tid = threading.get_native_id()
+            try:
+                if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except OSError:  # pragma: no cover - lowering one's own priority is always allowed
+                pass
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
         self._refuse_storage_options(storage_options)
+        self._wait_removal_of(os.path.abspath(os.fspath(path)))
         self._raise_finished_errors()
         future = self.saver().save(checkpoint, path)
         with self._lock:
@@ -187,13 +219,26 @@ class AsyncUringCheckpointIO(UringCheckpointIO):
         return super().load_checkpoint(path, map_location, weights_only)
 
     def remove_checkpoint(self, path: Any) -> None:
-        self._wait_for(path)
-        super().remove_checkpoint(path)
+        """Removes ``path`` in the background, once the saves of that path are done."""
+        self._raise_finished_errors()
+        key = os.path.abspath(os.fspath(path))
+        with self._lock:
+            saves = [f for f in self._futures if os.path.abspath(f.path) == key]
+            if self._remover is None:
+                self._remover = ThreadPoolExecutor(
+                    1, thread_name_prefix="uring-ckpt-remove", initializer=self._lower_priority
+                )
+            self._removals.append((key, self._remover.submit(self._remove_later, path, saves)))
 
     def teardown(self) -> None:
-        """Waits for every save in flight; raises the first error among them."""
-        self._wait_all()
-        self._saver = None
+        """Waits for every save and removal in flight; raises the first error among them."""
+        try:
+            self._wait_all()
+        finally:
+            self._saver = None
+            remover, self._remover = self._remover, None
+            if remover is not None:
+                remover.shutdown(wait=True)
 
 
 class ReserveSnapshot(Callback):
