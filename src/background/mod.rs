@@ -97,11 +97,17 @@ pub struct AsyncCheckpointIO<C: CheckpointIO + 'static> {
 
 impl AsyncCheckpointIO<UringCheckpointIO> {
     /// The default checkpoint writer with this config, made asynchronous as the config's
-    /// `async_mode`, `max_saves_in_flight` and `background_nice` say; its saves write with
-    /// at most `background_threads` threads ([`UringCheckpointIO::for_background`]).
+    /// `async_mode`, `max_saves_in_flight` and `background_nice` say. In snapshot mode its
+    /// saves write with at most `background_threads` threads
+    /// ([`UringCheckpointIO::for_background`]); in stream mode, whose caller waits for the
+    /// write (staged comes with its last byte), as a synchronous save does.
     pub fn from_config(config: Config) -> Result<Self> {
         let options = AsyncOptions::from_config(&config);
-        AsyncCheckpointIO::new(UringCheckpointIO::for_background(config)?, options)
+        let inner = match config.async_mode {
+            AsyncMode::Snapshot => UringCheckpointIO::for_background(config)?,
+            AsyncMode::Stream => UringCheckpointIO::new(config)?,
+        };
+        AsyncCheckpointIO::new(inner, options)
     }
 }
 

@@ -411,6 +411,12 @@ fn from_config_reserves_the_snapshot_area_and_bounds_the_background_threads() {
         .background_nice(12)
         .build()
         .expect("config");
+    let stream = AsyncCheckpointIO::from_config(Config { async_mode: AsyncMode::Stream, ..config.clone() });
+    assert_eq!(
+        stream.expect("io").inner().threads(),
+        uring_ckpt::io::SaveThreads::Foreground,
+        "its caller waits"
+    );
     let io = AsyncCheckpointIO::from_config(config).expect("io");
     assert_eq!(io.inner().threads(), uring_ckpt::io::SaveThreads::Background(1));
     assert_eq!(io.options().background_nice, 12);
