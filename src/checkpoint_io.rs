@@ -10,7 +10,7 @@ use crate::checkpoint::{Checkpoint, LoadedCheckpoint, SaveReport};
 use crate::config::Config;
 use crate::error::Result;
 use crate::io::pool::{self, Registration, Shape, StagingPool};
-use crate::io::Registrar;
+use crate::io::{Registrar, SaveThreads};
 use crate::{load, save};
 
 pub use crate::load::LoadOptions;
@@ -61,13 +61,28 @@ pub use crate::save::{RankShards, TensorLocation};
 pub struct UringCheckpointIO {
     config: Config,
     pool: StagingPool,
+    threads: SaveThreads,
 }
 
 impl UringCheckpointIO {
     /// A checkpoint writer with this (validated) config.
     pub fn new(config: Config) -> Result<Self> {
         config.validate()?;
-        Ok(UringCheckpointIO { config, pool: StagingPool::new() })
+        Ok(UringCheckpointIO { config, pool: StagingPool::new(), threads: SaveThreads::Foreground })
+    }
+
+    /// A checkpoint writer for saves that run in the background
+    /// ([`AsyncCheckpointIO`](crate::AsyncCheckpointIO)): each save writes with at most the
+    /// config's `background_threads` threads ([`SaveThreads::Background`]), so that it
+    /// takes little CPU from the work it runs beside.
+    pub fn for_background(config: Config) -> Result<Self> {
+        let threads = SaveThreads::Background(config.background_threads);
+        Ok(UringCheckpointIO { threads, ..UringCheckpointIO::new(config)? })
+    }
+
+    /// How many threads each save may run.
+    pub fn threads(&self) -> SaveThreads {
+        self.threads
     }
 
     /// The config in use.
@@ -162,7 +177,7 @@ impl UringCheckpointIO {
 
 impl CheckpointIO for UringCheckpointIO {
     fn save_checkpoint(&self, checkpoint: &Checkpoint<'_>, path: &Path) -> Result<SaveReport> {
-        save::save(&self.config, &self.pool, checkpoint, path, None)
+        save::save(&self.config, &self.pool, checkpoint, path, None, self.threads)
     }
 
     fn save_checkpoint_staged(
@@ -171,7 +186,7 @@ impl CheckpointIO for UringCheckpointIO {
         path: &Path,
         on_staged: &(dyn Fn() + Sync),
     ) -> Result<SaveReport> {
-        save::save(&self.config, &self.pool, checkpoint, path, Some(on_staged))
+        save::save(&self.config, &self.pool, checkpoint, path, Some(on_staged), self.threads)
     }
 
     fn load_checkpoint(&self, path: &Path, options: &LoadOptions) -> Result<LoadedCheckpoint> {

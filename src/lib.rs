@@ -26,7 +26,7 @@ pub mod store;
 pub mod synthetic;
 
 pub use background::{
-    AsyncCheckpointIO, AsyncOptions, Durable, OwnedCheckpoint, OwnedTensor, SaveHandle, Staged,
+    AsyncCheckpointIO, AsyncOptions, Durable, OwnedCheckpoint, OwnedTensor, SaveHandle, SnapshotStats, Staged,
 };
 pub use checkpoint::{Checkpoint, LoadReport, LoadedCheckpoint, LoadedTensor, SaveReport, TensorView};
 pub use checkpoint_io::{CheckpointIO, LoadOptions, RankShards, TensorLocation, UringCheckpointIO};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList};
 use uring_ckpt::background::{AsyncCheckpointIO, Durable, OwnedCheckpoint, Staged};
 use uring_ckpt::UringCheckpointIO;
 
@@ -113,7 +113,8 @@ impl SaveHandle {
 
 /// Background saves ([`AsyncCheckpointIO`]) with this configuration's `async_mode`
 /// (`snapshot`: the tensors are copied into a reused host area, the shortest stall; `stream`:
-/// through the staging ring, no extra memory) and `max_saves_in_flight`.
+/// through the staging ring, no extra memory), `max_saves_in_flight`, `background_nice` and
+/// `background_threads`.
 #[pyclass(module = "uring_ckpt._uring_ckpt", frozen)]
 pub(crate) struct AsyncWriter {
     /// Declared first, so dropped before `io` (see [`Gpu`] and `Drop`).
@@ -194,6 +195,36 @@ impl AsyncWriter {
     /// Saves running or waiting.
     fn in_flight(&self) -> usize {
         self.io.in_flight()
+    }
+
+    /// Reserves a snapshot area of at least `nbytes` and faults it in on a helper thread at
+    /// the config's `background_nice`, so that the first save does not fault it in while its
+    /// caller waits; returns at once (see `AsyncCheckpointIO::reserve_snapshot`). Snapshot
+    /// mode only.
+    fn reserve(&self, py: Python<'_>, nbytes: usize) -> PyResult<()> {
+        let io = self.io.clone();
+        py.detach(|| io.reserve_snapshot(nbytes)).or_raise(py)
+    }
+
+    /// Waits (GIL released) until no reservation is faulting an area in.
+    fn wait_reserved(&self, py: Python<'_>) {
+        let io = self.io.clone();
+        py.detach(|| io.wait_reserved());
+    }
+
+    /// The snapshot areas: `areas` (kept), `in_use`, `reserved_bytes`, `resident_bytes`
+    /// (faulted in), `reserving` (a helper at work), `pending_bytes`.
+    fn snapshot_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let io = self.io.clone();
+        let s = py.detach(|| io.snapshot_stats());
+        let out = PyDict::new(py);
+        out.set_item("areas", s.areas)?;
+        out.set_item("in_use", s.in_use)?;
+        out.set_item("reserved_bytes", s.reserved_bytes)?;
+        out.set_item("resident_bytes", s.resident_bytes)?;
+        out.set_item("reserving", s.reserving)?;
+        out.set_item("pending_bytes", s.pending_bytes)?;
+        Ok(out)
     }
 
     /// Waits (GIL released) for every save, then raises the first error of a save whose

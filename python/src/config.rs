@@ -99,6 +99,13 @@ impl Config {
         self.inner.replace_existing
     }
 
+    /// The nice value of background work (asynchronous saves once staged, reservations,
+    /// the Lightning plugin's removals).
+    #[getter]
+    fn background_nice(&self) -> u32 {
+        self.inner.background_nice
+    }
+
     fn __repr__(&self) -> String {
         let body = self.inner.to_toml_string();
         let fields: Vec<&str> = body.lines().filter(|l| !l.trim().is_empty()).collect();

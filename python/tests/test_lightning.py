@@ -126,7 +126,8 @@ def test_async_plugin_snapshot_isolation_and_errors(tmp_path):
 
     with pytest.raises(TypeError):
         plugin.save_checkpoint({}, tmp_path / "c.ckpt", storage_options={"x": 1})
-    plugin.remove_checkpoint(tmp_path / "a.ckpt")
+    plugin.remove_checkpoint(tmp_path / "a.ckpt")  # in the background
+    plugin.teardown()  # waits for it
     assert not (tmp_path / "a.ckpt").exists()
 
 
@@ -158,3 +159,82 @@ def test_resume_refuses_a_hostile_sidecar_by_default(tmp_path):
     t3 = trainer(tmp_path / "third", UringCheckpointIO(), max_steps=3, every_n_train_steps=100)
     t3.fit(Tiny(), loader(), ckpt_path=str(path), weights_only=False)
     assert marker.exists() and t3.global_step == 3
+
+
+def test_reserve_callback_faults_the_area_in_before_the_first_save(tmp_path):
+    from uring_ckpt.lightning import ReserveSnapshot
+
+    plugin = AsyncUringCheckpointIO()
+    reserve = plugin.reserve_callback()
+    assert isinstance(reserve, ReserveSnapshot)
+    seen = {}
+
+    class Probe(lightning.pytorch.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:  # after the first step, before the first save (step 3)
+                plugin.saver().wait_reserved()
+                seen["stats"] = plugin.saver().snapshot_stats()
+                seen["estimate"] = ReserveSnapshot.estimate(trainer, module)
+
+    model = Tiny()
+    t = Trainer(
+        default_root_dir=tmp_path,
+        max_steps=6,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[plugin],
+        callbacks=[
+            reserve,
+            Probe(),
+            ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=3, save_top_k=-1),
+        ],
+    )
+    t.fit(model, loader())
+    stats = seen["stats"]
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert seen["estimate"] > 2 * param_bytes, "the weights and Adam's moments"
+    assert reserve.reserved >= seen["estimate"] + (1 << 20) and reserve.reserved % (2 << 20) == 0
+    assert stats["areas"] == 1 and stats["reserved_bytes"] == reserve.reserved, stats
+    assert stats["resident_bytes"] == stats["reserved_bytes"] and not stats["reserving"], stats
+    for name in ("epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt"):
+        uring_ckpt.verify(tmp_path / "ckpts" / name)
+    assert uring_ckpt.load(tmp_path / "ckpts" / "epoch=0-step=6.ckpt")["global_step"] == 6
+
+
+def test_async_plugin_reserve_argument(tmp_path):
+    plugin = AsyncUringCheckpointIO(reserve=3 << 20)
+    stats = plugin.saver().snapshot_stats()
+    assert stats["areas"] == 1 and stats["reserved_bytes"] == 3 << 20, stats
+    plugin.save_checkpoint({"w": torch.ones(1 << 10), "global_step": 1}, tmp_path / "a.ckpt")
+    plugin.remove_checkpoint(tmp_path / "a.ckpt")  # after that save, in the background
+    plugin.teardown()
+    assert not (tmp_path / "a.ckpt").exists()
+
+
+def test_async_plugin_removes_in_the_background_in_order_with_saves(tmp_path):
+    import threading
+
+    plugin = AsyncUringCheckpointIO()
+    w = torch.arange(1 << 16, dtype=torch.float32)
+    # Save, remove, save again to the same path: the second save waits for the removal.
+    plugin.save_checkpoint({"w": w, "n": 1}, tmp_path / "a.ckpt")
+    plugin.remove_checkpoint(tmp_path / "a.ckpt")
+    plugin.save_checkpoint({"w": w, "n": 2}, tmp_path / "a.ckpt")
+    assert plugin.load_checkpoint(tmp_path / "a.ckpt")["n"] == 2  # waits for everything
+    # The removal thread runs at background_nice.
+    plugin.remove_checkpoint(tmp_path / "a.ckpt")
+    niceness = plugin._remover.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    assert niceness.result() >= plugin.config.background_nice == 10
+    plugin.teardown()
+    assert not (tmp_path / "a.ckpt").exists()
+    # A failed removal (not a checkpoint) surfaces at the next call.
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "file").write_bytes(b"x")
+    plugin.remove_checkpoint(tmp_path / "plain")
+    with pytest.raises(uring_ckpt.NotACheckpointError):
+        plugin.teardown()
+    plugin.teardown()  # raised once
+    assert (tmp_path / "plain" / "file").exists()

@@ -12,6 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use super::completion::{lock, Completion};
 use super::owned::OwnedCheckpoint;
 use super::snapshot::{snapshot_save, SnapshotArea};
+use super::AsyncOptions;
 use crate::checkpoint::SaveReport;
 use crate::checkpoint_io::CheckpointIO;
 use crate::config::AsyncMode;
@@ -23,6 +24,8 @@ use crate::source::Releasable;
 pub(super) struct Shared {
     pub(super) state: Mutex<State>,
     pub(super) changed: Condvar,
+    /// The wrapper's options.
+    pub(super) options: AsyncOptions,
 }
 
 #[derive(Default)]
@@ -35,6 +38,10 @@ pub(super) struct State {
     pub(super) threads: Vec<JoinHandle<()>>,
     /// Snapshot areas kept for reuse (each unregisters itself before it is freed).
     pub(super) snapshots: Vec<SnapshotArea>,
+    /// Snapshot areas taken by saves running now.
+    pub(super) areas_in_use: usize,
+    /// Bytes a reservation asked for that waits for an area to come back (0: none).
+    pub(super) pending_reserve: usize,
 }
 
 impl Shared {
@@ -192,7 +199,7 @@ mod tests {
             Config::builder().chunk_size(1 << 16).staging_pool_size(1 << 18).build().expect("config");
         let io = AsyncCheckpointIO::new(
             UringCheckpointIO::new(config).expect("io"),
-            AsyncOptions { mode, max_saves_in_flight: 1 },
+            AsyncOptions { mode, max_saves_in_flight: 1, ..AsyncOptions::default() },
         )
         .expect("async io");
         let device = SimulatedDevice::new(4 << 30).expect("device");

@@ -20,6 +20,13 @@
 //!   per save in flight, kept and reused by later saves), `staged` resolves, and the save
 //!   then writes from that copy (without further copies where the layout allows zero-copy).
 //!   Shortest stall; memory is the checkpoint's size per save in flight.
+//!   [`AsyncCheckpointIO::reserve_snapshot`] makes and faults in an area ahead of the first
+//!   save, on a helper thread, so that the first save stalls no longer than later ones.
+//!
+//! Once a snapshot save is staged its thread drops to the nice value `background_nice`
+//! (the threads it starts then inherit it), and [`AsyncCheckpointIO::from_config`] bounds
+//! its writer threads by `background_threads`: the write takes little CPU from the work the
+//! caller goes on with.
 //!
 //! At most `max_saves_in_flight` saves run at once: a further save waits in
 //! [`AsyncCheckpointIO::save_checkpoint`] for a slot (no save is ever dropped), as do a save
@@ -44,6 +51,7 @@ use completion::{lock, Completion};
 pub use completion::{Durable, SaveHandle, Staged};
 use job::{Claim, SaveJob, Shared, State};
 pub use owned::{OwnedCheckpoint, OwnedTensor};
+pub use snapshot::SnapshotStats;
 
 use crate::checkpoint::LoadedCheckpoint;
 use crate::checkpoint_io::{CheckpointIO, LoadOptions, UringCheckpointIO};
@@ -57,18 +65,26 @@ pub struct AsyncOptions {
     pub mode: AsyncMode,
     /// Saves running at once (at least 1). Default 1.
     pub max_saves_in_flight: usize,
+    /// Nice value a snapshot save's thread takes once staged (the threads it starts then
+    /// inherit it), and that reservations fault areas in at; 0 keeps the caller's. Default
+    /// 10, as the config's `background_nice`.
+    pub background_nice: u32,
 }
 
 impl Default for AsyncOptions {
     fn default() -> Self {
-        AsyncOptions { mode: AsyncMode::Stream, max_saves_in_flight: 1 }
+        AsyncOptions { mode: AsyncMode::Stream, max_saves_in_flight: 1, background_nice: 10 }
     }
 }
 
 impl AsyncOptions {
-    /// The config's `async_mode` and `max_saves_in_flight`.
+    /// The config's `async_mode`, `max_saves_in_flight` and `background_nice`.
     pub fn from_config(config: &Config) -> Self {
-        AsyncOptions { mode: config.async_mode, max_saves_in_flight: config.max_saves_in_flight as usize }
+        AsyncOptions {
+            mode: config.async_mode,
+            max_saves_in_flight: config.max_saves_in_flight as usize,
+            background_nice: config.background_nice,
+        }
     }
 }
 
@@ -81,10 +97,17 @@ pub struct AsyncCheckpointIO<C: CheckpointIO + 'static> {
 
 impl AsyncCheckpointIO<UringCheckpointIO> {
     /// The default checkpoint writer with this config, made asynchronous as the config's
-    /// `async_mode` and `max_saves_in_flight` say.
+    /// `async_mode`, `max_saves_in_flight` and `background_nice` say. In snapshot mode its
+    /// saves write with at most `background_threads` threads
+    /// ([`UringCheckpointIO::for_background`]); in stream mode, whose caller waits for the
+    /// write (staged comes with its last byte), as a synchronous save does.
     pub fn from_config(config: Config) -> Result<Self> {
         let options = AsyncOptions::from_config(&config);
-        AsyncCheckpointIO::new(UringCheckpointIO::new(config)?, options)
+        let inner = match config.async_mode {
+            AsyncMode::Snapshot => UringCheckpointIO::for_background(config)?,
+            AsyncMode::Stream => UringCheckpointIO::new(config)?,
+        };
+        AsyncCheckpointIO::new(inner, options)
     }
 }
 
@@ -97,7 +120,11 @@ impl<C: CheckpointIO + 'static> AsyncCheckpointIO<C> {
         Ok(AsyncCheckpointIO {
             inner: Arc::new(inner),
             options,
-            shared: Arc::new(Shared { state: Mutex::new(State::default()), changed: Condvar::new() }),
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                changed: Condvar::new(),
+                options,
+            }),
         })
     }
 
@@ -114,6 +141,41 @@ impl<C: CheckpointIO + 'static> AsyncCheckpointIO<C> {
     /// Saves running now.
     pub fn in_flight(&self) -> usize {
         lock(&self.shared.state).in_flight
+    }
+
+    /// Reserves a snapshot area of at least `bytes` off the critical path: made (or a kept
+    /// one grown, keeping its pages) now, and faulted in by a helper thread at
+    /// `background_nice`, so that the next save copies into memory that is already there
+    /// instead of faulting it in while its caller waits. Returns at once.
+    ///
+    /// A save that comes while the helper is still at work stops it (waiting one step of
+    /// 2 MiB at most) and faults the rest in as it copies: it is never slower than without
+    /// the reservation. Memory: the area is `bytes` until the first save that uses it,
+    /// then that save's size (rounded up to 2 MiB). With every area in use by a save (and
+    /// `max_saves_in_flight` of them), the first to come back is grown. Snapshot mode only
+    /// (a [`Error::Config`] otherwise).
+    pub fn reserve_snapshot(&self, bytes: usize) -> Result<()> {
+        if self.options.mode != AsyncMode::Snapshot {
+            return Err(Error::Config(format!(
+                "reserving a snapshot area needs async_mode snapshot, not {}",
+                self.options.mode
+            )));
+        }
+        let mut state = lock(&self.shared.state);
+        snapshot::reserve(&mut state, bytes, self.options.max_saves_in_flight, self.options.background_nice);
+        Ok(())
+    }
+
+    /// Blocks until no kept snapshot area is being faulted in by a reservation (one waiting
+    /// for an area in use is not waited for).
+    pub fn wait_reserved(&self) {
+        snapshot::wait_reserved(&self.shared);
+    }
+
+    /// The snapshot areas kept and in use, how much of them is faulted in, and whether a
+    /// reservation is at work.
+    pub fn snapshot_stats(&self) -> SnapshotStats {
+        snapshot::snapshot_stats(&lock(&self.shared.state))
     }
 
     /// Starts saving `checkpoint` at `path` in the background and returns its handle.

@@ -10,17 +10,21 @@
 //! several CUDA streams: each copy borrows its own).
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use super::completion::lock;
-use super::job::Shared;
+use super::job::{Shared, State};
 use super::owned::OwnedCheckpoint;
 use crate::checkpoint::{Checkpoint, SaveReport, TensorData, TensorView};
 use crate::checkpoint_io::CheckpointIO;
 use crate::error::{Error, Result};
 use crate::format::Dtype;
-use crate::io::{AlignedBuf, Registrar};
+use crate::io::aligned::{round_up, HUGE_PAGE};
+use crate::io::threads::lower_priority;
+use crate::io::{fault_in_owned, AlignedBuf, Registrar};
 use crate::source::TensorSource;
 
 /// Snapshot copies are split into pieces of at most this size, shared among threads.
@@ -29,17 +33,146 @@ const SNAPSHOT_PIECE: usize = 64 << 20;
 const SNAPSHOT_THREADS: usize = 4;
 /// Alignment of the snapshot area (and so of every tensor that starts a shard in it).
 const SNAPSHOT_ALIGN: usize = 4096;
+/// Whether snapshot areas ask for transparent huge pages. Yes, by measurement
+/// (`examples/snapshot_pages.rs`, 1 GiB, on the 2-vCPU VM of the README's figures): faulted in
+/// ahead (`MADV_POPULATE_WRITE`) at 4.4-5.4 GiB/s against 2.9-3.3 for small pages, even with
+/// most memory in the page cache; a first copy into fresh memory at 2.5-4.2 against 1.3-1.7
+/// GiB/s; a save written from the area (O_DIRECT pins its pages) at 1.5-2.1 against 1.5-1.6
+/// GiB/s; copies into a faulted area equal (7-10 GiB/s). A reservation moves the first touch
+/// off the critical path either way.
+const SNAPSHOT_HUGE_PAGES: bool = true;
 
-/// A kept snapshot area, page-locked (registered) or not.
+/// What the kept snapshot areas of an [`AsyncCheckpointIO`](super::AsyncCheckpointIO) hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotStats {
+    /// Areas kept for the next saves (not in use by a save now).
+    pub areas: usize,
+    /// Areas in use by saves running now.
+    pub in_use: usize,
+    /// Bytes of the kept areas (their capacity).
+    pub reserved_bytes: u64,
+    /// Of those, bytes faulted in (backed by memory, as `mincore` says).
+    pub resident_bytes: u64,
+    /// Whether a helper thread is still faulting a kept area in.
+    pub reserving: bool,
+    /// Bytes a reservation asked for that no kept area holds yet: every area is in use; the
+    /// first to come back is grown to this.
+    pub pending_bytes: u64,
+}
+
+/// How far a reservation's helper got, and its stop flag.
+struct Progress {
+    stop: AtomicBool,
+    faulted: AtomicUsize,
+    done: Mutex<bool>,
+    finished: Condvar,
+    /// The helper's nice value once it set it (tests).
+    #[cfg(test)]
+    nice: std::sync::atomic::AtomicI32,
+}
+
+impl Progress {
+    fn finish(&self) {
+        *lock(&self.done) = true;
+        self.finished.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut done = lock(&self.done);
+        while !*done {
+            done = self.finished.wait(done).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// The helper thread faulting an area in.
+struct Helper {
+    progress: Arc<Progress>,
+    thread: JoinHandle<()>,
+}
+
+/// A kept snapshot area, page-locked (registered) or not, perhaps being faulted in by the
+/// helper thread of a reservation.
 pub(super) struct SnapshotArea {
     buf: AlignedBuf,
     /// Who registered `buf`, unregistered before it is freed.
     registrar: Option<Arc<dyn Registrar>>,
+    /// Faulting `buf` in; stopped and joined before anything else touches the area (a save,
+    /// growing, trimming, freeing).
+    helper: Option<Helper>,
+    /// Sized by a reservation (a guess) and not used by a save yet: the first save trims it
+    /// to its own size.
+    guess: bool,
 }
 
 impl SnapshotArea {
     fn new(len: usize) -> SnapshotArea {
-        SnapshotArea { buf: AlignedBuf::zeroed(len, SNAPSHOT_ALIGN), registrar: None }
+        let buf = if SNAPSHOT_HUGE_PAGES {
+            AlignedBuf::zeroed(len, SNAPSHOT_ALIGN)
+        } else {
+            AlignedBuf::zeroed_pages(len, SNAPSHOT_ALIGN)
+        };
+        SnapshotArea { buf, registrar: None, helper: None, guess: false }
+    }
+
+    /// A new area of `len` bytes, faulted in by a helper thread at nice `nice`.
+    fn reserved(len: usize, nice: u32) -> SnapshotArea {
+        let mut area = SnapshotArea::new(len);
+        area.guess = true;
+        area.fault_in_behind(nice);
+        area
+    }
+
+    /// Starts a helper thread (at nice `nice`; 0: this thread's priority) that faults the
+    /// whole area in, pages already present costing a page-table walk. A helper that cannot
+    /// be started is logged: the save that takes the area faults it in as it copies.
+    fn fault_in_behind(&mut self, nice: u32) {
+        self.settle();
+        let progress = Arc::new(Progress {
+            stop: AtomicBool::new(false),
+            faulted: AtomicUsize::new(0),
+            done: Mutex::new(false),
+            finished: Condvar::new(),
+            #[cfg(test)]
+            nice: std::sync::atomic::AtomicI32::new(i32::MIN),
+        });
+        let (start, len) = (self.buf.as_ptr() as usize, self.buf.capacity());
+        let theirs = progress.clone();
+        let spawned = std::thread::Builder::new().name("uring-ckpt-reserve".into()).spawn(move || {
+            if nice > 0 {
+                if let Err(e) = lower_priority(nice) {
+                    log::debug!("the snapshot reservation keeps its priority ({e})");
+                }
+            }
+            #[cfg(test)]
+            if let Ok(n) = crate::io::threads::nice_of(crate::io::threads::thread_id()) {
+                theirs.nice.store(n, Ordering::SeqCst);
+            }
+            // SAFETY: the area's memory (initialised: zeroed at allocation) stays mapped and
+            // untouched by anyone else until this thread is joined (`settle`), which happens
+            // before the area is used, grown, trimmed or freed.
+            unsafe { fault_in_owned(start, len, &theirs.stop, &theirs.faulted) };
+            theirs.finish();
+        });
+        match spawned {
+            Ok(thread) => self.helper = Some(Helper { progress, thread }),
+            Err(e) => log::warn!("no thread to reserve a snapshot area of {len} bytes ({e})"),
+        }
+    }
+
+    /// Stops the helper (if any) and waits for it: at most one step of its work.
+    fn settle(&mut self) {
+        if let Some(helper) = self.helper.take() {
+            helper.progress.stop.store(true, Ordering::Relaxed);
+            if helper.thread.join().is_err() {
+                log::error!("the thread reserving a snapshot area panicked");
+            }
+        }
+    }
+
+    /// Whether a helper is still faulting the area in.
+    fn reserving(&self) -> bool {
+        self.helper.as_ref().is_some_and(|h| !h.thread.is_finished())
     }
 
     /// Registers the area with `registrar` unless it is already registered; a refusal is
@@ -58,24 +191,166 @@ impl SnapshotArea {
         }
     }
 
+    fn unregister(&mut self) {
+        if let Some(registrar) = self.registrar.take() {
+            registrar.unregister(&self.buf);
+        }
+    }
+
+    /// Grows the area to `len` bytes keeping its faulted pages (settled and unregistered
+    /// first: its pages move); false where it cannot (a small area on the heap).
+    fn grow(&mut self, len: usize) -> bool {
+        self.settle();
+        if self.buf.capacity() >= len {
+            return true;
+        }
+        self.unregister();
+        self.buf.grow(len)
+    }
+
+    /// After the first save that used a reserved area: gives back what that save did not
+    /// need (past `used`, rounded up to a huge page), so that the area is the checkpoint's
+    /// size whatever the reservation guessed. A page-locked area stays as it is: unlocking
+    /// it and locking it again would cost the next save more than the memory is worth.
+    fn trim_guess(&mut self, used: usize) {
+        if !std::mem::take(&mut self.guess) || self.registrar.is_some() {
+            return;
+        }
+        let keep = round_up(used.max(1), HUGE_PAGE);
+        if self.buf.capacity() > keep {
+            self.settle();
+            self.buf.shrink(keep);
+        }
+    }
+
     /// Whether the area is registered.
     #[cfg(test)]
     pub(super) fn is_registered(&self) -> bool {
         self.registrar.is_some()
+    }
+
+    /// The area's address and the helper's nice value (`i32::MIN` before it set it).
+    #[cfg(test)]
+    fn probe(&self) -> (usize, Option<i32>) {
+        let nice = self.helper.as_ref().map(|h| h.progress.nice.load(Ordering::SeqCst));
+        (self.buf.as_ptr() as usize, nice)
     }
 }
 
 impl Drop for SnapshotArea {
     fn drop(&mut self) {
         // Before `buf` (a field) is freed.
-        if let Some(registrar) = self.registrar.take() {
-            registrar.unregister(&self.buf);
+        self.settle();
+        self.unregister();
+    }
+}
+
+/// The snapshot figures of `state`.
+pub(super) fn snapshot_stats(state: &State) -> SnapshotStats {
+    let idle = &state.snapshots;
+    SnapshotStats {
+        areas: idle.len(),
+        in_use: state.areas_in_use,
+        reserved_bytes: idle.iter().map(|a| a.buf.capacity() as u64).sum(),
+        resident_bytes: idle.iter().map(|a| a.buf.resident_bytes() as u64).sum(),
+        reserving: idle.iter().any(SnapshotArea::reserving),
+        pending_bytes: state.pending_reserve as u64,
+    }
+}
+
+/// Asks for a kept area of at least `len` bytes, faulted in by a helper thread: an area
+/// kept already is grown (keeping its pages), else a new one is made if fewer than
+/// `max_areas` exist; else the request waits for an area to come back from its save.
+pub(super) fn reserve(state: &mut State, len: usize, max_areas: usize, nice: u32) {
+    state.pending_reserve = state.pending_reserve.max(len);
+    serve_reservation(state, max_areas, nice);
+}
+
+/// Serves a pending reservation (see [`reserve`]) if an area allows it now.
+fn serve_reservation(state: &mut State, max_areas: usize, nice: u32) {
+    let want = state.pending_reserve;
+    if want == 0 {
+        return;
+    }
+    if state.snapshots.iter().any(|a| a.buf.capacity() >= want) {
+        state.pending_reserve = 0;
+        return;
+    }
+    let largest = (0..state.snapshots.len()).max_by_key(|&i| state.snapshots[i].buf.capacity());
+    let area = match largest {
+        Some(i) => {
+            let mut area = state.snapshots.swap_remove(i);
+            if area.grow(want) {
+                area.guess = true;
+                area.fault_in_behind(nice);
+                area
+            } else {
+                drop(area); // (unregistered as it goes)
+                SnapshotArea::reserved(want, nice)
+            }
+        }
+        None if state.areas_in_use < max_areas => SnapshotArea::reserved(want, nice),
+        None => return, // every area is in use: served when one comes back
+    };
+    state.snapshots.push(area);
+    state.pending_reserve = 0;
+}
+
+/// Waits until no kept area is being faulted in (reservations waiting for an area in use
+/// are not waited for).
+pub(super) fn wait_reserved(shared: &Shared) {
+    loop {
+        let progress = {
+            let state = lock(&shared.state);
+            state
+                .snapshots
+                .iter()
+                .filter(|a| a.reserving())
+                .find_map(|a| a.helper.as_ref().map(|h| h.progress.clone()))
+        };
+        match progress {
+            Some(p) => p.wait(),
+            None => return,
+        }
+    }
+}
+
+/// A save's claim on one of the areas: [`AreaSlot::put_back`] returns the area to the kept
+/// ones; dropped without that (a panic: the area is freed), the claim alone goes.
+struct AreaSlot<'s> {
+    shared: &'s Shared,
+    held: bool,
+}
+
+impl AreaSlot<'_> {
+    /// Keeps `area` for the next saves, trimmed to `used` bytes if it was a reservation's
+    /// guess, then grows it for a pending reservation.
+    fn put_back(mut self, mut area: SnapshotArea, used: usize) {
+        area.buf.clear();
+        area.trim_guess(used);
+        let options = self.shared.options;
+        let mut state = lock(&self.shared.state);
+        state.areas_in_use -= 1;
+        self.held = false;
+        state.snapshots.push(area);
+        serve_reservation(&mut state, options.max_saves_in_flight, options.background_nice);
+        drop(state);
+        self.shared.changed.notify_all();
+    }
+}
+
+impl Drop for AreaSlot<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            lock(&self.shared.state).areas_in_use -= 1;
+            self.shared.changed.notify_all();
         }
     }
 }
 
 /// Snapshot mode: copies every tensor into one aligned host area (reused across saves),
-/// releases the sources, then saves from the copy.
+/// releases the sources, lowers this thread's priority (the caller no longer waits), then
+/// saves from the copy.
 pub(super) fn snapshot_save<C: CheckpointIO>(
     inner: &C,
     shared: &Shared,
@@ -93,7 +368,7 @@ pub(super) fn snapshot_save<C: CheckpointIO>(
             .checked_add(t.source.len())
             .ok_or_else(|| Error::InvalidCheckpoint("checkpoint size overflows".into()))?;
     }
-    let mut area = take_snapshot_area(shared, total);
+    let (slot, mut area) = take_snapshot_area(shared, total);
     let device_registrar = checkpoint
         .tensors
         .iter()
@@ -111,6 +386,13 @@ pub(super) fn snapshot_save<C: CheckpointIO>(
     let specs: Vec<(String, Dtype, Vec<u64>, usize)> =
         tensors.into_iter().map(|t| (t.name, t.dtype, t.shape, t.source.len())).collect();
     on_staged();
+    let nice = shared.options.background_nice;
+    if nice > 0 {
+        // The threads the save starts from here on (writers, io-wq workers) inherit it.
+        if let Err(e) = lower_priority(nice) {
+            log::debug!("the background save of {} keeps its priority ({e})", path.display());
+        }
+    }
     let result = copied.and_then(|()| {
         area.buf.set_len(total);
         let view = Checkpoint {
@@ -130,32 +412,44 @@ pub(super) fn snapshot_save<C: CheckpointIO>(
         };
         inner.save_checkpoint(&view, path)
     });
-    area.buf.clear();
-    lock(&shared.state).snapshots.push(area);
+    slot.put_back(area, total);
     let mut report = result?;
     report.add_serial_copy(snapshot_seconds, total as u64);
     Ok(report)
 }
 
-/// A kept snapshot area of at least `len` bytes, or a new one.
-fn take_snapshot_area(shared: &Shared, len: usize) -> SnapshotArea {
-    let mut state = lock(&shared.state);
-    let fits = state
-        .snapshots
-        .iter()
-        .enumerate()
-        .filter(|(_, a)| a.buf.capacity() >= len)
-        .min_by_key(|(_, a)| a.buf.capacity());
-    if let Some((i, _)) = fits {
-        return state.snapshots.swap_remove(i);
-    }
-    // None is large enough: replace the largest (the checkpoint grew).
-    // (Dropping it unregisters it first.)
-    if let Some(i) = (0..state.snapshots.len()).max_by_key(|&i| state.snapshots[i].buf.capacity()) {
-        drop(state.snapshots.swap_remove(i));
-    }
-    drop(state);
-    SnapshotArea::new(len)
+/// A kept snapshot area of at least `len` bytes, else the largest kept one grown to `len`
+/// (its faulted pages kept), else a new one. A reservation still faulting the area in is
+/// stopped first (the copy faults in the rest): never slower than a fresh area.
+fn take_snapshot_area(shared: &Shared, len: usize) -> (AreaSlot<'_>, SnapshotArea) {
+    let chosen = {
+        let mut state = lock(&shared.state);
+        state.areas_in_use += 1;
+        let fits = state
+            .snapshots
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.buf.capacity() >= len)
+            .min_by_key(|(_, a)| a.buf.capacity())
+            .map(|(i, _)| i);
+        let pick =
+            fits.or_else(|| (0..state.snapshots.len()).max_by_key(|&i| state.snapshots[i].buf.capacity()));
+        pick.map(|i| state.snapshots.swap_remove(i))
+    };
+    let slot = AreaSlot { shared, held: true };
+    let area = match chosen {
+        Some(mut area) => {
+            area.settle();
+            if area.grow(len) {
+                area
+            } else {
+                drop(area); // (unregistered as it goes)
+                SnapshotArea::new(len)
+            }
+        }
+        None => SnapshotArea::new(len),
+    };
+    (slot, area)
 }
 
 /// Copies every tensor to its offset in `dst`, in pieces of at most `piece_size` bytes
@@ -312,7 +606,7 @@ mod tests {
             Config::builder().chunk_size(1 << 16).staging_pool_size(1 << 18).build().expect("config");
         let io = AsyncCheckpointIO::new(
             UringCheckpointIO::new(config).expect("io"),
-            AsyncOptions { mode: AsyncMode::Snapshot, max_saves_in_flight: 1 },
+            AsyncOptions { mode: AsyncMode::Snapshot, max_saves_in_flight: 1, ..AsyncOptions::default() },
         )
         .expect("async io");
         let mut devices = Vec::new();
@@ -347,7 +641,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let io = AsyncCheckpointIO::new(
             UringCheckpointIO::new(Config::default()).expect("io"),
-            AsyncOptions { mode: AsyncMode::Snapshot, max_saves_in_flight: 1 },
+            AsyncOptions { mode: AsyncMode::Snapshot, max_saves_in_flight: 1, ..AsyncOptions::default() },
         )
         .expect("async io");
         let device = Arc::new(FakeDevice::new(pattern(1, 5000), registrar.clone(), Duration::ZERO));
@@ -359,5 +653,217 @@ mod tests {
         drop(io);
         assert_eq!(registrar.counts(), (1, 0, 0));
         registrar.assert_sound();
+    }
+
+    fn snapshot_io(max: usize, nice: u32) -> AsyncCheckpointIO<UringCheckpointIO> {
+        let config =
+            Config::builder().chunk_size(1 << 20).staging_pool_size(8 << 20).build().expect("config");
+        AsyncCheckpointIO::new(
+            UringCheckpointIO::new(config).expect("io"),
+            AsyncOptions { mode: AsyncMode::Snapshot, max_saves_in_flight: max, background_nice: nice },
+        )
+        .expect("async io")
+    }
+
+    /// Saves `tensors` (name, bytes) at `path` and checks what loads back.
+    fn save_and_check(io: &AsyncCheckpointIO<UringCheckpointIO>, path: &Path, tensors: &[(&str, Vec<u8>)]) {
+        let mut ck = OwnedCheckpoint::new();
+        for (name, bytes) in tensors {
+            ck.add_bytes(*name, Dtype::U8, &[bytes.len() as u64], bytes.clone()).expect("add");
+        }
+        io.save_checkpoint(ck, path).expect("save").wait().expect("durable");
+        let loaded = io.load_checkpoint(path, &LoadOptions::default()).expect("load");
+        for (name, bytes) in tensors {
+            assert!(loaded.get(name).expect("tensor").data[..] == bytes[..], "{name}");
+        }
+    }
+
+    fn kept(io: &AsyncCheckpointIO<UringCheckpointIO>) -> Vec<(usize, Option<i32>)> {
+        lock(&io.shared.state).snapshots.iter().map(SnapshotArea::probe).collect()
+    }
+
+    #[test]
+    fn a_reservation_faults_an_area_in_that_the_first_save_uses_then_trims() {
+        let io = snapshot_io(1, 10);
+        let reserve = 24 << 20;
+        io.reserve_snapshot(reserve).expect("reserve");
+        let stats = io.snapshot_stats();
+        assert_eq!((stats.areas, stats.in_use, stats.pending_bytes), (1, 0, 0), "{stats:?}");
+        assert_eq!(stats.reserved_bytes, reserve as u64, "made at once");
+        io.wait_reserved();
+        let stats = io.snapshot_stats();
+        assert!(!stats.reserving, "{stats:?}");
+        assert_eq!(stats.resident_bytes, stats.reserved_bytes, "every page faulted in by the helper");
+        let [(address, nice)] = kept(&io)[..] else { panic!("one area") };
+        assert!(nice.expect("a helper ran") >= 10, "the helper ran at background_nice: {nice:?}");
+        io.reserve_snapshot(reserve - 4096).expect("smaller: nothing to do");
+        assert_eq!(io.snapshot_stats().areas, 1);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tensors = [("a", pattern(1, (5 << 20) + 3)), ("b", pattern(2, 3 << 20))];
+        save_and_check(&io, &dir.path().join("c"), &tensors);
+        let stats = io.snapshot_stats();
+        assert_eq!((stats.areas, stats.in_use), (1, 0), "the save used the reserved area: {stats:?}");
+        assert_eq!(stats.reserved_bytes, 10 << 20, "trimmed to the checkpoint, rounded up to 2 MiB");
+        assert_eq!(kept(&io)[0].0, address, "the same memory, not a fresh area");
+        assert_eq!(stats.resident_bytes, stats.reserved_bytes);
+        // Later saves keep the area as it is.
+        save_and_check(&io, &dir.path().join("d"), &[("a", pattern(3, 1 << 20))]);
+        assert_eq!(io.snapshot_stats().reserved_bytes, 10 << 20);
+    }
+
+    #[test]
+    fn a_save_during_a_reservation_takes_the_area_over_and_is_correct() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for round in 0..3u8 {
+            let io = snapshot_io(1, 19);
+            io.reserve_snapshot(256 << 20).expect("reserve");
+            let tensors = [("x", pattern(round, (40 << 20) + 11)), ("y", pattern(round + 7, 1000))];
+            save_and_check(&io, &dir.path().join(format!("c{round}")), &tensors);
+            let stats = io.snapshot_stats();
+            assert_eq!((stats.areas, stats.in_use), (1, 0), "one area, never a second: {stats:?}");
+            assert!(!stats.reserving, "the save stopped the helper");
+            assert_eq!(stats.reserved_bytes, 42 << 20, "trimmed to the save's size");
+        }
+    }
+
+    #[test]
+    fn a_kept_area_grows_keeping_its_pages() {
+        let io = snapshot_io(1, 10);
+        io.reserve_snapshot(4 << 20).expect("reserve");
+        io.wait_reserved();
+        io.reserve_snapshot(16 << 20).expect("grow");
+        io.wait_reserved();
+        let stats = io.snapshot_stats();
+        assert_eq!(
+            (stats.areas, stats.reserved_bytes, stats.resident_bytes),
+            (1, 16 << 20, 16 << 20),
+            "{stats:?}"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Larger than the reservation: the save grows the area (only the tail is fresh).
+        save_and_check(&io, &dir.path().join("c"), &[("big", pattern(9, (20 << 20) + 5))]);
+        let stats = io.snapshot_stats();
+        assert_eq!(stats.areas, 1);
+        assert_eq!(stats.reserved_bytes, ((20 << 20) + 5usize).next_multiple_of(4096) as u64);
+    }
+
+    #[test]
+    fn a_reservation_waits_for_an_area_in_use_and_grows_it_when_it_comes_back() {
+        let registrar = FakeRegistrar::new();
+        let io = snapshot_io(1, 10);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let len = 3 << 20;
+        let device = Arc::new(FakeDevice::new(pattern(4, len), registrar, Duration::from_millis(2)));
+        let mut ck = OwnedCheckpoint::new();
+        ck.add("dev", Dtype::U8, &[len as u64], device.clone()).expect("add");
+        let handle = io.save_checkpoint(ck, dir.path().join("c")).expect("save");
+        handle.staged().wait();
+        io.reserve_snapshot(12 << 20).expect("reserve");
+        let during = io.snapshot_stats();
+        handle.wait().expect("durable");
+        if during.in_use == 1 {
+            assert_eq!((during.areas, during.pending_bytes), (0, 12 << 20), "no second area: {during:?}");
+        }
+        io.wait_reserved();
+        let stats = io.snapshot_stats();
+        assert_eq!((stats.areas, stats.in_use, stats.pending_bytes), (1, 0, 0), "{stats:?}");
+        assert_eq!((stats.reserved_bytes, stats.resident_bytes), (12 << 20, 12 << 20));
+    }
+
+    #[test]
+    fn reserving_needs_snapshot_mode() {
+        let io = AsyncCheckpointIO::new(
+            UringCheckpointIO::new(Config::default()).expect("io"),
+            AsyncOptions { mode: AsyncMode::Stream, ..AsyncOptions::default() },
+        )
+        .expect("async io");
+        assert!(matches!(io.reserve_snapshot(1 << 20), Err(Error::Config(_))));
+        assert_eq!(io.snapshot_stats(), SnapshotStats::default());
+    }
+
+    /// A checkpoint IO that records the nice value of the thread that saves, and of a
+    /// thread that one starts, then saves through `UringCheckpointIO`.
+    struct NiceProbe {
+        inner: UringCheckpointIO,
+        seen: Mutex<Vec<(i32, i32)>>,
+    }
+
+    impl CheckpointIO for NiceProbe {
+        fn save_checkpoint(&self, checkpoint: &Checkpoint<'_>, path: &Path) -> Result<SaveReport> {
+            use crate::io::threads::{nice_of, thread_id};
+            let own = nice_of(thread_id()).expect("nice");
+            let child = std::thread::spawn(|| nice_of(thread_id()).expect("nice")).join().expect("join");
+            lock(&self.seen).push((own, child));
+            self.inner.save_checkpoint(checkpoint, path)
+        }
+        fn load_checkpoint(
+            &self,
+            path: &Path,
+            options: &LoadOptions,
+        ) -> Result<crate::checkpoint::LoadedCheckpoint> {
+            self.inner.load_checkpoint(path, options)
+        }
+        fn remove_checkpoint(&self, path: &Path) -> Result<()> {
+            self.inner.remove_checkpoint(path)
+        }
+    }
+
+    /// A host-like source that records the nice value of the threads copying it.
+    struct NiceSource {
+        bytes: Vec<u8>,
+        seen: Mutex<Vec<i32>>,
+    }
+
+    impl TensorSource for NiceSource {
+        fn len(&self) -> usize {
+            self.bytes.len()
+        }
+        fn host_bytes(&self) -> Option<&[u8]> {
+            None
+        }
+        fn copy_to(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+            use crate::io::threads::{nice_of, thread_id};
+            lock(&self.seen).push(nice_of(thread_id()).expect("nice"));
+            dst.copy_from_slice(&self.bytes[offset..offset + dst.len()]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_write_runs_at_background_nice_the_copy_at_the_callers_priority() {
+        use crate::io::threads::{nice_of, thread_id};
+        let caller = nice_of(thread_id()).expect("nice");
+        let dir = tempfile::tempdir().expect("tempdir");
+        for nice in [0u32, 13] {
+            let probe = NiceProbe {
+                inner: UringCheckpointIO::new(Config::default()).expect("io"),
+                seen: Mutex::new(Vec::new()),
+            };
+            let io = AsyncCheckpointIO::new(
+                probe,
+                AsyncOptions { mode: AsyncMode::Snapshot, max_saves_in_flight: 1, background_nice: nice },
+            )
+            .expect("async io");
+            let source = Arc::new(NiceSource { bytes: pattern(5, 3 << 20), seen: Mutex::new(Vec::new()) });
+            let mut ck = OwnedCheckpoint::new();
+            ck.add("t", Dtype::U8, &[3 << 20], source.clone()).expect("add");
+            io.save_checkpoint(ck, dir.path().join(format!("n{nice}")))
+                .expect("save")
+                .wait()
+                .expect("durable");
+            let want = caller.max(nice as i32);
+            assert_eq!(
+                lock(&io.inner().seen)[..],
+                [(want, want)],
+                "the save's thread and the threads it starts"
+            );
+            let copies = lock(&source.seen).clone();
+            assert!(
+                !copies.is_empty() && copies.iter().all(|&n| n == caller),
+                "copies before staged: {copies:?}"
+            );
+        }
+        assert_eq!(nice_of(thread_id()).expect("nice"), caller, "the caller's own priority is untouched");
     }
 }

@@ -155,6 +155,8 @@ fn limits() -> Vec<(&'static str, String)> {
         ("max_shard_size", format!(">= {}", format_size(Config::MIN_SHARD_SIZE))),
         ("io_threads", count(Config::IO_THREADS_RANGE)),
         ("max_saves_in_flight", count(Config::MAX_SAVES_IN_FLIGHT_RANGE)),
+        ("background_nice", count(Config::BACKGROUND_NICE_RANGE)),
+        ("background_threads", count(Config::BACKGROUND_THREADS_RANGE)),
     ]
 }
 

@@ -33,6 +33,8 @@
 //! | `io_threads` | `URING_CKPT_IO_THREADS` | integer | `4` | 1..=256 | threads of the pwrite engine |
 //! | `async_mode` | `URING_CKPT_ASYNC_MODE` | `"stream"`, `"snapshot"` | `"stream"` | | how [`AsyncCheckpointIO`](crate::AsyncCheckpointIO) stages: `stream` through the bounded staging ring (memory = pool; the caller waits until the last chunk is staged), `snapshot` copies the whole checkpoint to host memory first (memory = checkpoint size; shortest wait) |
 //! | `max_saves_in_flight` | `URING_CKPT_MAX_SAVES_IN_FLIGHT` | integer | `1` | 1..=64 | asynchronous saves running at once; a new save waits for a slot |
+//! | `background_nice` | `URING_CKPT_BACKGROUND_NICE` | integer | `10` | 0..=19 | nice value a snapshot-mode asynchronous save's threads take once it is staged (the caller no longer waits), and the threads reserving snapshot areas; `0` keeps the caller's priority; never raises a thread's priority |
+//! | `background_threads` | `URING_CKPT_BACKGROUND_THREADS` | integer | `2` | 1..=64 | writer threads of a snapshot-mode asynchronous save at most (shard writers, without a second copy thread each; also the io-wq workers of each io_uring ring and the pwrite engine's threads) |
 //! | `lock` | `URING_CKPT_LOCK` | `"fail"`, `"wait"` | `"fail"` | | when another save of the same path holds its lock: fail at once with `Error::Locked`, or wait for it |
 //! | `[simulate]` | `URING_CKPT_SIMULATE` | table / comma-separated list | none | `uring-eperm`, `direct-einval`, `register-enomem` | faults to simulate, for testing fallbacks |
 //! | | `URING_CKPT_CONFIG` | path | unset | | the TOML file [`Config::load`] reads when given no path |
@@ -131,6 +133,20 @@ config_struct! {
         /// Asynchronous saves running at once; a further save waits for one to finish (none is
         /// ever dropped). Default `1`, range [`Config::MAX_SAVES_IN_FLIGHT_RANGE`].
         max_saves_in_flight: u32 = 1,
+        /// Nice value (CPU priority) the threads of a snapshot-mode asynchronous save take
+        /// once it is staged, so that the write takes little CPU from the work beside it;
+        /// threads the save starts afterwards inherit it, and threads reserving snapshot areas
+        /// run at it too. (A stream-mode save is staged only once its last byte is in the
+        /// staging ring: its caller waits for the write, which keeps the caller's priority.)
+        /// `0` keeps the caller's priority; a thread already nicer keeps its own. Default
+        /// `10`, range [`Config::BACKGROUND_NICE_RANGE`].
+        background_nice: u32 = 10,
+        /// Writer threads of a snapshot-mode asynchronous save at most: its shard writers
+        /// (each without a second copy thread), and each of their io_uring rings' io-wq
+        /// workers or pwrite engine threads (stream mode keeps the synchronous rule, as its
+        /// caller waits for the write). Default `2`, range
+        /// [`Config::BACKGROUND_THREADS_RANGE`].
+        background_threads: u32 = 2,
         /// What a save does when another save of the same path holds its lock (see
         /// [`crate::lock`]). Default [`LockMode::Fail`]: an [`Error::Locked`] at once.
         lock: LockMode = LockMode::Fail,
@@ -158,6 +174,10 @@ impl Config {
     pub const IO_THREADS_RANGE: RangeInclusive<u32> = 1..=256;
     /// Bounds of `max_saves_in_flight`.
     pub const MAX_SAVES_IN_FLIGHT_RANGE: RangeInclusive<u32> = 1..=64;
+    /// Bounds of `background_nice`.
+    pub const BACKGROUND_NICE_RANGE: RangeInclusive<u32> = 0..=19;
+    /// Bounds of `background_threads`.
+    pub const BACKGROUND_THREADS_RANGE: RangeInclusive<u32> = 1..=64;
     /// Smallest `staging_pool_size / chunk_size`: double buffering.
     const MIN_STAGING_BUFFERS: u64 = 2;
 
@@ -213,6 +233,13 @@ impl Config {
             "max_saves_in_flight",
             self.max_saves_in_flight,
             &Self::MAX_SAVES_IN_FLIGHT_RANGE,
+        );
+        check_count(&mut problems, "background_nice", self.background_nice, &Self::BACKGROUND_NICE_RANGE);
+        check_count(
+            &mut problems,
+            "background_threads",
+            self.background_threads,
+            &Self::BACKGROUND_THREADS_RANGE,
         );
         if problems.is_empty() {
             Ok(())

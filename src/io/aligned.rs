@@ -22,8 +22,9 @@ pub struct AlignedBuf {
 enum Backing {
     /// The global allocator, with this layout.
     Heap(Layout),
-    /// An anonymous mapping starting at `base`, `len` bytes long.
-    Mapped { base: NonNull<u8>, len: usize },
+    /// An anonymous mapping starting at `base`, `len` bytes long, advised to use
+    /// transparent huge pages (`huge`) or not.
+    Mapped { base: NonNull<u8>, len: usize, huge: bool },
 }
 
 /// Size from which buffers are mapped with huge pages (the x86-64 huge page size).
@@ -92,7 +93,7 @@ impl AlignedBuf {
     /// Maps `size` zeroed bytes aligned to at least `align` and to the huge page size;
     /// `None` if the mapping is refused (the caller then uses the heap).
     fn mapped(size: usize, align: usize, huge: bool) -> Option<AlignedBuf> {
-        let page_align = if huge { align.max(HUGE_PAGE) } else { align.max(4096) };
+        let page_align = page_align(align, huge);
         let map_len = size.checked_add(page_align)?;
         // SAFETY: an anonymous private mapping at an address the kernel chooses; no
         // existing memory is affected.
@@ -122,7 +123,114 @@ impl AlignedBuf {
                 if huge { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE },
             )
         };
-        Some(AlignedBuf { ptr, size, align, len: 0, backing: Backing::Mapped { base, len: map_len } })
+        Some(AlignedBuf { ptr, size, align, len: 0, backing: Backing::Mapped { base, len: map_len, huge } })
+    }
+
+    /// Enlarges the capacity to at least `capacity` bytes (rounded up to the alignment),
+    /// keeping the pages already faulted in: the mapping is moved (`mremap`, page tables
+    /// only, no byte copied) onto an address aligned as [`AlignedBuf::zeroed`] aligns, and
+    /// only the new tail is fresh (zeroed) memory. `len` is unchanged. Returns false, and
+    /// changes nothing, for a buffer not mapped by itself (a small one, on the heap) or
+    /// when the kernel refuses; the caller then allocates anew.
+    ///
+    /// Memory registered elsewhere (page-locked for a device, an io_uring buffer table)
+    /// must be unregistered first: its pages move to another address.
+    pub fn grow(&mut self, capacity: usize) -> bool {
+        let Backing::Mapped { base, len, huge } = self.backing else { return false };
+        let new_size = round_up(capacity.max(1), self.align);
+        if new_size <= self.size {
+            return true;
+        }
+        let page_align = page_align(self.align, huge);
+        let Some(reserve_len) = new_size.checked_add(page_align) else { return false };
+        // An address range to land on, so that the moved buffer is aligned as a fresh one.
+        // SAFETY: an inaccessible anonymous mapping at an address the kernel chooses; no
+        // existing memory is affected.
+        let reserved = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserve_len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if reserved == libc::MAP_FAILED {
+            return false;
+        }
+        let reserved = reserved as usize;
+        let target = round_up(reserved, page_align);
+        let old = self.ptr.as_ptr() as usize;
+        // SAFETY: `old..old + size` is the whole of this buffer's pages (one mapping, from
+        // `mapped`, whose advice covers exactly this range), owned by `self` and borrowed by
+        // nobody (`&mut self`); the target lies inside our own reservation, which
+        // MREMAP_FIXED replaces.
+        let moved = unsafe {
+            libc::mremap(
+                old as *mut libc::c_void,
+                self.size,
+                new_size,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                target as *mut libc::c_void,
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            unmap(reserved, reserve_len);
+            return false;
+        }
+        // What is left mapped: the old slack around the old pages, and the reservation's
+        // slack around the new ones.
+        let base = base.as_ptr() as usize;
+        unmap(base, old - base);
+        unmap(old + self.size, base + len - (old + self.size));
+        unmap(reserved, target - reserved);
+        unmap(target + new_size, reserved + reserve_len - (target + new_size));
+        // SAFETY: target is the start of the mapping just made (non-null: inside a mapping).
+        let ptr = unsafe { NonNull::new_unchecked(target as *mut u8) };
+        self.ptr = ptr;
+        self.size = new_size;
+        self.backing = Backing::Mapped { base: ptr, len: new_size, huge };
+        true
+    }
+
+    /// Lowers the capacity to `capacity` bytes (rounded up to the alignment and to whole
+    /// pages), giving the pages past it back to the system. Returns false, and changes
+    /// nothing, for a buffer on the heap. `len` is cut to the new capacity.
+    pub fn shrink(&mut self, capacity: usize) -> bool {
+        let Backing::Mapped { base, len, huge } = self.backing else { return false };
+        let new_size = round_up(round_up(capacity.max(1), self.align), 4096);
+        if new_size >= self.size {
+            return true;
+        }
+        let start = self.ptr.as_ptr() as usize;
+        let base_addr = base.as_ptr() as usize;
+        // The tail of the buffer and the slack after it.
+        unmap(start + new_size, base_addr + len - (start + new_size));
+        self.size = new_size;
+        self.len = self.len.min(new_size);
+        self.backing = Backing::Mapped { base, len: start + new_size - base_addr, huge };
+        true
+    }
+
+    /// Bytes of the capacity backed by memory now (faulted in), as `mincore` reports for
+    /// whole pages; the capacity where the kernel does not say.
+    pub fn resident_bytes(&self) -> usize {
+        let page = 4096usize;
+        let start = self.ptr.as_ptr() as usize;
+        let first = start & !(page - 1);
+        let end = start + self.size;
+        let pages = (end - first).div_ceil(page);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `first..end` lies in memory this buffer owns (its first page holds the
+        // buffer's first byte; heap buffers are aligned to at least their alignment, and a
+        // page of the heap is mapped as a whole); `vec` has one byte per page.
+        let ok = unsafe { libc::mincore(first as *mut libc::c_void, end - first, vec.as_mut_ptr()) } == 0;
+        if !ok {
+            return self.size;
+        }
+        let resident = vec.iter().filter(|&&b| b & 1 != 0).count() * page;
+        resident.min(self.size)
     }
 
     /// Bytes this buffer can hold (a multiple of its alignment).
@@ -279,7 +387,7 @@ impl Drop for AlignedBuf {
         match self.backing {
             // SAFETY: ptr was allocated with exactly this layout and is freed once.
             Backing::Heap(layout) => unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) },
-            Backing::Mapped { base, len } => {
+            Backing::Mapped { base, len, .. } => {
                 // SAFETY: base..base+len is the mapping made in `mapped`, unmapped once.
                 unsafe { libc::munmap(base.as_ptr().cast(), len) };
             }
@@ -294,6 +402,23 @@ impl std::fmt::Debug for AlignedBuf {
             .field("capacity", &self.capacity())
             .field("align", &self.align())
             .finish()
+    }
+}
+
+/// The alignment of a mapped buffer's start: its own, and a whole (huge) page.
+fn page_align(align: usize, huge: bool) -> usize {
+    if huge {
+        align.max(HUGE_PAGE)
+    } else {
+        align.max(4096)
+    }
+}
+
+/// Unmaps `[at, at + len)` (nothing when `len` is 0): part of a mapping of ours.
+fn unmap(at: usize, len: usize) {
+    if len > 0 {
+        // SAFETY: callers pass a range of a mapping they made and no longer use.
+        unsafe { libc::munmap(at as *mut libc::c_void, len) };
     }
 }
 
@@ -337,6 +462,47 @@ mod tests {
         assert!(buf.as_full_mut_slice().iter().all(|&b| b == 0));
         buf.as_full_mut_slice().fill(7);
         assert!(buf.as_full_mut_slice().iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn grow_keeps_bytes_and_pages_and_shrink_gives_the_tail_back() {
+        for (huge, align) in [(true, 4096), (false, 4096), (false, 65536)] {
+            let mut buf = if huge {
+                AlignedBuf::zeroed(3 * HUGE_PAGE, align)
+            } else {
+                AlignedBuf::zeroed_pages(3 * HUGE_PAGE, align)
+            };
+            let old = buf.capacity();
+            buf.as_full_mut_slice()[..5].copy_from_slice(b"hello");
+            buf.as_full_mut_slice()[old - 1] = 9;
+            let resident = buf.resident_bytes();
+            assert!(resident >= 2 * 4096, "two pages touched");
+            buf.set_len(5);
+            for _ in 0..3 {
+                let want = buf.capacity() * 2 + 100;
+                assert!(buf.grow(want), "huge {huge}, align {align}");
+                assert_eq!(buf.capacity(), want.next_multiple_of(align));
+                let page = if huge { HUGE_PAGE } else { align.max(4096) };
+                assert_eq!(buf.as_ptr() as usize % page, 0, "aligned as a fresh buffer");
+                assert_eq!(&buf[..], b"hello", "len and bytes kept");
+                assert_eq!(buf.as_full_slice()[old - 1], 9);
+                assert!(buf.as_full_slice()[old..].iter().all(|&b| b == 0), "a fresh, zeroed tail");
+                assert!(buf.resident_bytes() >= resident, "faulted pages kept");
+            }
+            assert!(buf.grow(10), "already large enough");
+            let big = buf.capacity();
+            buf.as_full_mut_slice().fill(3);
+            assert!(buf.resident_bytes() == big);
+            assert!(buf.shrink(HUGE_PAGE + 1));
+            assert_eq!(buf.capacity(), (HUGE_PAGE + 1).next_multiple_of(align.max(4096)));
+            assert_eq!(buf.len(), 5);
+            assert!(buf.resident_bytes() <= buf.capacity(), "the tail went back");
+            assert!(buf.as_full_slice().iter().all(|&b| b == 3));
+            assert!(buf.shrink(big), "shrinking to more is nothing");
+        }
+        let mut small = AlignedBuf::zeroed(8192, 4096);
+        assert!(!small.grow(1 << 20) && !small.shrink(4096), "heap buffers are not remapped");
+        assert_eq!(small.capacity(), 8192);
     }
 
     #[test]

@@ -272,6 +272,11 @@ impl<'a, E: Engine<'a>> EngineWriter<'a, E> {
         EngineWriter { engine, core }
     }
 
+    /// The engine, for settings of its own.
+    pub(crate) fn engine(&self) -> &E {
+        &self.engine
+    }
+
     /// Waits for one operation to end, then reports a failure if there was one.
     fn wait(&mut self) -> Result<()> {
         self.engine.wait(&mut self.core)?;

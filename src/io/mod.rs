@@ -22,6 +22,7 @@ pub mod pwrite;
 mod reader;
 pub mod stats;
 pub mod stream;
+pub mod threads;
 #[cfg(target_os = "linux")]
 pub mod uring;
 
@@ -30,7 +31,9 @@ use std::path::Path;
 pub use aligned::AlignedBuf;
 pub use dir::Dir;
 pub use pool::{PoolBuf, Registrar, StagingPool};
+pub(crate) use prefault::fault_in_owned;
 pub use stats::IoStats;
+pub use threads::SaveThreads;
 
 use crate::config::{Config, EngineKind};
 use crate::error::{Error, Result};
@@ -203,13 +206,23 @@ pub struct EngineReport {
 
 /// Opens a writer for files under `dir`, choosing the engine from `config` and falling back
 /// as the system requires. The writer borrows `buffers` staging buffers of `chunk_size`
-/// bytes from `pool` (allocated there if it has too few) for its lifetime.
+/// bytes from `pool` (allocated there if it has too few) for its lifetime. `threads` caps the
+/// engine's own threads (io-wq workers, the pwrite pool) for a background save.
 pub fn open_writer<'a>(
     config: &Config,
     dir: &Path,
     pool: &StagingPool,
     buffers: usize,
+    threads: SaveThreads,
 ) -> Result<Box<dyn Writer<'a> + 'a>> {
+    let capped;
+    let config = match threads.engine_cap() {
+        Some(cap) if cap < config.io_threads => {
+            capped = Config { io_threads: cap, ..config.clone() };
+            &capped
+        }
+        _ => config,
+    };
     let plan = probe::plan(config, dir)?;
     let shape = pool::Shape {
         chunk: usize::try_from(config.chunk_size)
@@ -217,7 +230,7 @@ pub fn open_writer<'a>(
         align: pool::staging_align(plan.align, plan.mem_align),
     };
     let buffers = pool.lend(shape, buffers.max(1));
-    let writer = open_planned_writer(config, plan, buffers)?;
+    let writer = open_planned_writer(config, plan, buffers, threads)?;
     #[cfg(test)]
     let writer = testing::wrap(dir, writer);
     Ok(writer)
@@ -227,20 +240,26 @@ fn open_planned_writer<'a>(
     config: &Config,
     mut plan: EngineReport,
     buffers: Vec<PoolBuf>,
+    threads: SaveThreads,
 ) -> Result<Box<dyn Writer<'a> + 'a>> {
     match plan.engine {
         #[cfg(target_os = "linux")]
         EngineKind::Uring => match uring::UringWriter::new(config, plan.clone(), buffers) {
-            Ok(writer) => Ok(Box::new(writer)),
+            Ok(writer) => {
+                if let Some(cap) = threads.engine_cap() {
+                    writer.cap_io_workers(cap);
+                }
+                Ok(Box::new(writer))
+            }
             Err((err, buffers)) => {
                 probe::fall_back(&mut plan, "io_uring", EngineKind::Pwrite, &err);
-                open_planned_writer(config, plan, buffers)
+                open_planned_writer(config, plan, buffers, threads)
             }
         },
         #[cfg(not(target_os = "linux"))]
         EngineKind::Uring => {
             plan.engine = EngineKind::Pwrite;
-            open_planned_writer(config, plan, buffers)
+            open_planned_writer(config, plan, buffers, threads)
         }
         EngineKind::Pwrite => Ok(Box::new(pwrite::PwriteWriter::new(config, plan, buffers)?)),
         EngineKind::Buffered | EngineKind::Auto => {

@@ -110,6 +110,18 @@ impl<'a> EngineWriter<'a, UringEngine> {
     }
 }
 
+impl EngineWriter<'_, UringEngine> {
+    /// Caps the io-wq workers of this writer's ring at `cap` (bounded and unbounded each),
+    /// for a save in the background. Best effort: a kernel without the limit (before 5.15)
+    /// keeps its own, which is logged.
+    pub fn cap_io_workers(&self, cap: u32) {
+        let mut max = [cap.max(1), cap.max(1)];
+        if let Err(e) = self.engine().ring.submitter().register_iowq_max_workers(&mut max) {
+            log::debug!("io_uring kept its io-wq worker limit ({e})");
+        }
+    }
+}
+
 impl UringEngine {
     /// Pushes the SQE for the unwritten rest of operation `idx`.
     fn push(&mut self, core: &mut Core<'_>, idx: usize) -> Result<()> {

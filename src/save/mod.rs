@@ -24,7 +24,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::format::{encode_index, Manifest, ShardInfo, HF_INDEX_FILE};
-use crate::io::StagingPool;
+use crate::io::{SaveThreads, StagingPool};
 use crate::report::{SaveReport, StagedSignal};
 use crate::store::{self, TempCheckpointDir};
 
@@ -68,17 +68,19 @@ pub struct RankShards {
     pub report: Option<SaveReport>,
 }
 
-/// A whole single-process save of `checkpoint` at `path`; `on_staged` (if any) is called
-/// once the sources are no longer read, at the latest when this returns.
+/// A whole single-process save of `checkpoint` at `path`, with the threads `threads`
+/// allows; `on_staged` (if any) is called once the sources are no longer read, at the
+/// latest when this returns.
 pub(crate) fn save(
     config: &Config,
     pool: &StagingPool,
     checkpoint: &Checkpoint<'_>,
     path: &Path,
     on_staged: Option<&(dyn Fn() + Sync)>,
+    threads: SaveThreads,
 ) -> Result<SaveReport> {
     let signal = StagedSignal::new(on_staged, Instant::now());
-    let result = save_signalled(config, pool, checkpoint, path, &signal);
+    let result = save_signalled(config, pool, checkpoint, path, &signal, threads);
     signal.fire();
     result
 }
@@ -89,6 +91,7 @@ fn save_signalled(
     checkpoint: &Checkpoint<'_>,
     path: &Path,
     signal: &StagedSignal<'_>,
+    threads: SaveThreads,
 ) -> Result<SaveReport> {
     let replace = config.replace_existing;
     // Input mistakes (a reserved or over-long name, a malformed checkpoint) are refused
@@ -100,7 +103,7 @@ fn save_signalled(
     let _lock = store::SaveLock::acquire(path, config.lock)?;
     store::clean_stale_temp_dirs(path)?;
     let tmp = TempCheckpointDir::create(path, replace)?;
-    let rank = workers::write_shards(config, pool, checkpoint, path, tmp.path(), 0, signal)?;
+    let rank = workers::write_shards(config, pool, checkpoint, path, tmp.path(), 0, signal, threads)?;
     let commit_started = Instant::now();
     let report = rank.report.ok_or_else(|| Error::Internal("a rank save without its report".into()))?;
     let mut manifest =

@@ -19,7 +19,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::format::{check_extra_file_name, Manifest};
-use crate::io::StagingPool;
+use crate::io::{SaveThreads, StagingPool};
 use crate::report::StagedSignal;
 use crate::store::{self, TempCheckpointDir};
 
@@ -50,7 +50,16 @@ pub(crate) fn save_rank(
     store::names::validate_save_id(path, save_id)?;
     let tmp = TempCheckpointDir::create_named(path, config.replace_existing, save_id)?;
     let signal = StagedSignal::new(None, Instant::now());
-    let result = workers::write_shards(config, pool, checkpoint, path, tmp.path(), rank, &signal);
+    let result = workers::write_shards(
+        config,
+        pool,
+        checkpoint,
+        path,
+        tmp.path(),
+        rank,
+        &signal,
+        SaveThreads::Foreground,
+    );
     // The directory belongs to the whole save: keep it even if this rank failed; the
     // commit step (or a later cleanup) decides.
     tmp.keep();

@@ -77,11 +77,14 @@ pub(crate) struct ShardOptions<'h> {
     /// Called once every tensor byte of the shard is in a staging buffer (or, with
     /// zero-copy, queued for writing), before the header is written and the file synced.
     pub on_appended: Option<&'h (dyn Fn() + Sync)>,
+    /// Let staging copies be split over a second thread (see [`split_copies`]). Off for a
+    /// save in the background, whose threads are bounded.
+    pub split: bool,
 }
 
 impl Default for ShardOptions<'_> {
     fn default() -> Self {
-        ShardOptions { zero_copy: true, on_appended: None }
+        ShardOptions { zero_copy: true, on_appended: None, split: true }
     }
 }
 
@@ -118,6 +121,7 @@ pub(crate) fn write_shard<'a>(
         align,
         mem_align,
         zero_copy: options.zero_copy,
+        split: options.split,
         volume: ShardVolume::default(),
     };
     let mut crcs = Vec::with_capacity(tensors.len());
@@ -192,6 +196,8 @@ struct Stream {
     align: u64,
     mem_align: usize,
     zero_copy: bool,
+    /// May copies go to a second thread ([`ShardOptions::split`]).
+    split: bool,
     volume: ShardVolume,
 }
 
@@ -231,7 +237,7 @@ impl Stream {
             }
             let (head, tail) = rest.split_at(n);
             let started = Instant::now();
-            if split_copies() {
+            if self.split && split_copies() {
                 buf.extend_hashing_split(head, &mut hasher);
             } else {
                 buf.extend_hashing(head, &mut hasher);

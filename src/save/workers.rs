@@ -15,10 +15,12 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::format::ShardInfo;
 use crate::io::stats::overlap_ratio;
-use crate::io::{self, EngineReport, IoStats, StagingPool};
+use crate::io::{self, EngineReport, IoStats, SaveThreads, StagingPool};
 use crate::report::{mib_per_s, SaveReport, StagedSignal};
 
-/// Writes all shards of `checkpoint` into `dir`, several at once.
+/// Writes all shards of `checkpoint` into `dir`, several at once (as many as `threads`
+/// allows).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn write_shards(
     config: &Config,
     pool: &StagingPool,
@@ -27,14 +29,20 @@ pub(super) fn write_shards(
     dir: &Path,
     rank: u32,
     signal: &StagedSignal<'_>,
+    threads: SaveThreads,
 ) -> Result<RankShards> {
     let started = Instant::now();
     checkpoint.validate()?;
     let plan = plan_shards(config, checkpoint);
     signal.expect(plan.len());
     let on_appended = || signal.shard_appended();
-    let options = ShardOptions { zero_copy: !signal.is_watched(), on_appended: Some(&on_appended) };
-    let workers = plan.len().min(std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4));
+    let options = ShardOptions {
+        zero_copy: !signal.is_watched(),
+        on_appended: Some(&on_appended),
+        split: threads.may_split(),
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = plan.len().min(threads.writers(cores));
     let per_worker = worker_config(config, workers);
     // Each writer borrows an equal share of the pool for its lifetime; the pool keeps
     // what the workers of a save need together (at least the configured pool).
@@ -49,8 +57,10 @@ pub(super) fn write_shards(
             .map(|_| {
                 let (plan, names, next, per_worker, pool) = (&plan, &names, &next, &per_worker, pool);
                 let (staging, metadata) = ((pool, share), &header_metadata);
-                scope
-                    .spawn(move || run_worker(per_worker, dir, staging, plan, names, next, metadata, options))
+                scope.spawn(move || {
+                    let shards = (&plan[..], &names[..], next);
+                    run_worker(per_worker, dir, staging, shards, metadata, options, threads)
+                })
             })
             .collect();
         handles
@@ -161,21 +171,19 @@ struct WorkerOutcome {
     engine: EngineReport,
 }
 
-/// One writer thread: takes the next unwritten shard until none is left. Its writer borrows
-/// `staging.1` buffers of the pool `staging.0`; they go back when the writer drops, whether
-/// this returns or unwinds.
-#[allow(clippy::too_many_arguments)]
+/// One writer thread: takes the next unwritten shard (of the plan, their names and the
+/// counter of the next) until none is left. Its writer borrows `staging.1` buffers of the
+/// pool `staging.0`; they go back when the writer drops, whether this returns or unwinds.
 fn run_worker<'a>(
     config: &Config,
     dir: &Path,
     staging: (&StagingPool, usize),
-    plan: &[Vec<&TensorView<'a>>],
-    names: &[String],
-    next: &AtomicUsize,
+    (plan, names, next): (&[Vec<&TensorView<'a>>], &[String], &AtomicUsize),
     metadata: &BTreeMap<String, String>,
     options: ShardOptions<'_>,
+    threads: SaveThreads,
 ) -> Result<WorkerOutcome> {
-    let mut writer = io::open_writer(config, dir, staging.0, staging.1)?;
+    let mut writer = io::open_writer(config, dir, staging.0, staging.1, threads)?;
     let mut shards = Vec::new();
     let mut volume = ShardVolume::default();
     loop {

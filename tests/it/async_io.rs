@@ -42,7 +42,8 @@ fn config() -> Config {
 
 fn async_io(config: Config, mode: AsyncMode, max: usize) -> AsyncCheckpointIO<UringCheckpointIO> {
     let inner = UringCheckpointIO::new(config).expect("config");
-    AsyncCheckpointIO::new(inner, AsyncOptions { mode, max_saves_in_flight: max }).expect("options")
+    AsyncCheckpointIO::new(inner, AsyncOptions { mode, max_saves_in_flight: max, ..AsyncOptions::default() })
+        .expect("options")
 }
 
 fn load(path: &Path) -> LoadedCheckpoint {
@@ -121,8 +122,11 @@ fn sources_overwritten_after_staged_never_tear_the_checkpoint() {
 
             let report = if hold {
                 let inner = HoldAfterStaged(UringCheckpointIO::new(config()).expect("config"));
-                let io =
-                    AsyncCheckpointIO::new(inner, AsyncOptions { mode, max_saves_in_flight: 1 }).expect("io");
+                let io = AsyncCheckpointIO::new(
+                    inner,
+                    AsyncOptions { mode, max_saves_in_flight: 1, ..AsyncOptions::default() },
+                )
+                .expect("io");
                 let handle = io.save_checkpoint(ck, &path).expect("save");
                 handle.staged().wait();
                 overwrite(&mut host, &on_device);
@@ -392,4 +396,54 @@ fn completions_are_futures_without_a_runtime() {
         assert!(report.copy_seconds > 0.0, "{report:?}");
         assert_eq!(report.data_bytes, 2 << 20);
     }
+}
+
+/// `from_config`: the reservation, the config's background settings, and a save of several
+/// shards through one writer thread into the reserved area.
+#[test]
+fn from_config_reserves_the_snapshot_area_and_bounds_the_background_threads() {
+    let _serial = serial();
+    let dir = scratch();
+    let config = Config::builder()
+        .async_mode(AsyncMode::Snapshot)
+        .max_shard_size(1 << 20)
+        .background_threads(1)
+        .background_nice(12)
+        .build()
+        .expect("config");
+    let stream = AsyncCheckpointIO::from_config(Config { async_mode: AsyncMode::Stream, ..config.clone() });
+    assert_eq!(
+        stream.expect("io").inner().threads(),
+        uring_ckpt::io::SaveThreads::Foreground,
+        "its caller waits"
+    );
+    let io = AsyncCheckpointIO::from_config(config).expect("io");
+    assert_eq!(io.inner().threads(), uring_ckpt::io::SaveThreads::Background(1));
+    assert_eq!(io.options().background_nice, 12);
+    io.reserve_snapshot(16 << 20).expect("reserve");
+    io.wait_reserved();
+    let stats = io.snapshot_stats();
+    assert_eq!(
+        (stats.areas, stats.reserved_bytes, stats.resident_bytes),
+        (1, 16 << 20, 16 << 20),
+        "{stats:?}"
+    );
+    assert!(!stats.reserving);
+
+    let mut ck = OwnedCheckpoint::new();
+    let expected: Vec<Vec<u8>> = (0..5u64).map(|i| bytes(10 + i, (3 << 20) + i as usize)).collect();
+    for (i, bytes) in expected.iter().enumerate() {
+        ck.add_bytes(format!("t{i}"), Dtype::U8, &[bytes.len() as u64], bytes.clone()).expect("add");
+    }
+    let handle = io.save_checkpoint(ck, dir.path().join("c")).expect("save");
+    handle.staged().wait();
+    let report = handle.wait().expect("durable");
+    assert_eq!(report.shards, 5, "one shard per tensor, all through one writer thread");
+    let loaded = load(&dir.path().join("c"));
+    for (i, bytes) in expected.iter().enumerate() {
+        assert!(loaded.get(&format!("t{i}")).expect("tensor").data[..] == bytes[..], "t{i}");
+    }
+    let stats = io.snapshot_stats();
+    assert_eq!((stats.areas, stats.in_use), (1, 0), "the save used the reserved area: {stats:?}");
+    assert_eq!(stats.reserved_bytes, 16 << 20, "trimmed to the save's 15 MiB and change, rounded to 2 MiB");
 }

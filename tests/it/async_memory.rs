@@ -63,7 +63,7 @@ fn stream_mode_peak_rss_is_bounded_by_the_pool() {
     }
     let io = AsyncCheckpointIO::new(
         UringCheckpointIO::new(config).expect("config"),
-        AsyncOptions { mode: AsyncMode::Stream, max_saves_in_flight: 1 },
+        AsyncOptions { mode: AsyncMode::Stream, max_saves_in_flight: 1, ..AsyncOptions::default() },
     )
     .expect("io");
     let report = io.save_checkpoint(ck, dir.path().join("big")).expect("start").wait().expect("durable");

@@ -40,6 +40,8 @@ fn non_default() -> Config {
         io_threads: 16,
         async_mode: AsyncMode::Snapshot,
         max_saves_in_flight: 3,
+        background_nice: 15,
+        background_threads: 7,
         lock: LockMode::Wait,
         simulate: SimulatedFaults { uring_setup_eperm: true, direct_io_einval: true, register_enomem: true },
     }
@@ -63,6 +65,8 @@ fn defaults_are_documented_values_and_validate() {
     assert_eq!(c.io_threads, 4);
     assert_eq!(c.async_mode, AsyncMode::Stream);
     assert_eq!(c.max_saves_in_flight, 1);
+    assert_eq!(c.background_nice, 10);
+    assert_eq!(c.background_threads, 2);
     assert_eq!(c.lock, LockMode::Fail);
     assert_eq!(c.simulate, SimulatedFaults::default());
     assert_eq!(c.staging_buffers(), 16);
@@ -96,6 +100,9 @@ fn range_violations_name_field_and_value() {
         (Config { io_threads: 257, ..d() }, "io_threads must be 1..=256, got 257"),
         (Config { max_saves_in_flight: 0, ..d() }, "max_saves_in_flight must be 1..=64, got 0"),
         (Config { max_saves_in_flight: 65, ..d() }, "max_saves_in_flight must be 1..=64, got 65"),
+        (Config { background_nice: 20, ..d() }, "background_nice must be 0..=19, got 20"),
+        (Config { background_threads: 0, ..d() }, "background_threads must be 1..=64, got 0"),
+        (Config { background_threads: 65, ..d() }, "background_threads must be 1..=64, got 65"),
     ];
     for (config, expected) in cases {
         let msg = config_err(config.validate());
@@ -117,6 +124,10 @@ fn range_edges_are_accepted() {
         Config::builder().io_threads(256),
         Config::builder().max_saves_in_flight(1),
         Config::builder().max_saves_in_flight(64),
+        Config::builder().background_nice(0),
+        Config::builder().background_nice(19),
+        Config::builder().background_threads(1),
+        Config::builder().background_threads(64),
     ];
     for b in ok {
         b.clone().build().unwrap_or_else(|e| panic!("{b:?}: {e}"));
@@ -141,6 +152,8 @@ fn builder_sets_every_field_and_rejects_invalid() {
         .io_threads(want.io_threads)
         .async_mode(want.async_mode)
         .max_saves_in_flight(want.max_saves_in_flight)
+        .background_nice(want.background_nice)
+        .background_threads(want.background_threads)
         .lock(want.lock)
         .simulate(want.simulate)
         .build()
@@ -292,6 +305,8 @@ fn env_overrides_every_field() {
         ("URING_CKPT_IO_THREADS", "16"),
         ("URING_CKPT_ASYNC_MODE", "Snapshot"),
         ("URING_CKPT_MAX_SAVES_IN_FLIGHT", "3"),
+        ("URING_CKPT_BACKGROUND_NICE", "15"),
+        ("URING_CKPT_BACKGROUND_THREADS", "7"),
         ("URING_CKPT_LOCK", "Wait"),
         ("URING_CKPT_SIMULATE", "uring-eperm, direct-einval,register-enomem"),
         // Allowed and ignored here; other prefixes ignored.

@@ -73,7 +73,11 @@ fn device_memory_saves_through_the_async_layer() {
     let dir = scratch();
     for mode in [AsyncMode::Stream, AsyncMode::Snapshot] {
         let inner = UringCheckpointIO::new(config()).expect("config");
-        let io = AsyncCheckpointIO::new(inner, AsyncOptions { mode, max_saves_in_flight: 1 }).expect("io");
+        let io = AsyncCheckpointIO::new(
+            inner,
+            AsyncOptions { mode, max_saves_in_flight: 1, ..AsyncOptions::default() },
+        )
+        .expect("io");
         // The pool page-locks its buffers and unlocks each before freeing it.
         let staging = Arc::new(CudaStaging::new(ctx.clone()));
         let registration = io.inner().prepare_staging(staging.clone());

@@ -40,12 +40,12 @@ from __future__ import annotations
 #   _common        argument types, config coercion, the writer cache, save arguments/report
 #   _into          load_into (in place), loads straight into CUDA memory
 #   _api           save, load, load_safetensors, remove, verify, inspect
-#   _async         AsyncSaver, SaveFuture
+#   _async         AsyncSaver, SaveFuture, snapshot_bytes
 #   dcp            torch.distributed.checkpoint storage writer/reader (imported by the user, not here)
 #   lightning      the Lightning CheckpointIO plugins (imported by the user, not here)
 from ._api import inspect, load, load_safetensors, remove, save, verify
 from ._into import LoadIntoResult, load_into
-from ._async import AsyncSaver, SaveFuture
+from ._async import AsyncSaver, SaveFuture, snapshot_bytes
 from ._common import ConfigLike as ConfigLike  # the types of the public signatures
 from ._common import PathLike as PathLike
 from ._common import cached_writer as _writer  # noqa: F401 - uring_ckpt._writer, used by the tests
@@ -89,5 +89,6 @@ __all__ = [
     "load_safetensors",
     "remove",
     "save",
+    "snapshot_bytes",
     "verify",
 ]

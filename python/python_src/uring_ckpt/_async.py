@@ -13,6 +13,7 @@ from typing import Any
 
 from . import _pytree
 from ._common import ConfigLike, PathLike, coerce_config, save_args, save_report
+from ._optional import torch_module as _torch
 from ._uring_ckpt import AsyncWriter
 from ._uring_ckpt import SaveHandle as _SaveHandle
 
@@ -94,16 +95,64 @@ class AsyncSaver:
     CUDA tensors (with a CUDA build, see :func:`uring_ckpt.cuda_available`) are copied
     from device memory by the background save, in either mode; ``save`` returns once they
     are staged, and they are not copied in Python.
+
+    ``reserve`` (snapshot mode): a byte count, or a state like the ones ``save`` takes (an
+    ``nn.Module`` stands for its ``state_dict()``), whose snapshot area is made and faulted
+    in right away on a helper thread, so that the *first* save copies into memory that is
+    already there, as later saves do, instead of faulting a fresh area in while the caller
+    waits (see :meth:`reserve`).
+
+    Once staged, a save's threads drop to the config's ``background_nice`` (10 by default)
+    and write with at most ``background_threads`` threads (2), so that the write takes
+    little CPU from training.
     """
 
-    def __init__(self, config: ConfigLike = None, *, max_in_flight: int = 1, mode: str = "snapshot") -> None:
+    def __init__(
+        self,
+        config: ConfigLike = None,
+        *,
+        max_in_flight: int = 1,
+        mode: str = "snapshot",
+        reserve: Any = None,
+    ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.config = coerce_config(config).replace(async_mode=mode, max_saves_in_flight=max_in_flight)
+        self.mode = mode
         self._writer = AsyncWriter(self.config)
         self._futures: list[SaveFuture] = []
         self._lock = threading.Lock()
         self._closed = False
+        if reserve is not None:
+            self.reserve(reserve)
+
+    def reserve(self, state: Any) -> int:
+        """Makes the snapshot area for a checkpoint of ``state`` (a byte count, a state as
+        ``save`` takes, or an ``nn.Module``: its ``state_dict()``) and faults it in on a helper
+        thread at ``background_nice``; returns at once, with the bytes asked for.
+
+        A kept area is grown (its pages kept) rather than replaced; an area at least this
+        large is left as it is. A save that comes while the helper is at work takes the area
+        over (the copy faults in the rest): it is never slower than without the reservation.
+        Memory: the area is this size until the first save, then that save's size. Snapshot
+        mode only (``ValueError`` otherwise)."""
+        if self.mode != "snapshot":
+            raise ValueError(f"reserve needs mode='snapshot', not {self.mode!r}")
+        nbytes = snapshot_bytes(state)
+        if nbytes > 0:
+            self._writer.reserve(nbytes)
+        return nbytes
+
+    def wait_reserved(self) -> None:
+        """Waits (GIL released) until no reservation is faulting an area in."""
+        self._writer.wait_reserved()
+
+    def snapshot_stats(self) -> dict[str, Any]:
+        """The snapshot areas: ``areas`` (kept for the next saves), ``in_use`` (by saves
+        running), ``reserved_bytes`` and ``resident_bytes`` (of the kept areas: their size and
+        how much of it is faulted in), ``reserving`` (a helper at work), ``pending_bytes`` (a
+        reservation waiting for an area in use)."""
+        return dict(self._writer.snapshot_stats())
 
     def save(
         self,
@@ -153,6 +202,22 @@ class AsyncSaver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def snapshot_bytes(state: Any) -> int:
+    """The bytes a snapshot of ``state`` takes: ``state`` itself if it is an int, the tensor
+    bytes of an ``nn.Module``'s ``state_dict()``, else those of the state as ``save`` would
+    store it (tied tensors once; nothing is copied)."""
+    if isinstance(state, bool):
+        raise TypeError("a snapshot size must be a byte count or a state, not a bool")
+    if isinstance(state, int):
+        if state < 0:
+            raise ValueError(f"a snapshot size must not be negative, got {state}")
+        return state
+    torch = _torch()
+    if torch is not None and isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    return _pytree.tensor_bytes(state)
 
 
 def wait_all(futures: Iterable[SaveFuture], timeout: float | None = None) -> None:

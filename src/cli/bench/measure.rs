@@ -198,7 +198,10 @@ pub(super) fn measure_async(
 ) -> Result<Vec<Sample>> {
     let Some(mode) = phase.async_mode() else { return Ok(Vec::new()) };
     let inner = UringCheckpointIO::new(setting.config.clone())?;
-    let io = AsyncCheckpointIO::new(inner, AsyncOptions { mode, max_saves_in_flight: 1 })?;
+    let io = AsyncCheckpointIO::new(
+        inner,
+        AsyncOptions { mode, max_saves_in_flight: 1, ..AsyncOptions::default() },
+    )?;
     let mut samples = Vec::new();
     for _ in 0..repeat {
         if interrupted() {

@@ -26,7 +26,7 @@ side: :func:`flatten`), :mod:`._restore` (the load side: :class:`Restorer`,
 
 from __future__ import annotations
 
-from ._flatten import Flattened, TensorEntry, cuda_direct, flatten
+from ._flatten import Flattened, TensorEntry, cuda_direct, flatten, tensor_bytes
 from ._format import FORMAT_KEY, FORMAT_VERSION, PID_TAG, SIDECAR, torch_dtype_from_safetensors, torch_dtype_map
 from ._restore import Restorer, unflatten
 
@@ -40,6 +40,7 @@ __all__ = [
     "TensorEntry",
     "cuda_direct",
     "flatten",
+    "tensor_bytes",
     "torch_dtype_from_safetensors",
     "torch_dtype_map",
     "unflatten",

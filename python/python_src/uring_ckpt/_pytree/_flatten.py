@@ -3,7 +3,8 @@
 :func:`flatten` pickles the state with a ``persistent_id`` hook that takes every torch
 tensor and numpy array of a safetensors dtype out of the pickle (see the package's
 docstring for names, ties and CUDA tensors); :func:`cuda_direct` decides whether CUDA
-tensors are read from device memory by the Rust side.
+tensors are read from device memory by the Rust side; :func:`tensor_bytes` counts the bytes
+:func:`flatten` would hand to the shards, without copying any.
 """
 
 from __future__ import annotations
@@ -72,6 +73,35 @@ class Flattened:
     that is). Such a checkpoint is also a Hugging Face checkpoint (``hf_index``)."""
 
 
+def _savable_tensor(torch: Any, dtypes: dict[Any, str], t: Any) -> bool:
+    """Whether torch tensor ``t`` goes to a shard (else it stays in the pickle)."""
+    return (
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and dtypes.get(t.dtype) is not None
+        and t.layout == torch.strided
+        and not t.is_quantized
+        and not getattr(t, "is_nested", False)
+        and t.device.type != "meta"
+    )
+
+
+def _tensor_key(t: Any) -> Any:
+    """What ties two torch tensors into one entry: the same memory, offset, shape, strides
+    and dtype (and conjugate/negative bits)."""
+    storage = t.untyped_storage()
+    if storage.nbytes() == 0:
+        return ("id", id(t))
+    key = (storage.data_ptr(), str(t.device), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+    return (key, t.is_conj(), t.is_neg())
+
+
+def _array_key(a: Any) -> Any:
+    """What ties two numpy arrays into one entry."""
+    if a.size == 0:
+        return ("id", id(a))
+    return (a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
+
+
 class _Namer:
     """Assigns each tensor reachable through dicts, lists and tuples the path to it."""
 
@@ -137,23 +167,10 @@ class _Flattener(pickle.Pickler):
 
     def _torch_pid(self, t: Any) -> tuple | None:
         torch = self.torch
-        if type(t) not in (torch.Tensor, torch.nn.Parameter):
-            return None  # a subclass: pickle it as it pickles itself
-        dtype = self.torch_dtypes.get(t.dtype)
-        if (
-            dtype is None
-            or t.layout != torch.strided
-            or t.is_quantized
-            or getattr(t, "is_nested", False)
-            or t.device.type == "meta"
-        ):
-            return None
-        storage = t.untyped_storage()
-        if storage.nbytes() == 0:
-            key: Any = ("id", id(t))
-        else:
-            key = (storage.data_ptr(), str(t.device), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-            key = (key, t.is_conj(), t.is_neg())
+        if not _savable_tensor(torch, self.torch_dtypes, t):
+            return None  # a subclass or an unsupported tensor: pickled as it pickles itself
+        dtype = self.torch_dtypes[t.dtype]
+        key = _tensor_key(t)
         self._keep.append(t)
         base = self._pids.get(key)
         if base is None:
@@ -180,10 +197,7 @@ class _Flattener(pickle.Pickler):
         dtype = _NUMPY_DTYPES.get(a.dtype.name)
         if dtype is None or a.dtype.hasobject:
             return None
-        if a.size == 0:
-            key: Any = ("id", id(a))
-        else:
-            key = (a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
+        key = _array_key(a)
         self._keep.append(a)
         pid = self._pids.get(key)
         if pid is None:
@@ -227,3 +241,51 @@ def _is_flat(state: Any, entries: list[TensorEntry]) -> bool:
     if not all(isinstance(k, str) and not isinstance(v, (dict, list, tuple)) for k, v in state.items()):
         return False
     return all(e.name in state for e in entries)
+    return Flattened(pickler.entries, buf.getvalue(), pickler.copied, list(pickler.cuda_devices.values()))
+
+
+class _Discard:
+    """A file that forgets what is written to it."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+class _Counter(pickle.Pickler):
+    """Walks a state as :class:`_Flattener` does, counting the bytes of the tensor entries."""
+
+    def __init__(self) -> None:
+        super().__init__(_Discard(), protocol=pickle.HIGHEST_PROTOCOL)
+        self.torch = _torch()
+        self.torch_dtypes = torch_dtype_map()
+        self.total = 0
+        self._seen: set[Any] = set()
+        self._keep: list[Any] = []  # objects whose id() is a key: kept alive while pickling
+
+    def persistent_id(self, obj: Any) -> tuple | None:
+        torch = self.torch
+        if torch is not None and isinstance(obj, torch.Tensor):
+            if not _savable_tensor(torch, self.torch_dtypes, obj):
+                return None
+            key = _tensor_key(obj)
+            nbytes = obj.numel() * obj.element_size()
+        elif np is not None and type(obj) is np.ndarray:
+            if _NUMPY_DTYPES.get(obj.dtype.name) is None or obj.dtype.hasobject:
+                return None
+            key = _array_key(obj)
+            nbytes = obj.nbytes
+        else:
+            return None
+        self._keep.append(obj)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.total += nbytes
+        return ("t",)
+
+
+def tensor_bytes(state: Any) -> int:
+    """The bytes of the tensor entries :func:`flatten` makes of ``state`` (ties counted once):
+    what a snapshot of it holds. Nothing is copied; the rest is pickled and thrown away."""
+    counter = _Counter()
+    counter.dump(state)
+    return counter.total
