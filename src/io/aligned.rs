@@ -66,11 +66,12 @@ impl AlignedBuf {
         Self::allocate(capacity, align, true)
     }
 
-    /// Like [`AlignedBuf::zeroed`], without asking for transparent huge pages: for memory
-    /// written once (a fresh load's destination). Faulting it in page by page was 3x faster
-    /// than in huge pages on the 2-vCPU VM of the README's figures (1.3 against 3.6-3.9 GiB/s
-    /// of first touch), where a huge page's first touch costs the hypervisor more; reused
-    /// buffers (the staging pool) keep huge pages, whose first touch is paid once.
+    /// Like [`AlignedBuf::zeroed`], without asking for transparent huge pages (`MADV_NOHUGEPAGE`).
+    /// Measured against huge pages on the 2-vCPU VM of the README's figures, alternating
+    /// runs: a fresh load's read buffer was slower with small pages (CLI fresh loads, medians
+    /// of 7: 2333 against 2765 MiB/s on the RAM-backed XFS, 1078 against 1677 on ext4), and so
+    /// was a snapshot area (`examples/snapshot_pages.rs`), so both use huge pages; this stays
+    /// for tests that need memory faulted page by page and for measuring the difference.
     pub fn zeroed_pages(capacity: usize, align: usize) -> AlignedBuf {
         Self::allocate(capacity, align, false)
     }

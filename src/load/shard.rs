@@ -67,7 +67,7 @@ pub(crate) fn open_shard(
     let buf_align = report.align.max(report.mem_align);
     let whole = matches!(read, ShardRead::Whole { .. });
     let buf_len = if whole { len } else { info.header_len };
-    let mut buf = AlignedBuf::zeroed_pages(round_up_u64(buf_len.max(1), align as u64) as usize, buf_align);
+    let mut buf = AlignedBuf::zeroed(round_up_u64(buf_len.max(1), align as u64) as usize, buf_align);
     // The first read covers the header (and, for a whole read, the first segment).
     let first = if whole {
         (round_up(info.header_len as usize, align).max(segment) as u64).min(len) as usize
