@@ -38,19 +38,37 @@ from typing import Any
 from ._api import load, remove, save
 from ._async import AsyncSaver, SaveFuture, wait_all
 from ._common import ConfigLike, cached_writer, coerce_config
+from ._errors import CheckpointError
+from .dcp import METADATA_FILE, UringStorageReader, UringStorageWriter
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 except ImportError:  # the standalone pytorch_lightning package
     from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO  # type: ignore[no-redef,assignment]
 
-try:
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-except ImportError:
+try:  # the sharded strategies need torch.distributed and a Lightning with ModelParallelStrategy (2.4)
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.optim import Optimizer
+
     try:
+        from lightning.fabric.strategies.fsdp import _get_sharded_state_dict_context
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+        from lightning.pytorch.trainer.states import TrainerFn
+    except ImportError:  # the standalone pytorch_lightning package
+        from lightning_fabric.strategies.fsdp import _get_sharded_state_dict_context  # type: ignore[no-redef]
         from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy  # type: ignore[no-redef]
-    except ImportError:  # a Lightning older than 2.4 has no ModelParallelStrategy
-        FSDPStrategy = ModelParallelStrategy = None  # type: ignore[assignment,misc]
+        from pytorch_lightning.trainer.states import TrainerFn  # type: ignore[no-redef]
+except ImportError:
+    FSDPStrategy = ModelParallelStrategy = None  # type: ignore[assignment,misc]
 
 __all__ = ["AsyncUringCheckpointIO", "UringCheckpointIO", "UringFSDPStrategy", "UringModelParallelStrategy"]
 
@@ -188,11 +206,6 @@ class _UringSharded:
     def _uring_save(
         self, converted_state: dict[str, Any], checkpoint: dict[str, Any], path: Path
     ) -> None:
-        import torch
-        import torch.distributed.checkpoint as dcp
-
-        from .dcp import UringStorageWriter
-
         extra = None
         if self.global_rank == 0:  # DCP's coordinator commits meta.pt with the shards
             if path.is_file():  # a full checkpoint saved earlier at this path, as the parent does
@@ -204,27 +217,19 @@ class _UringSharded:
         dcp.save(converted_state, storage_writer=writer)
 
     def _uring_reader(self, path: Path) -> Any:
-        from .dcp import UringStorageReader
-
         return UringStorageReader(path, self._uring_config, verify=self._uring_verify)
 
     def _uring_meta(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
-        import torch
-
         writer = cached_writer(self._uring_config)
         _, _, extras, _ = writer.load(os.fspath(path), [], self._uring_verify)  # no tensor read
         blob = extras.get(META_FILE)
         if blob is None:
-            from ._errors import CheckpointError
-
             raise CheckpointError(f"{path}: no {META_FILE} in this checkpoint")
         meta: dict[str, Any] = torch.load(io.BytesIO(bytes(blob)), weights_only=weights_only)
         return meta
 
     @staticmethod
     def _is_uring_sharded(path: Path) -> bool:
-        from .dcp import METADATA_FILE
-
         return path.is_dir() and (path / "manifest.json").is_file() and (path / METADATA_FILE).is_file()
 
     def _uring_remove(self, filepath: Any) -> bool:
@@ -272,15 +277,6 @@ if ModelParallelStrategy is not None:
             path = Path(self.broadcast(checkpoint_path))
             if not self._is_uring_sharded(path):
                 return super().load_checkpoint(path, weights_only)  # type: ignore[no-any-return]
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-                set_optimizer_state_dict,
-            )
-            from torch.optim import Optimizer
-
             assert self.model is not None and self.lightning_module is not None
             module_state = {"state_dict": get_model_state_dict(self.model)}
             dcp.load(module_state, storage_reader=self._uring_reader(path))
@@ -336,17 +332,6 @@ if FSDPStrategy is not None:
             path = Path(self.broadcast(checkpoint_path))
             if not self._is_uring_sharded(path):
                 return super().load_checkpoint(path, weights_only)  # type: ignore[no-any-return]
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            try:
-                from lightning.fabric.strategies.fsdp import _get_sharded_state_dict_context
-                from lightning.pytorch.trainer.states import TrainerFn
-            except ImportError:
-                from lightning_fabric.strategies.fsdp import _get_sharded_state_dict_context  # type: ignore[no-redef]
-                from pytorch_lightning.trainer.states import TrainerFn  # type: ignore[no-redef]
-
             assert self.model is not None and self.lightning_module is not None
             with _get_sharded_state_dict_context(self.model):
                 module_state = {"model": self.model.state_dict()}
@@ -361,7 +346,7 @@ if FSDPStrategy is not None:
                             optimizer_key=key,
                             storage_reader=self._uring_reader(path),
                         )
-                        flat = FSDP.optim_state_dict_to_load(
+                        flat = FullyShardedDataParallel.optim_state_dict_to_load(
                             optim_state_dict=optim_state[key], model=self.model, optim=optim
                         )
                         optim.load_state_dict(flat)
