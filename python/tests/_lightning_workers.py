@@ -153,11 +153,14 @@ def _fit_and_resume(
 
     torch.manual_seed(0)
     every_2 = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=2, save_top_k=-1, save_last=True)
-    a = trainer(6, [every_2, AtStep()])
+    # save_top_k=1 without a monitor keeps the latest: the step-6 save removes step 3's.
+    latest = ModelCheckpoint(dirpath=os.path.join(root, "top1"), every_n_train_steps=3, save_top_k=1)
+    a = trainer(6, [every_2, latest, AtStep()])
     a.fit(Tiny(shard), _loader())
     final_a = weights(a.lightning_module)
     a.strategy.barrier()
     listing = sorted(os.listdir(ckpts))
+    top1 = sorted(os.listdir(os.path.join(root, "top1")))
     torch.manual_seed(1)  # a different initialization: the checkpoint must overwrite it
     b = trainer(6, [Probe()])
     b.fit(Tiny(shard), _loader(), ckpt_path=os.path.join(ckpts, "epoch=0-step=4.ckpt"))
@@ -167,6 +170,7 @@ def _fit_and_resume(
         rank,
         {
             "listing": listing,
+            "top1": top1,
             "weights_at_4": seen["weights_at_4"],
             "start_step": seen["start_step"],
             "start_weights": seen["start_weights"],

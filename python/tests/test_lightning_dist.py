@@ -96,6 +96,7 @@ def check_resumed(out: str) -> list[dict[str, Any]]:
         assert r["step_b"] == 6
         assert r["final_b"] == r["final_a"], "the resumed run ends where the uninterrupted one did"
     assert results[0]["final_a"] == results[1]["final_a"], "both ranks see the same whole weights"
+    assert results[0]["top1"] == ["epoch=1-step=6.ckpt"], ("save_top_k=1 removed the older ones", results[0]["top1"])
     return results
 
 
