@@ -16,13 +16,14 @@ Every save is durable (fsynced) before it counts:
 
 Methods alternate round-robin within each repeat; the page cache is dropped before every
 run (os.sync(), then ``echo 1 > /proc/sys/vm/drop_caches``; needs root, else a warning and
-the cache stays); each figure is the median of --repeat runs, a run's time being the
-slowest rank's. Prints a markdown table (method, ranks, median s, GiB/s, x best
+the cache stays); --warmup rounds (default 1: every process's first save of each method,
+with its one-time set-up) are run and not counted; each figure is the median of --repeat
+runs, a run's time being the slowest rank's. Prints a markdown table (method, ranks, median s, GiB/s, x best
 FileSystemWriter: the best FileSystemWriter's median over the row's, so above 1 is faster;
 stall rows compare with DCP's default async_save, reshard rows with FileSystemReader) and
 writes it to OUT/bench-dcp.md (--out, default $OUT or target/bench-dcp).
 
-Usage: python scripts/bench-dcp.py [--size-mib 1024] [--ranks 1,2,4] [--repeat 3]
+Usage: python scripts/bench-dcp.py [--size-mib 1024] [--ranks 1,2,4] [--repeat 3] [--warmup 1]
                                    [--dir target/bench-dcp/data] [--out DIR]
 """
 
@@ -183,14 +184,16 @@ def save_job(rank: int, world: int, port: int, args: dict[str, Any], out: str) -
     errors: dict[str, str] = {}
     warned: list[bool] = []
     _between_runs(rank, path, warned)
-    for _ in range(args["repeat"]):
+    for rep in range(args["warmup"] + args["repeat"]):
+        keep = rep >= args["warmup"]  # warm-up rounds (each process's first save) are not counted
         for name, make in writers.items():
             if name in errors:
                 continue
             _progress(rank, world, name)
             try:
                 t = _timed(lambda: dcp.save(state, storage_writer=make()))
-                times.setdefault(name, []).append(t)
+                if keep:
+                    times.setdefault(name, []).append(t)
             except Exception as e:  # noqa: BLE001 - a method that fails is reported, the rest go on
                 errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
             _between_runs(rank, path, warned)
@@ -206,8 +209,9 @@ def save_job(rank: int, world: int, port: int, args: dict[str, Any], out: str) -
             _wait(pending[0])
             durable = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             dist.all_reduce(durable, op=dist.ReduceOp.MAX)
-            times.setdefault(f"{name} (stall)", []).append(stall)
-            times.setdefault(f"{name} (to durable)", []).append(float(durable.item()))
+            if keep:
+                times.setdefault(f"{name} (stall)", []).append(stall)
+                times.setdefault(f"{name} (to durable)", []).append(float(durable.item()))
             _between_runs(rank, path, warned)
     if world == 4:
         for kind, make in (("uring", lambda p: UringStorageWriter(p)), ("fs", lambda p: dcp.FileSystemWriter(p))):
@@ -244,11 +248,13 @@ def load_job(rank: int, world: int, port: int, args: dict[str, Any], out: str) -
     times: dict[str, list[float]] = {}
     warned: list[bool] = []
     _between_runs(rank, None, warned)
-    for rep in range(args["repeat"]):
+    for rep in range(args["warmup"] + args["repeat"]):
         for name, make in readers.items():
             _progress(rank, world, name)
             dest = _state(mesh, args["rows"], zeros=True)
-            times.setdefault(name, []).append(_timed(lambda: dcp.load(dest, storage_reader=make())))
+            t = _timed(lambda: dcp.load(dest, storage_reader=make()))
+            if rep >= args["warmup"]:
+                times.setdefault(name, []).append(t)
             if rep == 0:
                 for key, want in expected.items():
                     got = dest[key]
@@ -332,6 +338,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=float, default=1024, help="total state size (default 1024)")
     ap.add_argument("--ranks", default="1,2,4", help="world sizes to save with (default 1,2,4)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per method; medians (default 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="uncounted rounds first (default 1)")
     ap.add_argument("--dir", default=os.path.join(REPO, "target", "bench-dcp", "data"), help="checkpoint directory")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(REPO, "target", "bench-dcp"))
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per job before its ranks are killed")
@@ -340,7 +347,7 @@ def main() -> None:
     ranks = [int(r) for r in a.ranks.split(",") if r]
     os.makedirs(a.dir, exist_ok=True)
     os.makedirs(a.out, exist_ok=True)
-    args = {"rows": rows_per_tensor(a.size_mib), "repeat": a.repeat, "dir": os.path.abspath(a.dir)}
+    args = {"rows": rows_per_tensor(a.size_mib), "repeat": a.repeat, "warmup": a.warmup, "dir": os.path.abspath(a.dir)}
     size = total_bytes(a.size_mib)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -355,7 +362,7 @@ def main() -> None:
     reshard = not a.no_reshard
     if reshard and 4 not in ranks:
         print("save, 4 ranks (for the reshard) ...", file=sys.stderr, flush=True)
-        run("save", 4, {**args, "repeat": 1}, a.out, a.timeout)
+        run("save", 4, {**args, "repeat": 1, "warmup": 0}, a.out, a.timeout)
     if reshard:
         print("reshard load, 2 ranks ...", file=sys.stderr, flush=True)
         run("load", 2, args, a.out, a.timeout)
@@ -363,7 +370,7 @@ def main() -> None:
             results.append(("load", 2, json.load(f)))
     notes = [
         f"# bench-dcp: {size / GIB:.3f} GiB state ({TENSORS} float32 DTensors, Shard(0)), "
-        f"median of {a.repeat}, torch {torch.__version__}, dir {a.dir}",
+        f"median of {a.repeat} after {a.warmup} warm-up round(s), torch {torch.__version__}, dir {a.dir}",
         "",
         "x best FileSystemWriter: the best FileSystemWriter median over the row's (above 1: faster);"
         " async_save rows compare with DCP's default async_save (FileSystemWriter), reshard rows"
