@@ -93,6 +93,21 @@ impl Config {
         self.inner.to_toml_string()
     }
 
+    /// The configuration in TOML text (what `to_toml` gives): its keys set, the defaults
+    /// elsewhere, validated. Environment variables are not read.
+    #[classmethod]
+    fn from_toml(_cls: &Bound<'_, pyo3::types::PyType>, py: Python<'_>, text: &str) -> PyResult<Self> {
+        let inner = uring_ckpt::Config::from_toml_str(text).or_raise(py)?;
+        Ok(Config { inner })
+    }
+
+    /// Pickles as its TOML: `Config.from_toml(config.to_toml())`, so that objects holding a
+    /// config (the DCP storage writer and reader) travel to other processes.
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (String,))> {
+        let from_toml = slf.get_type().getattr("from_toml")?;
+        Ok((from_toml, (slf.get().inner.to_toml_string(),)))
+    }
+
     /// Whether a save may replace an existing checkpoint (atomically).
     #[getter]
     fn replace_existing(&self) -> bool {

@@ -198,8 +198,48 @@ def killed_rank(rank: int, world: int, ports: list[int], path: str, out: str) ->
     _report(out, "killed", rank, result)
 
 
+def _result(future: Any) -> Any:
+    """What an ``async_save`` returned, waited for: a Future, or an AsyncSaveResponse."""
+    return (future.upload_completion if hasattr(future, "upload_completion") else future).result()
+
+
+def async_modes(rank: int, world: int, ports: list[int], path: str, out: str) -> None:
+    """``dcp.async_save`` with a UringStorageWriter in thread mode, then in process mode
+    (the writer, pickled, saves from DCP's checkpoint process with its own gloo group),
+    each loaded back on all ranks; the writer's config travels with it."""
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    import uring_ckpt
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"  # where DCP's checkpoint processes meet
+    mesh = _join(rank, world, ports[0])
+    config = uring_ckpt.Config(chunk_size="4MiB", io_threads=2)
+    result: dict[str, Any] = {}
+    for seed, mode in ((1, AsyncCheckpointerType.THREAD), (2, AsyncCheckpointerType.PROCESS)):
+        where = f"{path}-{mode.value}"
+        started = time.monotonic()
+        future = dcp.async_save(
+            sharded_state(seed, mesh),
+            storage_writer=UringStorageWriter(where, config),
+            async_checkpointer_type=mode,
+        )
+        result[f"{mode.value}_returned_s"] = time.monotonic() - started
+        _result(future)
+        dist.barrier()
+        result[mode.value] = _load_check(where, mesh, seed)
+        result[f"{mode.value}_listing"] = _listing(where)
+    _report(out, "async", rank, result)
+    # Stop DCP's checkpoint process before os._exit (which skips the finalizers that would).
+    from torch.distributed.checkpoint import _async_process_executor
+
+    process = getattr(_async_process_executor, "_CHECKPOINT_PROCESS", None)
+    if process is not None:
+        process.__del__()
+
+
 SCENARIOS: dict[str, Callable[[int, int, list[int], str, str], None]] = {
     "reshard": reshard,
     "raising_rank": raising_rank,
     "killed_rank": killed_rank,
+    "async_modes": async_modes,
 }

@@ -43,9 +43,12 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def run_job(scenario: str, world: int, path: str, out: str, ports: int = 1) -> list[int | None]:
+def run_job(
+    scenario: str, world: int, path: str, out: str, ports: int = 1, daemon: bool = True
+) -> list[int | None]:
     """Runs ``scenario`` on ``world`` spawned ranks; returns their exit codes (None: still
-    running at the deadline, then killed)."""
+    running at the deadline, then killed). ``daemon=False`` lets the ranks start processes
+    of their own (DCP's checkpoint process); they are killed at the deadline all the same."""
     import _dcp_workers  # noqa: F401 - importable here means importable in the children
 
     ctx = multiprocessing.get_context("spawn")
@@ -56,7 +59,7 @@ def run_job(scenario: str, world: int, path: str, out: str, ports: int = 1) -> l
     os.environ.update(env)
     try:
         procs = [
-            ctx.Process(target=_dcp_workers.main, args=(r, world, chosen, scenario, path, out), daemon=True)
+            ctx.Process(target=_dcp_workers.main, args=(r, world, chosen, scenario, path, out), daemon=daemon)
             for r in range(world)
         ]
         for p in procs:
@@ -250,3 +253,43 @@ def test_async_save_goes_through_dcp_default_stager(tmp_path: Any) -> None:
     (future.upload_completion if hasattr(future, "upload_completion") else future).result()
     assert_plain_equal(load_plain(path), 6)
     assert leftovers(path) == []
+
+
+def test_async_save_in_thread_and_process_mode_on_2_ranks(tmp_path: Any) -> None:
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    assert AsyncCheckpointerType.PROCESS  # this torch has process mode
+    path, out = str(tmp_path / "ckpt" / "async"), str(tmp_path / "out")
+    codes = run_job("async_modes", 2, path, out, daemon=False)
+    assert codes == [0, 0], errors(out, 2)
+    for rank in range(2):
+        result = read(out, "async", rank)
+        for mode in ("thread", "process"):
+            assert all(result[mode].values()), (rank, mode, result[mode])
+            assert f"async-{mode}" in result[f"{mode}_listing"], result
+            assert not [n for n in result[f"{mode}_listing"] if n.startswith(".")], "no temporary directory"
+    for mode in ("thread", "process"):
+        uring_ckpt.verify(f"{path}-{mode}")
+
+
+def test_writer_and_reader_pickle_with_their_config(tmp_path: Any) -> None:
+    import pickle
+
+    config = uring_ckpt.Config(chunk_size="4MiB", io_threads=2)
+    writer = pickle.loads(pickle.dumps(UringStorageWriter(tmp_path / "w", config, replace=True)))
+    assert writer.config.to_toml() == config.replace(replace_existing=True).to_toml()
+    assert writer.path == str(tmp_path / "w")
+    reader = pickle.loads(pickle.dumps(UringStorageReader(tmp_path / "w", config, verify=False)))
+    assert reader.config.to_toml() == config.to_toml() and reader.verify is False
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_extra_files_are_committed_with_the_shards(tmp_path: Any) -> None:
+    path = str(tmp_path / "x")
+    with pytest.raises(ValueError, match="reserved"):
+        UringStorageWriter(path, extra_files={METADATA_FILE: b""})
+    dcp.save(plain_state(7), storage_writer=UringStorageWriter(path, extra_files={"meta.pt": b"hello"}), no_dist=True)
+    with open(os.path.join(path, "meta.pt"), "rb") as f:
+        assert f.read() == b"hello"
+    uring_ckpt.verify(path)
+    assert_plain_equal(load_plain(path), 7)

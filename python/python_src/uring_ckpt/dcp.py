@@ -65,7 +65,7 @@ import uuid
 from typing import Any
 
 from . import _safe_pickle
-from ._common import ConfigLike, PathLike, cached_writer, coerce_config
+from ._common import ConfigLike, PathLike, cached_writer, coerce_config, extra_file_list
 from ._errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ._pytree import cuda_direct, torch_dtype_from_safetensors, torch_dtype_map
 from ._uring_ckpt import cuda_available
@@ -166,14 +166,27 @@ class UringStorageWriter(StorageWriter):  # type: ignore[misc]
     environment's. ``replace``: whether an existing checkpoint at ``path`` may be replaced
     (atomically, at the commit); else the save fails at once with
     :class:`uring_ckpt.CheckpointExistsError` (inside DCP's ``CheckpointException``).
+    ``extra_files``: ``{name: bytes}`` the coordinator commits beside the shards, in the
+    same rename (plain file names, not ``dcp.metadata``; other ranks' are ignored): how
+    :mod:`uring_ckpt.lightning` stores Lightning's ``meta.pt``.
     Rank-local saves (``use_collectives=False``) are refused: there is no commit without
     coordination."""
 
-    def __init__(self, path: PathLike, config: ConfigLike = None, replace: bool = False) -> None:
+    def __init__(
+        self,
+        path: PathLike,
+        config: ConfigLike = None,
+        replace: bool = False,
+        *,
+        extra_files: dict[str, bytes] | None = None,
+    ) -> None:
         _require_dcp()
         super().__init__()
         self.path = os.fspath(path)
         self.config = coerce_config(config, replace)
+        self.extra_files = extra_file_list(extra_files)
+        if any(name == METADATA_FILE for name, _ in self.extra_files):
+            raise ValueError(f"extra file {METADATA_FILE!r}: the name is DCP's metadata's, reserved")
         self.is_coordinator = False
         self._save_id: str | None = None
         self._uuid = uuid.uuid4().hex
@@ -274,7 +287,8 @@ class UringStorageWriter(StorageWriter):  # type: ignore[misc]
         blob = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
         manifest = {DCP_KEY: DCP_LAYOUT, "torch": str(torch.__version__)}
         save_id, self._save_id = self._save_id, None
-        cached_writer(self.config).commit_ranks(self.path, save_id, parts, manifest, [(METADATA_FILE, blob)])
+        extras = [(METADATA_FILE, blob), *self.extra_files]
+        cached_writer(self.config).commit_ranks(self.path, save_id, parts, manifest, extras)
 
 
 def _metadata_globals() -> dict[str, Any]:

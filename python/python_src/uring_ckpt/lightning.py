@@ -19,19 +19,35 @@ made and faulted in, in the background, before the first save (see :class:`Reser
     io = AsyncUringCheckpointIO()
     Trainer(plugins=[io], callbacks=[io.reserve_callback(), ModelCheckpoint(...)])
 
+Sharded checkpoints: Lightning's ``ModelParallelStrategy`` and ``FSDPStrategy``
+(``state_dict_type="sharded"``) call ``torch.distributed.checkpoint`` themselves and never
+use a ``CheckpointIO`` (Lightning issue 20205). :class:`UringModelParallelStrategy` and
+:class:`UringFSDPStrategy` are those strategies saving and loading through
+:mod:`uring_ckpt.dcp` instead: ``Trainer(strategy=UringModelParallelStrategy(...))``. The
+checkpoint is Lightning's layout (a directory at the path Lightning asks for, holding
+Lightning's ``meta.pt`` beside the shards), committed by all ranks at once with one rename
+(``meta.pt`` included), an existing one replaced atomically. Loading (``ckpt_path=...``)
+reads the model and optimizer shards on any world size and ``meta.pt`` through the checked
+path; a checkpoint these classes did not write (no ``manifest.json``) is loaded by the
+parent strategy as before.
+
 Works with ``lightning`` (``lightning.pytorch``) or, failing that, ``pytorch_lightning``.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from ._api import load, remove, save
 from ._async import AsyncSaver, SaveFuture, snapshot_bytes, wait_all
-from ._common import ConfigLike, coerce_config
+from ._common import ConfigLike, cached_writer, coerce_config
+from ._errors import CheckpointError
+from .dcp import METADATA_FILE, UringStorageReader, UringStorageWriter
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -40,7 +56,40 @@ except ImportError:  # the standalone pytorch_lightning package
     from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO  # type: ignore[no-redef,assignment]
     from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef,assignment]
 
-__all__ = ["AsyncUringCheckpointIO", "ReserveSnapshot", "UringCheckpointIO"]
+try:  # the sharded strategies need torch.distributed and a Lightning with ModelParallelStrategy (2.4)
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.optim import Optimizer
+
+    try:
+        from lightning.fabric.strategies.fsdp import _get_sharded_state_dict_context
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+        from lightning.pytorch.trainer.states import TrainerFn
+    except ImportError:  # the standalone pytorch_lightning package
+        from lightning_fabric.strategies.fsdp import _get_sharded_state_dict_context  # type: ignore[no-redef]
+        from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy  # type: ignore[no-redef]
+        from pytorch_lightning.trainer.states import TrainerFn  # type: ignore[no-redef]
+except ImportError:
+    FSDPStrategy = ModelParallelStrategy = None  # type: ignore[assignment,misc]
+
+__all__ = [
+    "AsyncUringCheckpointIO",
+    "ReserveSnapshot",
+    "UringCheckpointIO",
+    "UringFSDPStrategy",
+    "UringModelParallelStrategy",
+]
+
+META_FILE = "meta.pt"
+"""Lightning's file of the non-tensor part of a sharded checkpoint (``_METADATA_FILENAME``)."""
 
 
 def _device(map_location: Any) -> Any:
@@ -289,3 +338,171 @@ class ReserveSnapshot(Callback):
         # Every optimizer has state once it stepped (or after enough batches, whatever it keeps).
         self._settled = self._batches >= 64 or all(len(opt.state) > 0 for opt in trainer.optimizers)
         self._reserve(trainer, pl_module)
+
+
+class _UringSharded:
+    """What :class:`UringModelParallelStrategy` and :class:`UringFSDPStrategy` share: the
+    save of the converted state plus ``meta.pt`` through :class:`uring_ckpt.dcp.UringStorageWriter`,
+    the reading of ``meta.pt``, and the removal of a checkpoint."""
+
+    global_rank: int
+    is_global_zero: bool
+    _uring_config: Any
+    _uring_verify: bool
+
+    def _uring_init(self, config: ConfigLike, verify_on_load: bool) -> None:
+        self._uring_config = coerce_config(config, replace=True)
+        self._uring_verify = verify_on_load
+
+    def _uring_save(
+        self, converted_state: dict[str, Any], checkpoint: dict[str, Any], path: Path
+    ) -> None:
+        extra = None
+        if self.global_rank == 0:  # DCP's coordinator commits meta.pt with the shards
+            if path.is_file():  # a full checkpoint saved earlier at this path, as the parent does
+                path.unlink()
+            buf = io.BytesIO()
+            torch.save(checkpoint, buf)
+            extra = {META_FILE: buf.getvalue()}
+        writer = UringStorageWriter(path, self._uring_config, replace=True, extra_files=extra)
+        dcp.save(converted_state, storage_writer=writer)
+
+    def _uring_reader(self, path: Path) -> Any:
+        return UringStorageReader(path, self._uring_config, verify=self._uring_verify)
+
+    def _uring_meta(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+        writer = cached_writer(self._uring_config)
+        _, _, extras, _ = writer.load(os.fspath(path), [], self._uring_verify)  # no tensor read
+        blob = extras.get(META_FILE)
+        if blob is None:
+            raise CheckpointError(f"{path}: no {META_FILE} in this checkpoint")
+        meta: dict[str, Any] = torch.load(io.BytesIO(bytes(blob)), weights_only=weights_only)
+        return meta
+
+    @staticmethod
+    def _is_uring_sharded(path: Path) -> bool:
+        return path.is_dir() and (path / "manifest.json").is_file() and (path / METADATA_FILE).is_file()
+
+    def _uring_remove(self, filepath: Any) -> bool:
+        """Removes a checkpoint of ours atomically on global rank 0; False for another kind."""
+        path = Path(filepath)
+        if not self._is_uring_sharded(path):
+            return False
+        if self.is_global_zero:
+            remove(path, config=self._uring_config)
+        return True
+
+
+if ModelParallelStrategy is not None:
+
+    class UringModelParallelStrategy(_UringSharded, ModelParallelStrategy):  # type: ignore[misc,valid-type]
+        """Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor parallel) whose distributed
+        checkpoints (``save_distributed_checkpoint=True``, the default) are written and read
+        through :mod:`uring_ckpt.dcp` (see the module's docstring). ``config``: a
+        :class:`uring_ckpt.Config`, a dict of its keys, or None for the environment's;
+        ``verify_on_load``: check every tensor's CRC-32 on load. The other arguments are
+        ``ModelParallelStrategy``'s. With ``save_distributed_checkpoint=False`` the parent
+        saves one full checkpoint through the Trainer's ``CheckpointIO``."""
+
+        def __init__(
+            self, *args: Any, config: ConfigLike = None, verify_on_load: bool = True, **kwargs: Any
+        ) -> None:
+            super().__init__(*args, **kwargs)
+            self._uring_init(config, verify_on_load)
+
+        def save_checkpoint(
+            self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+        ) -> None:
+            if storage_options is not None or not self._save_distributed_checkpoint:  # the parent's
+                super().save_checkpoint(checkpoint, filepath, storage_options)
+                return
+            path = Path(self.broadcast(filepath))
+            converted = {"state_dict": checkpoint.pop("state_dict")}
+            for idx, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
+                converted[f"optimizer_{idx}"] = optim_state
+            self._uring_save(converted, checkpoint, path)
+
+        def load_checkpoint(
+            self, checkpoint_path: Any, weights_only: bool | None = None
+        ) -> dict[str, Any]:
+            path = Path(self.broadcast(checkpoint_path))
+            if not self._is_uring_sharded(path):
+                return super().load_checkpoint(path, weights_only)  # type: ignore[no-any-return]
+            assert self.model is not None and self.lightning_module is not None
+            module_state = {"state_dict": get_model_state_dict(self.model)}
+            dcp.load(module_state, storage_reader=self._uring_reader(path))
+            strict = self.lightning_module.strict_loading
+            self.model.load_state_dict(module_state["state_dict"], strict=strict)
+            options = StateDictOptions(cpu_offload=True)
+            for idx, optim in enumerate(self.optimizers):
+                if not isinstance(optim, Optimizer):
+                    continue
+                key = f"optimizer_{idx}"
+                optim_state = {key: get_optimizer_state_dict(self.model, optim)}
+                dcp.load(optim_state, storage_reader=self._uring_reader(path))
+                set_optimizer_state_dict(
+                    self.model, optim, optim_state_dict=optim_state[key], options=options
+                )
+            return self._uring_meta(path, weights_only)
+
+        def remove_checkpoint(self, filepath: Any) -> None:
+            if not self._uring_remove(filepath):
+                super().remove_checkpoint(filepath)
+
+
+if FSDPStrategy is not None:
+
+    class UringFSDPStrategy(_UringSharded, FSDPStrategy):  # type: ignore[misc,valid-type]
+        """Lightning's ``FSDPStrategy`` whose sharded checkpoints (``state_dict_type="sharded"``)
+        are written and read through :mod:`uring_ckpt.dcp` (see the module's docstring).
+        ``config``, ``verify_on_load``: as :class:`UringModelParallelStrategy`'s; the other
+        arguments are ``FSDPStrategy``'s. With ``state_dict_type="full"`` the parent saves
+        one full checkpoint through the Trainer's ``CheckpointIO``."""
+
+        def __init__(
+            self, *args: Any, config: ConfigLike = None, verify_on_load: bool = True, **kwargs: Any
+        ) -> None:
+            super().__init__(*args, **kwargs)
+            self._uring_init(config, verify_on_load)
+
+        def save_checkpoint(
+            self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+        ) -> None:
+            if storage_options is not None or self._state_dict_type != "sharded":  # the parent's
+                super().save_checkpoint(checkpoint, filepath, storage_options)
+                return
+            path = Path(self.broadcast(filepath))
+            converted = {"model": checkpoint.pop("state_dict")}
+            for idx, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
+                converted[f"optimizer_{idx}"] = optim_state
+            self._uring_save(converted, checkpoint, path)
+
+        def load_checkpoint(
+            self, checkpoint_path: Any, weights_only: bool | None = None
+        ) -> dict[str, Any]:
+            path = Path(self.broadcast(checkpoint_path))
+            if not self._is_uring_sharded(path):
+                return super().load_checkpoint(path, weights_only)  # type: ignore[no-any-return]
+            assert self.model is not None and self.lightning_module is not None
+            with _get_sharded_state_dict_context(self.model):
+                module_state = {"model": self.model.state_dict()}
+                dcp.load(module_state, storage_reader=self._uring_reader(path))
+                strict = self.lightning_module.strict_loading
+                self.model.load_state_dict(module_state["model"], strict=strict)
+                if self.lightning_module.trainer.state.fn == TrainerFn.FITTING and self.optimizers:
+                    for idx, optim in enumerate(self.optimizers):
+                        key = f"optimizer_{idx}"
+                        optim_state = load_sharded_optimizer_state_dict(
+                            model_state_dict=module_state["model"],
+                            optimizer_key=key,
+                            storage_reader=self._uring_reader(path),
+                        )
+                        flat = FullyShardedDataParallel.optim_state_dict_to_load(
+                            optim_state_dict=optim_state[key], model=self.model, optim=optim
+                        )
+                        optim.load_state_dict(flat)
+            return self._uring_meta(path, weights_only)
+
+        def remove_checkpoint(self, filepath: Any) -> None:
+            if not self._uring_remove(filepath):
+                super().remove_checkpoint(filepath)
