@@ -110,6 +110,11 @@ pub(crate) fn pieces(offset: u64, span: usize, piece_len: usize, file_len: u64, 
     out
 }
 
+/// An engine's completion for a piece index that was never issued (an engine bug).
+pub(crate) fn never_issued(limits: &ReadLimits, idx: usize) -> Error {
+    Error::Internal(format!("{} completed piece {idx}, which was never issued", limits.op_name))
+}
+
 /// What became of a piece whose completion came back.
 pub(crate) enum Settled {
     /// Short of what it wants (a short read before the end of the file) or failed
@@ -227,11 +232,7 @@ fn run<E: ReadEngine>(
         }
         for (idx, result, latency) in engine.wait(file, stats)? {
             let Some(piece) = pieces.get_mut(idx) else {
-                let err = Error::Internal(format!(
-                    "{} completed piece {idx}, which was never issued",
-                    limits.op_name
-                ));
-                error.get_or_insert(err);
+                error.get_or_insert(never_issued(limits, idx));
                 continue;
             };
             let resubmit = match settle(piece, result, latency, limits, file, stats, error.is_none()) {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::aligned::round_up;
 use super::file::{check_read, zero_past_eof, ReadFile};
-use super::reader::{settle, Piece, ReadEngine, ReadLimits, Settled};
+use super::reader::{never_issued, settle, Piece, ReadEngine, ReadLimits, Settled};
 use super::{IoStats, PoolBuf};
 use crate::error::{Error, Result};
 
@@ -171,11 +171,7 @@ pub(crate) fn run_stream<E: ReadEngine>(
         }
         for (idx, result, latency) in engine.wait(file, stats)? {
             let Some(piece) = pieces.get_mut(idx) else {
-                let err = Error::Internal(format!(
-                    "{} completed piece {idx}, which was never issued",
-                    limits.op_name
-                ));
-                error.get_or_insert(err);
+                error.get_or_insert(never_issued(limits, idx));
                 continue;
             };
             match settle(piece, result, latency, limits, file, stats, error.is_none()) {

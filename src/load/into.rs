@@ -13,7 +13,7 @@
 //!
 //! Peak memory is the staging buffers, whatever the checkpoint's size.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
@@ -87,13 +87,7 @@ pub fn load_into(
     let started = Instant::now();
     let crate::store::Opened { dir: handle, manifest, .. } = crate::store::open_any(dir)?;
     let verify = options.verify.unwrap_or(config.verify_on_load);
-    let wanted: Option<HashSet<&str>> =
-        options.names.as_ref().map(|n| n.iter().map(String::as_str).collect());
-    if let Some(names) = &options.names {
-        if let Some(missing) = names.iter().find(|n| !manifest.weight_map.contains_key(n.as_str())) {
-            return Err(Error::TensorNotFound(missing.clone()));
-        }
-    }
+    let wanted = super::wanted_names(&manifest, options)?;
     let mut reader = open_reader(config, dir)?;
     let segment = super::segment_len(config);
     let mut shards: Vec<(OpenShard, Vec<Target>)> = Vec::new();

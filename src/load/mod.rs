@@ -22,6 +22,7 @@ pub(crate) use shard::{check_weight_map, open_shard, read_extra_file, segment_le
 use crate::checkpoint::{LoadedCheckpoint, LoadedTensor};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::format::Manifest;
 use crate::io::aligned::{round_down_u64, round_up_u64};
 use crate::io::{open_reader, AlignedBuf};
 use crate::report::{mib_per_s, LoadReport};
@@ -35,18 +36,25 @@ pub struct LoadOptions {
     pub verify: Option<bool>,
 }
 
+/// The tensors `options` asks for (`None`: all), each checked to be in the checkpoint: an
+/// unknown name is [`Error::TensorNotFound`].
+pub(crate) fn wanted_names<'o>(
+    manifest: &Manifest,
+    options: &'o LoadOptions,
+) -> Result<Option<HashSet<&'o str>>> {
+    let Some(names) = &options.names else { return Ok(None) };
+    if let Some(missing) = names.iter().find(|n| !manifest.weight_map.contains_key(n.as_str())) {
+        return Err(Error::TensorNotFound(missing.clone()));
+    }
+    Ok(Some(names.iter().map(String::as_str).collect()))
+}
+
 /// Loads the checkpoint at `dir`.
 pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<LoadedCheckpoint> {
     let started = Instant::now();
     let crate::store::Opened { dir: handle, manifest, .. } = crate::store::open_any(dir)?;
     let verify = options.verify.unwrap_or(config.verify_on_load);
-    let wanted: Option<HashSet<&str>> =
-        options.names.as_ref().map(|n| n.iter().map(String::as_str).collect());
-    if let Some(names) = &options.names {
-        if let Some(missing) = names.iter().find(|n| !manifest.weight_map.contains_key(n.as_str())) {
-            return Err(Error::TensorNotFound(missing.clone()));
-        }
-    }
+    let wanted = wanted_names(&manifest, options)?;
     let mut reader = open_reader(config, dir)?;
     let mut tensors = Vec::new();
     let mut read_bytes = 0u64;
