@@ -6,10 +6,7 @@ comes back as JSON files (tests/_dcp_workers.py)."""
 from __future__ import annotations
 
 import io
-import json
-import multiprocessing
 import os
-import socket
 import time
 from typing import Any
 
@@ -26,21 +23,10 @@ from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
 import uring_ckpt  # noqa: E402
 from uring_ckpt.dcp import METADATA_FILE, UringStorageReader, UringStorageWriter  # noqa: E402
 
+from _ranks import errors, free_ports, read, spawn_ranks  # noqa: E402
+
 JOB_DEADLINE = 90.0
 """Seconds a whole spawned job may take before its ranks are killed and the test fails."""
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free right now on 127.0.0.1."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def run_job(
@@ -51,51 +37,9 @@ def run_job(
     of their own (DCP's checkpoint process); they are killed at the deadline all the same."""
     import _dcp_workers  # noqa: F401 - importable here means importable in the children
 
-    ctx = multiprocessing.get_context("spawn")
     os.makedirs(out, exist_ok=True)
-    chosen = free_ports(ports)
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        procs = [
-            ctx.Process(target=_dcp_workers.main, args=(r, world, chosen, scenario, path, out), daemon=daemon)
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    deadline = time.monotonic() + JOB_DEADLINE
-    codes: list[int | None] = []
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-            codes.append(None)
-        else:
-            codes.append(p.exitcode)
-    return codes
-
-
-def read(out: str, phase: str, rank: int) -> dict[str, Any]:
-    with open(os.path.join(out, f"{phase}-{rank}.json")) as f:
-        result: dict[str, Any] = json.load(f)
-    return result
-
-
-def errors(out: str, world: int) -> str:
-    found = []
-    for rank in range(world):
-        p = os.path.join(out, f"error-{rank}.json")
-        if os.path.exists(p):
-            found.append(f"rank {rank}: {read(out, 'error', rank)['trace']}")
-    return "\n".join(found)
+    args = (free_ports(ports), scenario, path, out)
+    return spawn_ranks(_dcp_workers.main, world, args, JOB_DEADLINE, daemon=daemon)
 
 
 def leftovers(path: str) -> list[str]:

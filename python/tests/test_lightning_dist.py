@@ -5,11 +5,7 @@ checkpoints, then resumes a new Trainer from step 4 and must end with the same w
 
 from __future__ import annotations
 
-import json
-import multiprocessing
 import os
-import socket
-import time
 from typing import Any
 
 import pytest
@@ -23,15 +19,10 @@ if not dist.is_available():
 import uring_ckpt  # noqa: E402
 from uring_ckpt import lightning as ul  # noqa: E402
 
+from _ranks import errors, free_ports, read, spawn_ranks  # noqa: E402
+
 JOB_DEADLINE = 100.0
 """Seconds a whole spawned job may take before its ranks are killed and the test fails."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def run_job(scenario: str, world: int, root: str, out: str) -> list[int | None]:
@@ -39,53 +30,9 @@ def run_job(scenario: str, world: int, root: str, out: str) -> list[int | None]:
     running at the deadline, then killed)."""
     import _lightning_workers
 
-    ctx = multiprocessing.get_context("spawn")
     os.makedirs(out, exist_ok=True)
-    port = free_port()
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        procs = [
-            ctx.Process(
-                target=_lightning_workers.main, args=(r, world, port, scenario, root, out), daemon=True
-            )
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    deadline = time.monotonic() + JOB_DEADLINE
-    codes: list[int | None] = []
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-            codes.append(None)
-        else:
-            codes.append(p.exitcode)
-    return codes
-
-
-def read(out: str, phase: str, rank: int) -> dict[str, Any]:
-    with open(os.path.join(out, f"{phase}-{rank}.json")) as f:
-        result: dict[str, Any] = json.load(f)
-    return result
-
-
-def errors(out: str, world: int) -> str:
-    found = []
-    for rank in range(world):
-        p = os.path.join(out, f"error-{rank}.json")
-        if os.path.exists(p):
-            found.append(f"rank {rank}: {read(out, 'error', rank)['trace']}")
-    return "\n".join(found)
+    args = (free_ports(1)[0], scenario, root, out)
+    return spawn_ranks(_lightning_workers.main, world, args, JOB_DEADLINE)
 
 
 def check_resumed(out: str) -> list[dict[str, Any]]:
