@@ -35,6 +35,8 @@
 //! | `dir.fsync` | every directory fsync | `EIO` |
 //! | `commit.after_dir_fsync` | temporary directory durable, not renamed | `abort` |
 //! | `commit.rename` | the rename that commits | `EIO` |
+//! | `commit.exchange` | the `RENAME_EXCHANGE` of a replacing commit | `EINVAL` (the two-rename replace of file systems without it), `EIO` |
+//! | `commit.between_renames` | two-rename replace: old checkpoint moved aside, new one not yet in place | `abort`, `EIO` (the old one is put back) |
 //! | `commit.after_rename` | renamed, parent not synced | `abort` |
 //! | `commit.after_parent_fsync` | committed and durable, replaced checkpoint not yet deleted | `abort` |
 //! | `retention.before_remove` | [`crate::store::retention::keep_last`], before each deletion | `abort`, `EIO` |
@@ -133,6 +135,7 @@ fn errno_by_name(name: &str) -> Option<i32> {
         "EROFS" => libc::EROFS,
         "EXDEV" => libc::EXDEV,
         "ENOSYS" => libc::ENOSYS,
+        "EOPNOTSUPP" => libc::EOPNOTSUPP,
         _ => return None,
     })
 }

@@ -145,7 +145,15 @@ impl Writer {
         let part = py.detach(|| self.io.save_rank(&checkpoint, &path, &save_id, rank)).or_raise(py)?;
         drop(checkpoint);
         drop(held);
-        report_json(&part)
+        // The part, plus `"engine"` (how this rank wrote: engine, fallbacks) for the caller
+        // to report; the caller drops it before sending the part to the coordinator.
+        let mut part_value = serde_json::to_value(&part).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        if let (Some(report), Some(fields)) = (&part.report, part_value.as_object_mut()) {
+            let engine =
+                serde_json::to_value(&report.engine).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            fields.insert("engine".to_owned(), engine);
+        }
+        report_json(&part_value)
     }
 
     /// Commits a multi-rank save once every rank's part (the JSON `save_rank` returned) is

@@ -159,3 +159,31 @@ def test_save_while_another_saver_holds_the_path_lock(tmp_path):
         assert not target.exists()
     uring_ckpt.save({"w": torch.zeros(4)}, target)  # free again: the save goes through
     assert uring_ckpt.load(target)["w"].equal(torch.zeros(4))
+
+
+def test_fallbacks_are_logged_with_what_was_refused_and_why(caplog):
+    from uring_ckpt._common import save_report
+
+    report = {
+        "path": "/nfs/ckpt/step-1",
+        "engine": {
+            "engine": "buffered",
+            "fallbacks": [
+                {"what": "O_DIRECT", "instead": "buffered writes + fdatasync", "reason": "Invalid argument (os error 22)"}
+            ],
+        },
+    }
+    with caplog.at_level("WARNING", logger="uring_ckpt"):
+        out = save_report(json.dumps(report), 0)
+    assert out["engine"]["engine"] == "buffered"
+    (record,) = [r for r in caplog.records if r.name == "uring_ckpt"]
+    message = record.getMessage()
+    assert "/nfs/ckpt/step-1" in message and "O_DIRECT unavailable" in message
+    assert "Invalid argument" in message and "buffered writes + fdatasync" in message
+
+
+def test_a_save_without_fallbacks_logs_nothing(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="uring_ckpt"):
+        report = uring_ckpt.save({"w": torch.ones(3)}, tmp_path / "quiet")
+    assert report["engine"]["fallbacks"] == []
+    assert not [r for r in caplog.records if r.name == "uring_ckpt"]

@@ -179,8 +179,13 @@ fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     match renameat2(from, to, libc::RENAME_NOREPLACE) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Err(Error::AlreadyExists(to.to_path_buf())),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOSYS) => {
-            // The file system has no RENAME_NOREPLACE: check, then rename (a small window).
+        Err(e) if unsupported_flag(&e) => {
+            // The file system has no RENAME_NOREPLACE (NFS, some FUSE file systems): check,
+            // then rename (a small window in which another writer's rename could be lost).
+            log::warn!(
+                "{}: the file system refuses RENAME_NOREPLACE ({e}); checking, then renaming",
+                to.display()
+            );
             if to.exists() {
                 return Err(Error::AlreadyExists(to.to_path_buf()));
             }
@@ -190,12 +195,50 @@ fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     }
 }
 
+/// Whether a `renameat2` error means the file system does not know the flag.
+fn unsupported_flag(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP))
+}
+
 /// Puts `from` at `to` atomically; an existing `to` ends up at `from`.
+///
+/// Where the file system refuses `RENAME_EXCHANGE` (NFS, CIFS, some FUSE file systems) the
+/// replace is two renames: the old checkpoint to `from`'s name with `-old` appended, then
+/// `from` to `to`; the old one ends up at `from` as after an exchange. Between the two a
+/// crash leaves no checkpoint at `to`, the old one complete under the `-old` name and the
+/// new one complete under `from` (both hidden, `.<name>.tmp-*`, so loaders skip them and
+/// the next save of `to` by this host removes them once their process is gone).
 fn exchange_or_rename(from: &Path, to: &Path) -> Result<()> {
     if fs::symlink_metadata(to).is_err() {
         return rename_noreplace(from, to);
     }
     // Checked when the save began; checked again: the directory may have changed since.
     ensure_checkpoint(to, "replace")?;
-    renameat2(from, to, libc::RENAME_EXCHANGE).map_err(|e| Error::io("rename (exchange)", from, e))
+    let exchanged =
+        failpoint::io("commit.exchange").and_then(|()| renameat2(from, to, libc::RENAME_EXCHANGE));
+    match exchanged {
+        Ok(()) => Ok(()),
+        Err(e) if unsupported_flag(&e) => {
+            log::warn!(
+                "{}: the file system refuses RENAME_EXCHANGE ({e}); replacing with two renames \
+                 (no checkpoint at this path between them)",
+                to.display()
+            );
+            let mut old = from.as_os_str().to_owned();
+            old.push("-old");
+            let old = PathBuf::from(old);
+            fs::rename(to, &old).map_err(|e| Error::io("rename (old checkpoint aside)", to, e))?;
+            let second =
+                failpoint::step("commit.between_renames", &old).and_then(|()| rename_noreplace(from, to));
+            if let Err(e) = second {
+                // Put the old one back; if even that fails, it stays complete under `old`.
+                if let Err(back) = fs::rename(&old, to) {
+                    log::error!("{}: could not put the old checkpoint back ({back})", old.display());
+                }
+                return Err(e);
+            }
+            fs::rename(&old, from).map_err(|e| Error::io("rename (old checkpoint)", &old, e))
+        }
+        Err(e) => Err(Error::io("rename (exchange)", from, e)),
+    }
 }

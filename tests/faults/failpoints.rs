@@ -78,6 +78,10 @@ fn cases() -> Vec<Case> {
         case(Uring, "commit.manifest_fsync", "1*return(EIO)", Fails(EIO, "fsync")),
         case(Uring, "dir.fsync", "1*return(EIO)", Fails(EIO, "fsync directory")),
         case(Uring, "commit.rename", "return(EIO)", Fails(EIO, "rename")),
+        // A file system without RENAME_EXCHANGE (NFS, CIFS): the replace is two renames.
+        case(Uring, "commit.exchange", "return(EINVAL)", Succeeds),
+        case(Uring, "commit.exchange", "return(EOPNOTSUPP)", Succeeds),
+        case(Uring, "commit.exchange", "return(EIO)", Fails(EIO, "rename (exchange)")),
         case(Uring, "commit.after_shards", "return(EIO)", Fails(EIO, "commit.after_shards")),
         case(Uring, "commit.after_manifest_write", "return(EIO)", Fails(EIO, "commit.after_manifest_write")),
         case(Uring, "commit.after_manifest_fsync", "return(EIO)", Fails(EIO, "commit.after_manifest_fsync")),
@@ -196,4 +200,31 @@ fn fdatasync_eio_is_never_retried_then_committed() {
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert!(!path.exists(), "nothing may be committed after a failed fdatasync");
     assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
+}
+
+/// A replace on a file system without `RENAME_EXCHANGE` is two renames; when the second one
+/// fails, the old checkpoint is put back where it was, whole, and nothing else remains.
+#[test]
+fn a_two_rename_replace_that_fails_in_between_puts_the_old_checkpoint_back() {
+    let _alone = crate::alone();
+    let dir = scratch();
+    let path = dir.path().join("ckpt");
+    let config = fault_config(EngineKind::Uring);
+    let (old, new) = (Data::new(1), Data::new(2));
+    save(&config, &old, &path).expect("previous checkpoint");
+    let before = files_of(&path);
+    let scenario = fail::FailScenario::setup();
+    fail::cfg("commit.exchange", "return(EINVAL)").expect("cfg");
+    fail::cfg("commit.between_renames", "1*return(EIO)").expect("cfg");
+    let err = save(&config, &new, &path).expect_err("the second rename fails");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(matches!(&err, Error::Io { op: "commit.between_renames", .. }), "{err:?}");
+    assert!(files_of(&path) == before, "the old checkpoint is back, unchanged");
+    old.assert_loads(&config, &path, "after the failed replace");
+    assert_eq!(entries(dir.path()), vec!["ckpt"], "nothing else remains");
+    // The same replace with the exchange still refused and no fault in between succeeds.
+    save(&config, &new, &path).expect("two-rename replace");
+    drop(scenario);
+    new.assert_loads(&config, &path, "after the two-rename replace");
+    assert_eq!(entries(dir.path()), vec!["ckpt"]);
 }

@@ -6,6 +6,7 @@ of a Rust writer's ``save`` and its report."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from typing import Any, Union
@@ -89,8 +90,27 @@ def save_args(
     return os.fspath(path), tensors, extras, manifest_metadata(metadata), flat.flat
 
 
+log = logging.getLogger("uring_ckpt")
+"""Where the package reports what the caller should know but need not handle: fallbacks."""
+
+
+def log_fallbacks(engine: dict[str, Any] | None, path: Any) -> None:
+    """Logs (warning) each fallback an engine report names: what the system refused, what
+    was used instead, and why (e.g. O_DIRECT refused by a network file system)."""
+    for fallback in (engine or {}).get("fallbacks") or []:
+        log.warning(
+            "%s: %s unavailable (%s); used %s",
+            os.fspath(path),
+            fallback.get("what"),
+            fallback.get("reason"),
+            fallback.get("instead"),
+        )
+
+
 def save_report(report: str, copied_bytes: int) -> dict[str, Any]:
-    """A save report (the Rust side's JSON) with ``python_copied_bytes`` added."""
+    """A save report (the Rust side's JSON) with ``python_copied_bytes`` added; its
+    fallbacks logged (:func:`log_fallbacks`)."""
     out: dict[str, Any] = json.loads(report)
     out["python_copied_bytes"] = copied_bytes
+    log_fallbacks(out.get("engine"), out.get("path", ""))
     return out
