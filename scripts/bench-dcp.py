@@ -9,22 +9,28 @@ Every save is durable (fsynced) before it counts:
   save     UringStorageWriter; FileSystemWriter(thread_count=1, sync_files=True);
            FileSystemWriter(thread_count=4, sync_files=True); HuggingFaceStorageWriter
            (save_distributed=True, when this torch has it)
-  stall    dcp.async_save: the time until it returns (what the training loop waits), ours
-           (UringStorageWriter) and DCP's default (FileSystemWriter()), default stager;
-           "to durable" rows are the time until its future completes
+  stall    dcp.async_save: the time until it returns (what the training loop waits): ours
+           (one UringStorageWriter kept for the run, staging through itself: its memory
+           reused), DCP's default (a new FileSystemWriter() and default stager per save, as
+           DCP's docs call it) and DCP with one DefaultStager kept for the run (its cache
+           reused); "first stall" is each one's first save in the process (allocation and
+           page faults included), "to durable" the time until its future completes
   reshard  a checkpoint saved on 4 ranks loaded on 2: UringStorageReader, FileSystemReader
 
 Methods alternate round-robin within each repeat; the page cache is dropped before every
 run (os.sync(), then ``echo 1 > /proc/sys/vm/drop_caches``; needs root, else a warning and
 the cache stays); --warmup rounds (default 1: every process's first save of each method,
 with its one-time set-up) are run and not counted; each figure is the median of --repeat
-runs, a run's time being the slowest rank's. Prints a markdown table (method, ranks, median s, GiB/s, x best
-FileSystemWriter: the best FileSystemWriter's median over the row's, so above 1 is faster;
-stall rows compare with DCP's default async_save, reshard rows with FileSystemReader) and
-writes it to OUT/bench-dcp.md (--out, default $OUT or target/bench-dcp).
+runs, a run's time being the slowest rank's. Before each world size's job, fio writes the
+same size to the same directory (O_DIRECT, io_uring, queue depth 32, bs 1M and 8M, fsync at
+the end: the device's limit; --no-fio skips it). Prints a markdown table (method, ranks,
+median s, GiB/s, x best FileSystemWriter: the best FileSystemWriter's median over the row's,
+so above 1 is faster; async rows compare with DCP's default async_save, reshard rows with
+FileSystemReader; x fio best write: a durable save's GiB/s over fio's best) and writes it to
+OUT/bench-dcp.md (--out, default $OUT or target/bench-dcp).
 
 Usage: python scripts/bench-dcp.py [--size-mib 1024] [--ranks 1,2,4] [--repeat 3] [--warmup 1]
-                                   [--dir target/bench-dcp/data] [--out DIR]
+                                   [--dir target/bench-dcp/data] [--out DIR] [--no-fio]
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -162,6 +169,7 @@ def save_job(rank: int, world: int, port: int, args: dict[str, Any], out: str) -
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
     from torch.distributed.device_mesh import init_device_mesh
 
     from uring_ckpt.dcp import UringStorageWriter
@@ -176,9 +184,21 @@ def save_job(rank: int, world: int, port: int, args: dict[str, Any], out: str) -
     state = _state(mesh, args["rows"])
     path = os.path.join(args["dir"], f"save-w{world}")
     writers = _writers(path)
+    # async_save as a training run calls it: our writer kept for the run (its staging memory
+    # reused, as the README says to), DCP's writer as its docs show (a new default stager per
+    # save), and DCP's DefaultStager kept for the run (its cache reused: DCP's best case).
+    ours = UringStorageWriter(path)
+    kept_stager = DefaultStager(StagingOptions(False, False, False, False))
     asyncs: dict[str, Callable[[], Any]] = {
-        "async_save UringStorageWriter": lambda: UringStorageWriter(path),
-        "async_save FileSystemWriter (DCP default)": lambda: dcp.FileSystemWriter(path),
+        "async_save UringStorageWriter": lambda: dcp.async_save(
+            state, storage_writer=ours, checkpoint_id=path, process_group=async_group
+        ),
+        "async_save FileSystemWriter (DCP default)": lambda: dcp.async_save(
+            state, storage_writer=dcp.FileSystemWriter(path), process_group=async_group
+        ),
+        "async_save FileSystemWriter, DefaultStager kept": lambda: dcp.async_save(
+            state, storage_writer=dcp.FileSystemWriter(path), async_stager=kept_stager, process_group=async_group
+        ),
     }
     times: dict[str, list[float]] = {}
     errors: dict[str, str] = {}
@@ -197,18 +217,20 @@ def save_job(rank: int, world: int, port: int, args: dict[str, Any], out: str) -
             except Exception as e:  # noqa: BLE001 - a method that fails is reported, the rest go on
                 errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
             _between_runs(rank, path, warned)
-        for name, make in asyncs.items():
+        for name, begin in asyncs.items():
             _progress(rank, world, name)
             pending: list[Any] = []
 
-            def start(make: Callable[[], Any] = make, pending: list[Any] = pending) -> None:
-                pending.append(dcp.async_save(state, storage_writer=make(), process_group=async_group))
+            def start(begin: Callable[[], Any] = begin, pending: list[Any] = pending) -> None:
+                pending.append(begin())
 
             t0 = time.perf_counter()
             stall = _timed(start)
             _wait(pending[0])
             durable = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             dist.all_reduce(durable, op=dist.ReduceOp.MAX)
+            if rep == 0:
+                times.setdefault(f"{name} (first stall)", []).append(stall)
             if keep:
                 times.setdefault(f"{name} (stall)", []).append(stall)
                 times.setdefault(f"{name} (to durable)", []).append(float(durable.item()))
@@ -306,10 +328,25 @@ def run(job: str, world: int, args: dict[str, Any], out: str, timeout: float) ->
         raise SystemExit(f"{job} on {world} ranks failed (exit codes {[p.exitcode for p in procs]})")
 
 
-def table(results: list[tuple[str, int, dict[str, Any]]], size: int) -> str:
+def fio_write(directory: str, size: int, bs: str) -> float:
+    """fio's O_DIRECT sequential write of ``size`` bytes (io_uring, queue depth 32, fsync at
+    the end) in ``directory``: GiB/s as fio reports it."""
+    path = os.path.join(directory, "fio.dat")
+    cmd = ["fio", "--name=seq", f"--filename={path}", "--rw=write", f"--bs={bs}", "--direct=1",
+           "--ioengine=io_uring", "--iodepth=32", f"--size={size}", "--end_fsync=1", "--output-format=json"]
+    try:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    return float(job["bw_bytes"]) / GIB
+
+
+def table(results: list[tuple[str, int, dict[str, Any]]], size: int, fio_best: float | None) -> str:
     lines = [
-        "| method | ranks | median s | GiB/s | x best FileSystemWriter |",
-        "|---|---:|---:|---:|---:|",
+        "| method | ranks | median s | GiB/s | x best FileSystemWriter | x fio best write |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for kind, world, data in results:
         med = {name: statistics.median(ts) for name, ts in data["times"].items()}
@@ -318,18 +355,18 @@ def table(results: list[tuple[str, int, dict[str, Any]]], size: int) -> str:
         else:
             fs = [v for k, v in med.items() if "FileSystemReader" in k]
         best_fs = min(fs) if fs else None
-        default_stall = med.get("async_save FileSystemWriter (DCP default) (stall)")
-        default_durable = med.get("async_save FileSystemWriter (DCP default) (to durable)")
         for name, m in med.items():
             ref = best_fs
-            if name.endswith("(stall)"):
-                ref = default_stall
-            elif name.endswith("(to durable)"):
-                ref = default_durable
+            for row in ("(first stall)", "(stall)", "(to durable)"):
+                if name.endswith(row):  # async rows: against DCP's default async_save
+                    ref = med.get(f"async_save FileSystemWriter (DCP default) {row}")
+                    break
             ratio = f"{ref / m:.2f}" if ref and m > 0 else "-"
-            lines.append(f"| {name} | {world} | {m:.3f} | {size / GIB / m:.2f} | {ratio} |")
+            durable = kind == "save" and not name.endswith("stall)")  # a write to durable
+            vs_fio = f"{size / GIB / m / fio_best:.2f}" if fio_best and durable and m > 0 else "-"
+            lines.append(f"| {name} | {world} | {m:.3f} | {size / GIB / m:.2f} | {ratio} | {vs_fio} |")
         for name, err in data["errors"].items():
-            lines.append(f"| {name} | {world} | failed: {err.splitlines()[0][:120]} | - | - |")
+            lines.append(f"| {name} | {world} | failed: {err.splitlines()[0][:120]} | - | - | - |")
     return "\n".join(lines)
 
 
@@ -343,6 +380,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(REPO, "target", "bench-dcp"))
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per job before its ranks are killed")
     ap.add_argument("--no-reshard", action="store_true", help="skip the 4->2 resharded load")
+    ap.add_argument("--no-fio", action="store_true", help="skip the fio O_DIRECT write reference")
     a = ap.parse_args()
     ranks = [int(r) for r in a.ranks.split(",") if r]
     os.makedirs(a.dir, exist_ok=True)
@@ -354,7 +392,15 @@ def main() -> None:
     import torch.distributed.checkpoint as dcp
 
     results: list[tuple[str, int, dict[str, Any]]] = []
+    fio: dict[str, list[float]] = {}
+    use_fio = not a.no_fio and shutil.which("fio") is not None
+    if not a.no_fio and not use_fio:
+        print("warning: fio is not installed (apt-get install fio): no fio rows", file=sys.stderr)
     for world in ranks:
+        if use_fio:  # the device's limit, measured between the jobs (alternating with them)
+            for bs in ("1M", "8M"):
+                print(f"fio write bs={bs} ...", file=sys.stderr, flush=True)
+                fio.setdefault(bs, []).append(fio_write(args["dir"], size, bs))
         print(f"save, {world} rank(s) ...", file=sys.stderr, flush=True)
         run("save", world, args, a.out, a.timeout)
         with open(os.path.join(a.out, f"save-w{world}.json")) as f:
@@ -379,7 +425,16 @@ def main() -> None:
     ]
     if not hasattr(dcp, "HuggingFaceStorageWriter"):
         notes += ["HuggingFaceStorageWriter: skipped, this torch has none.", ""]
-    text = "\n".join(notes) + table(results, size) + "\n"
+    fio_best = max((statistics.median(v) for v in fio.values()), default=None)
+    if fio:
+        notes += [
+            "fio O_DIRECT write (io_uring, qd32, end_fsync, one job, same size and directory; median of "
+            f"{len(next(iter(fio.values())))} runs between the jobs): "
+            + ", ".join(f"bs={bs} {statistics.median(v):.2f} GiB/s" for bs, v in fio.items())
+            + "; x fio best write: a save row's GiB/s over the best of these.",
+            "",
+        ]
+    text = "\n".join(notes) + table(results, size, fio_best) + "\n"
     print(text)
     with open(os.path.join(a.out, "bench-dcp.md"), "w") as f:
         f.write(text)

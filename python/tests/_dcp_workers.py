@@ -215,14 +215,17 @@ def async_modes(rank: int, world: int, ports: list[int], path: str, out: str) ->
     mesh = _join(rank, world, ports[0])
     config = uring_ckpt.Config(chunk_size="4MiB", io_threads=2)
     result: dict[str, Any] = {}
+    writer = UringStorageWriter(f"{path}-thread", config)  # one writer, its staging memory kept
     for seed, mode in ((1, AsyncCheckpointerType.THREAD), (2, AsyncCheckpointerType.PROCESS)):
         where = f"{path}-{mode.value}"
         started = time.monotonic()
         future = dcp.async_save(
             sharded_state(seed, mesh),
-            storage_writer=UringStorageWriter(where, config),
+            storage_writer=writer,
+            checkpoint_id=where,
             async_checkpointer_type=mode,
         )
+        result[f"{mode.value}_staging"] = writer.staging_stats
         result[f"{mode.value}_returned_s"] = time.monotonic() - started
         _result(future)
         dist.barrier()

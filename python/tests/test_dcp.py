@@ -190,13 +190,54 @@ def test_hostile_metadata_is_refused_without_running_code(tmp_path: Any) -> None
     assert back.storage_data.keys() == md.storage_data.keys()
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_async_save_goes_through_dcp_default_stager(tmp_path: Any) -> None:
-    path = str(tmp_path / "async")
-    future = dcp.async_save(plain_state(6), storage_writer=UringStorageWriter(path), no_dist=True)
+def _wait(future: Any) -> None:
     (future.upload_completion if hasattr(future, "upload_completion") else future).result()
-    assert_plain_equal(load_plain(path), 6)
-    assert leftovers(path) == []
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_async_save_stages_through_the_writer_and_reuses_its_memory(tmp_path: Any) -> None:
+    from torch.distributed.checkpoint.staging import AsyncStager
+
+    writer = UringStorageWriter(tmp_path / "s1")
+    assert isinstance(writer, AsyncStager)  # so async_save stages through it, not DCP's default
+    state = plain_state(6)
+    future = dcp.async_save(state, storage_writer=writer, no_dist=True)
+    first = writer.staging_stats
+    # Training goes on as soon as async_save returns: the save still holds the old values.
+    for t in state["model"].values():
+        t.add_(1000)
+    _wait(future)
+    assert_plain_equal(load_plain(str(tmp_path / "s1")), 6)
+    assert first["reused"] is False and first["bytes"] > 0
+    # The next save with the same writer copies into the memory the first one used.
+    state = plain_state(7)
+    _wait(dcp.async_save(state, storage_writer=writer, checkpoint_id=str(tmp_path / "s2"), no_dist=True))
+    assert writer.staging_stats["reused"] is True, writer.staging_stats
+    assert writer.staging_stats["areas"] == 1
+    assert_plain_equal(load_plain(str(tmp_path / "s2")), 7)
+    assert_plain_equal(load_plain(str(tmp_path / "s1")), 6)
+    writer.close()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")], os.listdir(tmp_path)
+
+
+def test_staging_never_overwrites_a_copy_still_in_use() -> None:
+    writer = UringStorageWriter("unused")
+    source = {"w": torch.arange(1 << 16, dtype=torch.float32), "n": 3}
+    held = writer.stage(source)  # a save in flight holds this copy
+    view = held["w"][100:]  # ... or a view DCP made of it
+    del held
+    source["w"].add_(1)
+    again = writer.stage(source)
+    assert writer.staging_stats["areas"] == 2 and writer.staging_stats["reused"] is False
+    assert float(view[0]) == 100.0 and float(again["w"][100]) == 101.0
+    assert again["n"] == 3
+    del view, again
+    source["w"].add_(1)
+    third = writer.stage(source)  # both areas free again: one of them is reused
+    assert writer.staging_stats["reused"] is True and writer.staging_stats["areas"] == 2
+    assert float(third["w"][100]) == 102.0
+    writer.close()
+    assert writer.stage({"x": torch.ones(4)})["x"].sum() == 4  # usable again after close
 
 
 def test_async_save_in_thread_and_process_mode_on_2_ranks(tmp_path: Any) -> None:
@@ -210,6 +251,7 @@ def test_async_save_in_thread_and_process_mode_on_2_ranks(tmp_path: Any) -> None
         result = read(out, "async", rank)
         for mode in ("thread", "process"):
             assert all(result[mode].values()), (rank, mode, result[mode])
+            assert result[f"{mode}_staging"]["bytes"] > 0, result  # staged by the writer itself
             assert f"async-{mode}" in result[f"{mode}_listing"], result
             assert not [n for n in result[f"{mode}_listing"] if n.startswith(".")], "no temporary directory"
     for mode in ("thread", "process"):
@@ -237,3 +279,16 @@ def test_extra_files_are_committed_with_the_shards(tmp_path: Any) -> None:
         assert f.read() == b"hello"
     uring_ckpt.verify(path)
     assert_plain_equal(load_plain(path), 7)
+
+
+def test_staged_tensors_are_page_aligned_so_they_go_to_disk_without_a_copy(tmp_path: Any) -> None:
+    writer = UringStorageWriter(tmp_path / "aligned")
+    source = {"w": torch.randn(1 << 18), "b": torch.randn(1 << 18).to(torch.bfloat16), "e": torch.empty(0)}
+    assert source["w"].data_ptr() % 4096 != 0  # torch's own allocations are not
+    staged = writer.stage(source)
+    assert staged["w"].data_ptr() % 4096 == 0 and staged["b"].data_ptr() % 4096 == 0
+    assert torch.equal(staged["w"], source["w"]) and torch.equal(staged["b"], source["b"])
+    assert staged["e"].numel() == 0
+    report = uring_ckpt.save(staged, str(tmp_path / "flat"))
+    assert report["zero_copy_bytes"] >= staged["w"].nbytes, report
+    assert torch.equal(uring_ckpt.load(str(tmp_path / "flat"))["w"], source["w"])

@@ -46,6 +46,11 @@ they ask through the Rust engine (io_uring + O_DIRECT, CRC-32 per tensor):
   through the staging pool, CRC checked (``Writer.load_into``); a part of one (resharding)
   is read whole, CRC checked, narrowed to ``storage_offsets``/``lengths`` and copied.
 
+- **Async.** The writer is DCP's ``AsyncStager`` too: ``dcp.async_save`` stages through
+  ``UringStorageWriter.stage`` into page-aligned CPU memory the writer keeps for the next
+  save (:mod:`uring_ckpt._staging`), in thread and process mode (the writer pickles
+  without its staging memory, which stays with the process that stages).
+
 The checkpoint is one of ours: ``uring_ckpt.verify``/``inspect`` and ``uring-ckpt
 verify``/``inspect`` check it (shards, CRCs, ``dcp.metadata``); ``uring_ckpt.load`` gives
 its stored tensors as a flat dict (names ``<fqn>@<chunk offsets>``).
@@ -65,9 +70,10 @@ import uuid
 from typing import Any
 
 from . import _safe_pickle
-from ._common import ConfigLike, PathLike, cached_writer, coerce_config, extra_file_list
+from ._common import ConfigLike, PathLike, cached_writer, coerce_config, extra_file_list, log_fallbacks
 from ._errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ._pytree import cuda_direct, torch_dtype_from_safetensors, torch_dtype_map
+from ._staging import StagingAreas
 from ._uring_ckpt import cuda_available
 
 try:
@@ -81,6 +87,14 @@ try:
 except Exception as e:  # noqa: BLE001 - no torch, or a torch without torch.distributed
     _IMPORT_ERROR = e
     StorageReader = StorageWriter = object  # type: ignore[assignment,misc]
+
+try:  # the writer stages async saves itself where this torch has DCP's stager protocol
+    from torch.distributed.checkpoint._state_dict_stager import StateDictStager as _  # noqa: F401
+    from torch.distributed.checkpoint.staging import AsyncStager
+
+    _STAGER_BASES: tuple[type, ...] = (AsyncStager,)
+except Exception:  # noqa: BLE001 - older torch, or no torch.distributed
+    _STAGER_BASES = ()
 
 try:  # the version DCP's own writer stamps on its metadata (absent in older torch)
     from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION as _DCP_VERSION
@@ -157,9 +171,15 @@ def _from_bytes(raw: Any, dtype: Any, sizes: list[int]) -> Any:
     return raw.view(dtype).reshape(sizes)
 
 
-class UringStorageWriter(StorageWriter):  # type: ignore[misc]
+class UringStorageWriter(StorageWriter, *_STAGER_BASES):  # type: ignore[misc]
     """DCP ``StorageWriter`` writing through uring_ckpt, committing the whole checkpoint
     directory atomically on the coordinator (see the module's docstring).
+
+    It is also DCP's ``AsyncStager``: ``dcp.async_save(..., storage_writer=writer)`` stages
+    through :meth:`stage`, into CPU memory (page-locked with CUDA) that the writer keeps and
+    reuses from one save to the next; keep one writer for the run (``checkpoint_id=`` names
+    each save) so later saves stall only for the copy. ``writer.stage(state_dict)`` once at
+    set-up takes the first save's allocation off the training loop too.
 
     ``path``: the checkpoint directory (``dcp.save(..., checkpoint_id=...)`` replaces it).
     ``config``: a :class:`uring_ckpt.Config`, a dict of its keys, or None for the
@@ -190,6 +210,41 @@ class UringStorageWriter(StorageWriter):  # type: ignore[misc]
         self.is_coordinator = False
         self._save_id: str | None = None
         self._uuid = uuid.uuid4().hex
+        self._staging = StagingAreas()
+
+    # -- AsyncStager ------------------------------------------------------------------------
+
+    _synchronize_after_execute = False  # stage() returns once the copy is complete
+
+    def stage(self, state_dict: Any) -> Any:
+        """A copy of ``state_dict`` that later training steps do not change, in staging
+        memory this writer reuses (a new area while an earlier save still uses the last
+        one). What it took: :attr:`staging_stats`."""
+        return self._staging.stage(state_dict)
+
+    @property
+    def staging_stats(self) -> dict[str, Any]:
+        """The last :meth:`stage`: ``seconds``, ``bytes`` (staging memory it used),
+        ``reused`` (copied into memory kept from an earlier save), ``areas`` (kept)."""
+        return dict(self._staging.last)
+
+    def synchronize_staging(self) -> None:
+        """Nothing to wait for: :meth:`stage` returns once its copy is complete."""
+
+    def close(self) -> None:
+        """Frees the staging memory (a later :meth:`stage` allocates it again)."""
+        self._staging.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Process-mode async_save pickles the writer to its checkpoint process: the staging
+        # memory stays here, with the process that stages.
+        state = dict(self.__dict__)
+        state["_staging"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._staging = StagingAreas()
 
     @property
     def checkpoint_id(self) -> str:
@@ -246,9 +301,10 @@ class UringStorageWriter(StorageWriter):  # type: ignore[misc]
                 described.append((item, name, meta))
         results: list[Any] = []
         if entries:
-            part_json = cached_writer(self.config).save_rank(self.path, save_id, rank, entries)
+            part = json.loads(cached_writer(self.config).save_rank(self.path, save_id, rank, entries))
             del entries  # the tensors are on disk: nothing holds them any more
-            part = json.loads(part_json)
+            log_fallbacks(part.pop("engine", None), self.path)
+            part_json = json.dumps(part)
             where = {t["name"]: t for t in part["tensors"]}
             for k, (item, name, meta) in enumerate(described):
                 loc = where[name]
