@@ -25,6 +25,11 @@ from uring_ckpt.dcp import METADATA_FILE, UringStorageReader, UringStorageWriter
 
 from _ranks import errors, free_ports, read, spawn_ranks  # noqa: E402
 
+STAGES = bool(uring_ckpt.dcp._STAGER_BASES)
+"""Whether this torch has what the writer needs to be DCP's AsyncStager (else async_save
+stages through DCP's default stager)."""
+needs_stager = pytest.mark.skipif(not STAGES, reason="this torch has no DCP StateDictStager (torch < 2.8?)")
+
 JOB_DEADLINE = 90.0
 """Seconds a whole spawned job may take before its ranks are killed and the test fails."""
 
@@ -194,6 +199,7 @@ def _wait(future: Any) -> None:
     (future.upload_completion if hasattr(future, "upload_completion") else future).result()
 
 
+@needs_stager
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_async_save_stages_through_the_writer_and_reuses_its_memory(tmp_path: Any) -> None:
     from torch.distributed.checkpoint.staging import AsyncStager
@@ -220,6 +226,7 @@ def test_async_save_stages_through_the_writer_and_reuses_its_memory(tmp_path: An
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")], os.listdir(tmp_path)
 
 
+@needs_stager
 def test_staging_never_overwrites_a_copy_still_in_use() -> None:
     writer = UringStorageWriter("unused")
     source = {"w": torch.arange(1 << 16, dtype=torch.float32), "n": 3}
@@ -251,7 +258,8 @@ def test_async_save_in_thread_and_process_mode_on_2_ranks(tmp_path: Any) -> None
         result = read(out, "async", rank)
         for mode in ("thread", "process"):
             assert all(result[mode].values()), (rank, mode, result[mode])
-            assert result[f"{mode}_staging"]["bytes"] > 0, result  # staged by the writer itself
+            if STAGES:
+                assert result[f"{mode}_staging"]["bytes"] > 0, result  # staged by the writer itself
             assert f"async-{mode}" in result[f"{mode}_listing"], result
             assert not [n for n in result[f"{mode}_listing"] if n.startswith(".")], "no temporary directory"
     for mode in ("thread", "process"):
@@ -281,6 +289,7 @@ def test_extra_files_are_committed_with_the_shards(tmp_path: Any) -> None:
     assert_plain_equal(load_plain(path), 7)
 
 
+@needs_stager
 def test_staged_tensors_are_page_aligned_so_they_go_to_disk_without_a_copy(tmp_path: Any) -> None:
     writer = UringStorageWriter(tmp_path / "aligned")
     source = {"w": torch.randn(1 << 18), "b": torch.randn(1 << 18).to(torch.bfloat16), "e": torch.empty(0)}

@@ -187,3 +187,21 @@ def test_a_save_without_fallbacks_logs_nothing(tmp_path, caplog):
         report = uring_ckpt.save({"w": torch.ones(3)}, tmp_path / "quiet")
     assert report["engine"]["fallbacks"] == []
     assert not [r for r in caplog.records if r.name == "uring_ckpt"]
+
+
+def test_a_real_fallback_is_logged_by_save_and_by_dcp_ranks(tmp_path, caplog):
+    config = uring_ckpt.Config.from_toml("[simulate]\ndirect_io_einval = true\n")  # O_DIRECT refused
+    with caplog.at_level("WARNING", logger="uring_ckpt"):
+        report = uring_ckpt.save({"w": torch.ones(3)}, tmp_path / "fell-back", config=config)
+    assert report["engine"]["engine"] == "buffered"
+    messages = [r.getMessage() for r in caplog.records if r.name == "uring_ckpt"]
+    assert any("O_DIRECT unavailable" in m and "fell-back" in m for m in messages), messages
+
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from uring_ckpt.dcp import UringStorageWriter
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="uring_ckpt"):
+        dcp.save({"w": torch.ones(3)}, storage_writer=UringStorageWriter(tmp_path / "dcp", config), no_dist=True)
+    messages = [r.getMessage() for r in caplog.records if r.name == "uring_ckpt"]
+    assert any("O_DIRECT unavailable" in m and "dcp" in m for m in messages), messages
