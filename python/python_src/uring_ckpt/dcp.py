@@ -55,7 +55,8 @@ The checkpoint is one of ours: ``uring_ckpt.verify``/``inspect`` and ``uring-ckp
 verify``/``inspect`` check it (shards, CRCs, ``dcp.metadata``); ``uring_ckpt.load`` gives
 its stored tensors as a flat dict (names ``<fqn>@<chunk offsets>``).
 
-Tested with torch 2.15 (CPU, gloo). Importing this module works without torch.distributed;
+Tested with torch 2.15 and 2.7.1 (CPU, gloo; with 2.7 the writer is not an ``AsyncStager``,
+for lack of DCP's ``StateDictStager``, and ``async_save`` uses DCP's default stager). Importing this module works without torch.distributed;
 constructing a writer or reader then raises ``ImportError``.
 """
 
