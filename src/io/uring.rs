@@ -1,5 +1,6 @@
 //! The io_uring engine: O_DIRECT files, staging buffers registered with the ring
-//! (`WriteFixed`), many SQEs per `submit`, at most `queue_depth` operations (and 64 MiB) in flight.
+//! (`WriteFixed`), many SQEs per `submit`, at most `queue_depth` operations (and 64 MiB) in flight,
+//! completions run cooperatively (`COOP_TASKRUN`: no interrupt per completion).
 //!
 //! Every operation owns (or borrows for `'a`) its memory until its completion arrives;
 //! dropping the writer first drains the ring so the kernel never writes from freed memory.
