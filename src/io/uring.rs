@@ -1,5 +1,6 @@
 //! The io_uring engine: O_DIRECT files, staging buffers registered with the ring
-//! (`WriteFixed`), many SQEs per `submit`, at most `queue_depth` operations (and 64 MiB) in flight.
+//! (`WriteFixed`), many SQEs per `submit`, at most `queue_depth` operations (and 64 MiB) in flight,
+//! completions run cooperatively (`COOP_TASKRUN`: no interrupt per completion).
 //!
 //! Every operation owns (or borrows for `'a`) its memory until its completion arrives;
 //! dropping the writer first drains the ring so the kernel never writes from freed memory.
@@ -35,16 +36,44 @@ fn write_depth(queue_depth: u32, chunk_size: u64) -> usize {
 }
 
 /// Sets up a ring of at least `queue_depth` entries, honouring the simulated EPERM.
+///
+/// The ring runs completions cooperatively (`IORING_SETUP_COOP_TASKRUN`, Linux 5.19): the
+/// kernel does not interrupt the thread (an IPI and a kernel entry in the middle of its copy
+/// and CRC loop) for each completion, but posts them at its next system call. Every ring here
+/// is driven by the one thread that waits on it, and it always waits inside
+/// `io_uring_enter`, so no completion waits longer. On the RAM-backed XFS this cut the save's
+/// CPU from 0.146 to 0.130 s/GiB (median of 9 alternating runs, README). A kernel that does
+/// not know the flag refuses it (EINVAL): the ring is then set up without it.
 fn build_ring(config: &Config) -> io::Result<IoUring> {
     if config.simulate.uring_setup_eperm {
         return Err(io::Error::from_raw_os_error(libc::EPERM));
     }
     crate::failpoint::io("uring.setup")?;
-    let mut builder = IoUring::builder();
-    if config.sqpoll {
-        builder.setup_sqpoll(1000);
+    let entries = config.queue_depth.next_power_of_two().max(2);
+    with_coop_fallback(|coop| {
+        let mut builder = IoUring::builder();
+        if config.sqpoll {
+            builder.setup_sqpoll(1000);
+        }
+        if coop {
+            builder.setup_coop_taskrun();
+        }
+        builder.build(entries)
+    })
+    .map(|(ring, _coop)| ring)
+}
+
+/// Runs `build` with cooperative task running, and again without it if the kernel refuses
+/// the flag (EINVAL); returns what it built and whether the flag is on.
+fn with_coop_fallback<T>(mut build: impl FnMut(bool) -> io::Result<T>) -> io::Result<(T, bool)> {
+    match build(true) {
+        Ok(built) => Ok((built, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            log::debug!("io_uring refused IORING_SETUP_COOP_TASKRUN ({e}); setting up without it");
+            build(false).map(|built| (built, false))
+        }
+        Err(e) => Err(e),
     }
-    builder.build(config.queue_depth.next_power_of_two().max(2))
 }
 
 /// The io_uring side of a writer: the ring and its batching of SQEs. Files, operations and
@@ -401,6 +430,46 @@ mod tests {
         assert_eq!(write_depth(4, 1 << 20), 4);
         assert_eq!(write_depth(1, 1 << 20), 1, "a depth of one is honoured");
         assert_eq!(write_depth(32, 256 << 20), 2);
+    }
+
+    #[test]
+    fn rings_run_completions_cooperatively_unless_the_kernel_refuses() {
+        let mut asked = Vec::new();
+        let built = with_coop_fallback(|coop| {
+            asked.push(coop);
+            Ok::<_, io::Error>("ring")
+        });
+        assert_eq!(built.expect("built"), ("ring", true));
+        assert_eq!(asked, [true], "tried with the flag first");
+
+        let mut asked = Vec::new();
+        let built = with_coop_fallback(|coop| {
+            asked.push(coop);
+            if coop {
+                Err(io::Error::from_raw_os_error(libc::EINVAL)) // a kernel before 5.19
+            } else {
+                Ok("ring")
+            }
+        });
+        assert_eq!(built.expect("built without the flag"), ("ring", false));
+        assert_eq!(asked, [true, false]);
+
+        let refused = with_coop_fallback(|_| Err::<(), _>(io::Error::from_raw_os_error(libc::EPERM)));
+        assert_eq!(refused.expect_err("EPERM").raw_os_error(), Some(libc::EPERM), "not retried");
+
+        // On this kernel: with the flag from 5.19 on, and either way a ring for the engine.
+        let config = Config::builder().queue_depth(4).build().expect("config");
+        let probe = with_coop_fallback(|coop| {
+            let mut builder: io_uring::Builder = IoUring::builder();
+            if coop {
+                builder.setup_coop_taskrun();
+            }
+            builder.build(4)
+        });
+        if !probe.expect("ring").1 {
+            eprintln!("note: this kernel refuses COOP_TASKRUN (before 5.19); its rings run without it");
+        }
+        build_ring(&config).expect("the engine's ring");
     }
 
     #[test]
