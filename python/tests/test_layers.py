@@ -11,7 +11,7 @@ import uring_ckpt
 
 ROOT = pathlib.Path(uring_ckpt.__file__).parent
 ORDER = ["_uring_ckpt", "_errors", "_optional", "_safe_pickle", "_pytree", "_common", "_into", "_api", "_async"]
-ORDER += ["dcp", "lightning", "__init__"]
+ORDER += ["_staging", "dcp", "lightning", "__init__"]
 SUBPACKAGES = {
     "_safe_pickle": ["_describe", "_reduce", "_allow", "_scan", "_vm", "__init__"],
     "_pytree": ["_format", "_flatten", "_restore", "__init__"],

@@ -41,6 +41,7 @@ from __future__ import annotations
 #   _into          load_into (in place), loads straight into CUDA memory
 #   _api           save, load, load_safetensors, remove, verify, inspect
 #   _async         AsyncSaver, SaveFuture, snapshot_bytes
+#   _staging       reusable, page-aligned staging areas (dcp's AsyncStager)
 #   dcp            torch.distributed.checkpoint storage writer/reader (imported by the user, not here)
 #   lightning      the Lightning CheckpointIO plugins (imported by the user, not here)
 from ._api import inspect, load, load_safetensors, remove, save, verify

@@ -22,6 +22,7 @@ written, and staging never waits. At most :data:`KEEP_AREAS` idle areas are kept
 
 from __future__ import annotations
 
+import mmap
 import threading
 import time
 import weakref
@@ -50,8 +51,6 @@ def _storage_users(storage: Any) -> int:
 def page_aligned_storage(nbytes: int) -> Any:
     """A CPU ``UntypedStorage`` of ``nbytes`` over anonymous memory of its own (an ``mmap``,
     so page-aligned, zero until written, unmapped when the storage dies)."""
-    import mmap
-
     import torch
 
     if nbytes == 0:
@@ -69,9 +68,9 @@ def _aligned_stager(pin_memory: bool) -> Any:
     """A ``StateDictStager`` whose new staged storages come from :func:`page_aligned_storage`
     (the cache, the reuse and the pinning are torch's, as in ``StateDictStager``)."""
     import torch.cuda._pin_memory_utils as pin_memory_utils
-    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+    import torch.distributed.checkpoint._state_dict_stager as state_dict_stager
 
-    class AlignedStateDictStager(StateDictStager):  # type: ignore[misc]
+    class AlignedStateDictStager(state_dict_stager.StateDictStager):  # type: ignore[misc]
         def _stage_untyped_storage(self, storage: Any, non_blocking: bool = False) -> Any:
             cached = self._cached_storage_mapping.get(storage)
             if cached is not None and cached.size() == storage.size():
