@@ -342,17 +342,31 @@ class ReserveSnapshot(Callback):
 
 class _UringSharded:
     """What :class:`UringModelParallelStrategy` and :class:`UringFSDPStrategy` share: the
-    save of the converted state plus ``meta.pt`` through :class:`uring_ckpt.dcp.UringStorageWriter`,
-    the reading of ``meta.pt``, and the removal of a checkpoint."""
+    constructor's ``config`` and ``verify_on_load``, the save of Lightning's checkpoint dict
+    (model and optimizer states through :class:`uring_ckpt.dcp.UringStorageWriter`, the rest
+    as ``meta.pt`` in the same commit), the reading of ``meta.pt``, and the removal of a
+    checkpoint."""
 
     global_rank: int
     is_global_zero: bool
+    broadcast: Any  # the Lightning strategy's
     _uring_config: Any
     _uring_verify: bool
 
-    def _uring_init(self, config: ConfigLike, verify_on_load: bool) -> None:
+    def __init__(self, *args: Any, config: ConfigLike = None, verify_on_load: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # the Lightning strategy's, next in the MRO
         self._uring_config = coerce_config(config, replace=True)
         self._uring_verify = verify_on_load
+
+    def _uring_save_lightning(self, checkpoint: dict[str, Any], filepath: Any, model_key: str) -> None:
+        """Lightning's checkpoint dict saved as the parent strategy lays it out: the model
+        state under ``model_key`` and each optimizer's as ``optimizer_<i>`` through DCP, the
+        rest as ``meta.pt``."""
+        path = Path(self.broadcast(filepath))
+        converted = {model_key: checkpoint.pop("state_dict")}
+        for idx, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
+            converted[f"optimizer_{idx}"] = optim_state
+        self._uring_save(converted, checkpoint, path)
 
     def _uring_save(
         self, converted_state: dict[str, Any], checkpoint: dict[str, Any], path: Path
@@ -404,23 +418,13 @@ if ModelParallelStrategy is not None:
         ``ModelParallelStrategy``'s. With ``save_distributed_checkpoint=False`` the parent
         saves one full checkpoint through the Trainer's ``CheckpointIO``."""
 
-        def __init__(
-            self, *args: Any, config: ConfigLike = None, verify_on_load: bool = True, **kwargs: Any
-        ) -> None:
-            super().__init__(*args, **kwargs)
-            self._uring_init(config, verify_on_load)
-
         def save_checkpoint(
             self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
         ) -> None:
             if storage_options is not None or not self._save_distributed_checkpoint:  # the parent's
                 super().save_checkpoint(checkpoint, filepath, storage_options)
                 return
-            path = Path(self.broadcast(filepath))
-            converted = {"state_dict": checkpoint.pop("state_dict")}
-            for idx, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
-                converted[f"optimizer_{idx}"] = optim_state
-            self._uring_save(converted, checkpoint, path)
+            self._uring_save_lightning(checkpoint, filepath, "state_dict")
 
         def load_checkpoint(
             self, checkpoint_path: Any, weights_only: bool | None = None
@@ -459,23 +463,13 @@ if FSDPStrategy is not None:
         arguments are ``FSDPStrategy``'s. With ``state_dict_type="full"`` the parent saves
         one full checkpoint through the Trainer's ``CheckpointIO``."""
 
-        def __init__(
-            self, *args: Any, config: ConfigLike = None, verify_on_load: bool = True, **kwargs: Any
-        ) -> None:
-            super().__init__(*args, **kwargs)
-            self._uring_init(config, verify_on_load)
-
         def save_checkpoint(
             self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
         ) -> None:
             if storage_options is not None or self._state_dict_type != "sharded":  # the parent's
                 super().save_checkpoint(checkpoint, filepath, storage_options)
                 return
-            path = Path(self.broadcast(filepath))
-            converted = {"model": checkpoint.pop("state_dict")}
-            for idx, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
-                converted[f"optimizer_{idx}"] = optim_state
-            self._uring_save(converted, checkpoint, path)
+            self._uring_save_lightning(checkpoint, filepath, "model")
 
         def load_checkpoint(
             self, checkpoint_path: Any, weights_only: bool | None = None
