@@ -120,7 +120,8 @@ class StagingAreas:
         self._lock = threading.Lock()
         self.last: dict[str, Any] = {}
         """The last :meth:`stage`: ``seconds``, ``bytes`` (of the area it used), ``reused``
-        (the area held a copy of these tensors already), ``areas`` (kept afterwards)."""
+        (staged into an area kept from an earlier save: the memory of the tensors that save
+        also had is reused, new source tensors get new memory), ``areas`` (kept afterwards)."""
 
     def stage(self, state_dict: Any) -> Any:
         import torch
