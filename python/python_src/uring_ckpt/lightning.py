@@ -358,6 +358,23 @@ class _UringSharded:
         self._uring_config = coerce_config(config, replace=True)
         self._uring_verify = verify_on_load
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A checkpoint of ours: the model and optimizer states through DCP
+        (:meth:`_uring_load_states`, the strategy's own layout), then ``meta.pt``; any
+        other kind through the Lightning strategy's loader."""
+        path = Path(self.broadcast(checkpoint_path))
+        if not self._is_uring_sharded(path):
+            return super().load_checkpoint(path, weights_only)  # type: ignore[misc,no-any-return]
+        self._uring_load_states(path)
+        return self._uring_meta(path, weights_only)
+
+    def _uring_load_states(self, path: Path) -> None:
+        raise NotImplementedError  # each strategy reads its own layout
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if not self._uring_remove(filepath):
+            super().remove_checkpoint(filepath)  # type: ignore[misc]
+
     def _uring_save_lightning(self, checkpoint: dict[str, Any], filepath: Any, model_key: str) -> None:
         """Lightning's checkpoint dict saved as the parent strategy lays it out: the model
         state under ``model_key`` and each optimizer's as ``optimizer_<i>`` through DCP, the
@@ -426,12 +443,7 @@ if ModelParallelStrategy is not None:
                 return
             self._uring_save_lightning(checkpoint, filepath, "state_dict")
 
-        def load_checkpoint(
-            self, checkpoint_path: Any, weights_only: bool | None = None
-        ) -> dict[str, Any]:
-            path = Path(self.broadcast(checkpoint_path))
-            if not self._is_uring_sharded(path):
-                return super().load_checkpoint(path, weights_only)  # type: ignore[no-any-return]
+        def _uring_load_states(self, path: Path) -> None:
             assert self.model is not None and self.lightning_module is not None
             module_state = {"state_dict": get_model_state_dict(self.model)}
             dcp.load(module_state, storage_reader=self._uring_reader(path))
@@ -447,11 +459,6 @@ if ModelParallelStrategy is not None:
                 set_optimizer_state_dict(
                     self.model, optim, optim_state_dict=optim_state[key], options=options
                 )
-            return self._uring_meta(path, weights_only)
-
-        def remove_checkpoint(self, filepath: Any) -> None:
-            if not self._uring_remove(filepath):
-                super().remove_checkpoint(filepath)
 
 
 if FSDPStrategy is not None:
@@ -471,12 +478,7 @@ if FSDPStrategy is not None:
                 return
             self._uring_save_lightning(checkpoint, filepath, "model")
 
-        def load_checkpoint(
-            self, checkpoint_path: Any, weights_only: bool | None = None
-        ) -> dict[str, Any]:
-            path = Path(self.broadcast(checkpoint_path))
-            if not self._is_uring_sharded(path):
-                return super().load_checkpoint(path, weights_only)  # type: ignore[no-any-return]
+        def _uring_load_states(self, path: Path) -> None:
             assert self.model is not None and self.lightning_module is not None
             with _get_sharded_state_dict_context(self.model):
                 module_state = {"model": self.model.state_dict()}
@@ -495,8 +497,3 @@ if FSDPStrategy is not None:
                             optim_state_dict=optim_state[key], model=self.model, optim=optim
                         )
                         optim.load_state_dict(flat)
-            return self._uring_meta(path, weights_only)
-
-        def remove_checkpoint(self, filepath: Any) -> None:
-            if not self._uring_remove(filepath):
-                super().remove_checkpoint(filepath)
