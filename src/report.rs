@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::io::stats::LatencySummary;
+use crate::io::stats::{FreshPages, LatencySummary};
 use crate::io::EngineReport;
 
 /// Figures of one save.
@@ -86,6 +86,9 @@ pub struct LoadReport {
     pub engine: EngineReport,
     /// Per-read completion latency.
     pub read_latency: LatencySummary,
+    /// How the fresh memory the tensors were read into was faulted in: bytes with huge pages
+    /// and with 4 KiB pages, whichever faulted in faster (zeros for loads in place).
+    pub fresh_pages: FreshPages,
 }
 
 /// MiB/s of `bytes` moved in `seconds`.

@@ -140,6 +140,15 @@ fn print_report(
     println!("  engine       {}", engine_line(&r.engine));
     print_fallbacks(&r.engine);
     println!("  read lat.    {}", latency_line(&r.read_latency, None));
+    let pages = r.fresh_pages;
+    if pages.huge_bytes + pages.small_bytes > 0 {
+        // Faulted in ahead of the reads with whichever page size was faster (io/prefault.rs).
+        println!(
+            "  fresh pages  {} in huge pages, {} in 4 KiB pages",
+            mib(pages.huge_bytes),
+            mib(pages.small_bytes)
+        );
+    }
     if let Some(peak) = peak {
         println!("  peak memory  {} over the destinations (staging pool {})", mib(peak), mib(pool));
     }

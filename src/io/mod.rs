@@ -32,6 +32,7 @@ pub use aligned::AlignedBuf;
 pub use dir::Dir;
 pub use pool::{PoolBuf, Registrar, StagingPool};
 pub(crate) use prefault::fault_in_owned;
+pub use prefault::Pages;
 pub use stats::IoStats;
 pub use threads::SaveThreads;
 
@@ -140,23 +141,33 @@ pub trait Reader: Send {
     /// multiple of [`EngineReport::align`], `dst` starts at a multiple of
     /// [`EngineReport::mem_align`] and is at least
     /// `len` rounded up to the alignment. Bytes past the end of the file read as zero;
-    /// reading short of the end of the file is an error.
+    /// reading short of the end of the file is an error. `dst` keeps its page size
+    /// ([`Pages::Kept`]).
     fn read_at(&mut self, file: FileId, dst: &mut [u8], offset: u64, len: usize) -> Result<()> {
+        let dst = RawDst { base: dst.as_mut_ptr(), len: dst.len(), pages: Pages::Kept };
         // SAFETY: `dst` is borrowed mutably for the whole call, so nothing else uses it.
-        unsafe { self.read_raw(file, (dst.as_mut_ptr(), dst.len()), offset, len, &mut |_| {}) }
+        unsafe { self.read_raw(file, dst, offset, len, &mut |_| {}) }
     }
-    /// [`Reader::read_at`] into `dst.0 .. dst.0 + dst.1`, calling `progress(n)` each time the
+    /// [`Reader::read_at`] into a buffer just allocated ([`AlignedBuf::zeroed`]) that
+    /// nothing has touched: a read large enough to fault it in ahead on a helper thread
+    /// picks its page size too ([`Pages::Chosen`]).
+    fn read_fresh(&mut self, file: FileId, dst: &mut AlignedBuf, offset: u64, len: usize) -> Result<()> {
+        let dst = RawDst { base: dst.as_mut_ptr(), len: dst.capacity(), pages: Pages::Chosen };
+        // SAFETY: the buffer is borrowed mutably for the whole call, so nothing else uses it.
+        unsafe { self.read_raw(file, dst, offset, len, &mut |_| {}) }
+    }
+    /// [`Reader::read_at`] into `dst`, calling `progress(n)` each time the
     /// first `n` bytes of the read are all in (growing, ending at `len`), so that a caller can
     /// use them while the rest is still being read.
     ///
     /// # Safety
-    /// The destination must be writable memory of `dst.1` bytes that nothing else writes,
+    /// The destination must be writable memory of `dst.len` bytes that nothing else writes,
     /// and nothing else reads except the first `n` bytes after `progress(n)`, until the call
-    /// returns.
+    /// returns; with [`Pages::Chosen`], memory of the caller's own whose page size may change.
     unsafe fn read_raw(
         &mut self,
         file: FileId,
-        dst: (*mut u8, usize),
+        dst: RawDst,
         offset: u64,
         len: usize,
         progress: &mut dyn FnMut(usize),
@@ -170,6 +181,17 @@ pub trait Reader: Send {
     fn close(&mut self, file: FileId);
     /// Latency and volume of the reads so far.
     fn stats(&self) -> &IoStats;
+}
+
+/// The memory one [`Reader::read_raw`] lands in.
+#[derive(Debug, Clone, Copy)]
+pub struct RawDst {
+    /// Its start.
+    pub base: *mut u8,
+    /// Its length in bytes.
+    pub len: usize,
+    /// Whose choice its page size is while it is faulted in.
+    pub pages: Pages,
 }
 
 /// A fallback taken while opening an engine.

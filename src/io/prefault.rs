@@ -15,10 +15,23 @@
 //! [`fault_in_owned`] does the same for memory that nothing else touches while it runs (a
 //! snapshot area reserved ahead of a save): there, where `MADV_POPULATE_WRITE` is refused,
 //! writing back the first byte of each page faults it in without changing a byte.
+//!
+//! Huge or 4 KiB pages ([`Pages::Chosen`]): a fresh destination of the reader's caller's own
+//! is faulted in with whichever page size faults in faster on this machine at this moment,
+//! measured step by step ([`PageChoice`]). Huge pages usually win (on the 2-vCPU VM of the
+//! README, 5.3 against 2.9 GiB/s), except where the free huge pages are slow to hand out: in a
+//! virtual machine whose balloon reports free memory to the host (virtio-balloon free page
+//! reporting, as under Firecracker), every free block of 2 MiB or more is given back to the
+//! host after a few seconds, and the next huge page made of it faults in on the host too
+//! (0.75-1.0 GiB/s there, while 4 KiB pages come from smaller free blocks, never reported:
+//! 2.5 GiB/s); or where the kernel must compact memory first.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::thread::Thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use super::aligned::HUGE_PAGE;
 
 /// Reads at least this large fault their destination in on a helper thread; below it a
 /// thread costs more than it saves.
@@ -31,9 +44,129 @@ pub(crate) const PREFAULT_HELPERS: usize = 1;
 /// Bytes the helper faults in per `madvise` call (and publishes at once).
 const STEP: usize = 8 << 20;
 
+/// Whose choice the page size of a read's destination is while it is faulted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pages {
+    /// The caller's: the memory keeps the advice it has (`MADV_HUGEPAGE` or not).
+    Kept,
+    /// The read's: the destination is a fresh mapping of the caller's own that nothing has
+    /// touched yet (an [`AlignedBuf`](super::AlignedBuf) just allocated), and the helper
+    /// faulting it in ahead of the reads advises each step for huge or 4 KiB pages, whichever
+    /// faults in faster here ([`PageChoice`]).
+    Chosen,
+}
+
+/// A page size to fault a step in with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PageKind {
+    Huge,
+    Small,
+}
+
+impl PageKind {
+    fn other(self) -> PageKind {
+        match self {
+            PageKind::Huge => PageKind::Small,
+            PageKind::Small => PageKind::Huge,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The page size that faulted in faster in the last destination of this process (0: none
+/// measured yet, 1: huge, 2: small): the next destination starts with it.
+static LAST_FASTER: AtomicU8 = AtomicU8::new(0);
+
+/// Every this many steps, one step is faulted in with the page size that was slower, so that
+/// a change (free huge pages running out, or coming back) is seen within
+/// `REPROBE_EVERY * STEP` bytes (128 MiB).
+const REPROBE_EVERY: usize = 16;
+
+/// Which page size each step of one destination is faulted in with: the first step with
+/// the one that was faster last time (huge pages at first), the second with the other; from
+/// then on the faster of the two by their last measured step, and every
+/// [`REPROBE_EVERY`]th step the slower one again, to see whether it still is.
+#[derive(Debug)]
+pub(crate) struct PageChoice {
+    /// The kind of the first step.
+    first: PageKind,
+    /// Seconds per byte of the last step of each kind, by [`PageKind::index`].
+    cost: [Option<f64>; 2],
+    steps: usize,
+    /// Bytes faulted in with each kind.
+    bytes: [usize; 2],
+}
+
+impl PageChoice {
+    /// A choice whose first step uses `first`.
+    pub fn starting_with(first: PageKind) -> PageChoice {
+        PageChoice { first, cost: [None, None], steps: 0, bytes: [0, 0] }
+    }
+
+    /// A choice that starts with the kind that was faster in this process's last
+    /// destination (huge pages if none was measured).
+    pub fn starting_with_last_faster() -> PageChoice {
+        let first = match LAST_FASTER.load(Ordering::Relaxed) {
+            2 => PageKind::Small,
+            _ => PageKind::Huge,
+        };
+        PageChoice::starting_with(first)
+    }
+
+    /// The kind for the next step.
+    pub fn next(&mut self) -> PageKind {
+        let kind = match self.cost {
+            [None, None] => self.first,
+            [Some(_), None] => PageKind::Small,
+            [None, Some(_)] => PageKind::Huge,
+            [Some(_), Some(_)] => {
+                let faster = self.faster().unwrap_or(self.first);
+                if self.steps % REPROBE_EVERY == REPROBE_EVERY - 1 {
+                    faster.other()
+                } else {
+                    faster
+                }
+            }
+        };
+        self.steps += 1;
+        kind
+    }
+
+    /// Books a step of `kind`: `bytes` faulted in in `seconds`.
+    pub fn record(&mut self, kind: PageKind, bytes: usize, seconds: f64) {
+        if bytes == 0 {
+            return;
+        }
+        self.cost[kind.index()] = Some(seconds / bytes as f64);
+        self.bytes[kind.index()] += bytes;
+        if let Some(faster) = self.faster() {
+            LAST_FASTER.store(if faster == PageKind::Huge { 1 } else { 2 }, Ordering::Relaxed);
+        }
+    }
+
+    /// The kind that faulted in faster, once both were measured (huge pages on a tie).
+    fn faster(&self) -> Option<PageKind> {
+        match self.cost {
+            [Some(huge), Some(small)] => Some(if small < huge { PageKind::Small } else { PageKind::Huge }),
+            _ => None,
+        }
+    }
+
+    /// Bytes faulted in with huge and with 4 KiB pages.
+    pub fn bytes(&self) -> (usize, usize) {
+        (self.bytes[PageKind::Huge.index()], self.bytes[PageKind::Small.index()])
+    }
+}
+
 /// How far a helper has faulted a destination in, shared with the reader.
 pub(crate) struct Frontier {
     len: usize,
+    pages: Pages,
+    /// The page size of each step, when [`Pages::Chosen`].
+    choice: Mutex<PageChoice>,
     /// Bytes from the start of the destination faulted in (all of it once the helper is done
     /// or gave up).
     faulted: AtomicUsize,
@@ -50,11 +183,14 @@ pub(crate) struct Frontier {
 
 impl Frontier {
     /// A frontier for a destination of `len` bytes, owned by the calling (reading) thread.
-    pub fn new(len: usize) -> Frontier {
-        // One step more than `len / STEP` covers the page rounding at the start.
+    pub fn new(len: usize, pages: Pages) -> Frontier {
+        // One step more than `len / STEP` covers the rounding of the start down to a huge
+        // page.
         let steps = len / STEP + 2;
         Frontier {
             len,
+            pages,
+            choice: Mutex::new(PageChoice::starting_with_last_faster()),
             faulted: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             next: AtomicUsize::new(0),
@@ -66,17 +202,21 @@ impl Frontier {
 
     /// A helper: faults `[start, start + len)` in, claiming steps in order (several helpers
     /// may share the work) and publishing the prefix that is all in, until done, stopped or
-    /// refused. A refusal or a stop opens the whole range.
+    /// refused. A refusal or a stop opens the whole range. Steps start on huge-page
+    /// boundaries (the first one at the start's page), so that each step's advice covers
+    /// whole huge pages.
     pub fn fault_in(&self, start: usize) {
         let first_page = start & !(4096 - 1);
+        let origin = start & !(HUGE_PAGE - 1);
         let end = start + self.len;
         loop {
             let step = self.next.fetch_add(1, Ordering::Relaxed);
-            let at = first_page + step * STEP;
+            let at = (origin + step * STEP).max(first_page);
             if at >= end || step >= self.done.len() {
                 break;
             }
-            if self.stop.load(Ordering::Relaxed) || !populate(at, STEP.min(end - at)) {
+            let n = (origin + (step + 1) * STEP).min(end) - at;
+            if self.stop.load(Ordering::Relaxed) || !self.fault_step(at, n) {
                 self.stop.store(true, Ordering::Relaxed);
                 self.faulted.store(self.len, Ordering::Release);
                 break;
@@ -86,12 +226,34 @@ impl Frontier {
             while *contiguous < self.done.len() && self.done[*contiguous].load(Ordering::Acquire) {
                 *contiguous += 1;
             }
-            let reached = (first_page + *contiguous * STEP).saturating_sub(start).min(self.len);
+            let reached = (origin + *contiguous * STEP).saturating_sub(start).min(self.len);
             self.faulted.fetch_max(reached, Ordering::AcqRel);
             drop(contiguous);
             self.reader.unpark();
         }
         self.reader.unpark();
+    }
+
+    /// Faults `[at, at + n)` in, with the page size [`PageChoice`] picks when the pages are
+    /// the read's to choose; false where refused.
+    fn fault_step(&self, at: usize, n: usize) -> bool {
+        if self.pages == Pages::Kept {
+            return populate(at, n);
+        }
+        let kind = self.choice.lock().unwrap_or_else(|p| p.into_inner()).next();
+        advise(at, n, kind);
+        let started = Instant::now();
+        let faulted = populate(at, n);
+        if faulted {
+            let seconds = started.elapsed().as_secs_f64();
+            self.choice.lock().unwrap_or_else(|p| p.into_inner()).record(kind, n, seconds);
+        }
+        faulted
+    }
+
+    /// Bytes faulted in with huge and with 4 KiB pages, when [`Pages::Chosen`].
+    pub fn page_bytes(&self) -> (usize, usize) {
+        self.choice.lock().unwrap_or_else(|p| p.into_inner()).bytes()
     }
 
     /// Whether the first `end` bytes are faulted in (or the helper is done).
@@ -157,6 +319,23 @@ pub(crate) unsafe fn fault_in_owned(
     done
 }
 
+/// Advises `[at, at + len)` for huge or for 4 KiB pages (a hint: where refused, the pages
+/// are what the mapping had).
+fn advise(at: usize, len: usize, kind: PageKind) {
+    #[cfg(target_os = "linux")]
+    {
+        let advice = match kind {
+            PageKind::Huge => libc::MADV_HUGEPAGE,
+            PageKind::Small => libc::MADV_NOHUGEPAGE,
+        };
+        // SAFETY: the range lies in the destination, a mapping of the caller's own
+        // ([`Pages::Chosen`]); the advice changes which pages back it, never its bytes.
+        unsafe { libc::madvise(at as *mut libc::c_void, len, advice) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (at, len, kind);
+}
+
 /// `MADV_POPULATE_WRITE` over `[at, at + len)`; false where refused.
 fn populate(at: usize, len: usize) -> bool {
     #[cfg(target_os = "linux")]
@@ -183,7 +362,7 @@ mod tests {
         let mut buf = AlignedBuf::zeroed_pages(PREFAULT_MIN + 12345, 4096);
         buf.as_full_mut_slice()[..4].copy_from_slice(b"keep");
         let len = buf.capacity();
-        let frontier = Frontier::new(len);
+        let frontier = Frontier::new(len, Pages::Kept);
         assert!(frontier.reached(0) && !frontier.reached(1), "nothing faulted yet");
         let addr = buf.as_mut_ptr() as usize;
         std::thread::scope(|scope| {
@@ -199,7 +378,7 @@ mod tests {
     #[test]
     fn helpers_share_the_work_and_the_frontier_is_the_prefix_all_in() {
         let mut buf = AlignedBuf::zeroed_pages(10 * STEP + 4096, 4096);
-        let frontier = Frontier::new(buf.capacity());
+        let frontier = Frontier::new(buf.capacity(), Pages::Kept);
         let addr = buf.as_mut_ptr() as usize;
         std::thread::scope(|scope| {
             for _ in 0..3 {
@@ -232,9 +411,70 @@ mod tests {
     }
 
     #[test]
+    fn the_choice_measures_both_page_sizes_then_keeps_the_faster_and_looks_again() {
+        let mut choice = PageChoice::starting_with(PageKind::Huge);
+        assert_eq!(choice.next(), PageKind::Huge, "first: the seed");
+        choice.record(PageKind::Huge, STEP, 0.010); // 0.8 GiB/s: a host-faulted huge page
+        assert_eq!(choice.next(), PageKind::Small, "second: the other size");
+        choice.record(PageKind::Small, STEP, 0.003);
+        let kinds: Vec<PageKind> = (2..REPROBE_EVERY + 2).map(|_| choice.next()).collect();
+        // Steps 2..=14 the faster (small); step 15 looks at huge pages again.
+        assert!(kinds[..REPROBE_EVERY - 3].iter().all(|&k| k == PageKind::Small), "{kinds:?}");
+        assert_eq!(kinds[REPROBE_EVERY - 3], PageKind::Huge, "{kinds:?}");
+        assert_eq!(kinds[REPROBE_EVERY - 2], PageKind::Small, "{kinds:?}");
+        // Huge pages are fast again: from the next step on they are kept.
+        choice.record(PageKind::Huge, STEP, 0.001);
+        assert_eq!(choice.next(), PageKind::Huge);
+        assert_eq!(choice.bytes(), (2 * STEP, STEP));
+        // A seed of 4 KiB pages starts with them and measures huge pages second.
+        let mut small_first = PageChoice::starting_with(PageKind::Small);
+        assert_eq!(small_first.next(), PageKind::Small);
+        small_first.record(PageKind::Small, STEP, 0.003);
+        assert_eq!(small_first.next(), PageKind::Huge);
+    }
+
+    #[test]
+    fn a_chosen_destination_is_faulted_in_whole_with_both_sizes_measured_and_its_bytes_kept() {
+        let mut probe = AlignedBuf::zeroed(HUGE_PAGE, 4096);
+        if !populate(probe.as_mut_ptr() as usize, HUGE_PAGE) {
+            eprintln!("skipped: this kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)");
+            return;
+        }
+        let mut buf = AlignedBuf::zeroed(6 * STEP, 4096);
+        buf.as_full_mut_slice()[..4].copy_from_slice(b"keep");
+        // A destination that starts inside the buffer, off a huge-page boundary, as a
+        // shard's rest after its first segment may.
+        let skip = 3 * 4096 + 100;
+        let len = buf.capacity() - skip;
+        let frontier = Frontier::new(len, Pages::Chosen);
+        let addr = buf.as_mut_ptr() as usize + skip;
+        std::thread::scope(|scope| {
+            scope.spawn(|| frontier.fault_in(addr));
+            frontier.wait_for(usize::MAX);
+        });
+        assert!(frontier.reached(len));
+        let (huge, small) = frontier.page_bytes();
+        assert_eq!(huge + small, buf.capacity() - 3 * 4096, "every step from the start's page, once");
+        assert!(huge > 0 && small > 0, "both sizes measured: {huge} huge, {small} small");
+        // Pages 1 and 2 lie before the destination: in only if "keep" faulted a huge page.
+        assert!(buf.resident_bytes() >= buf.capacity() - 2 * 4096, "every page of the destination is in");
+        assert_eq!(&buf.as_full_mut_slice()[..4], b"keep", "advice and POPULATE_WRITE change no byte");
+        assert!(buf.as_full_slice()[4..].iter().all(|&b| b == 0), "and the rest is still zero");
+    }
+
+    #[test]
+    fn kept_pages_are_not_advised_or_counted() {
+        let mut buf = AlignedBuf::zeroed_pages(3 * STEP, 4096);
+        let frontier = Frontier::new(buf.capacity(), Pages::Kept);
+        frontier.fault_in(buf.as_mut_ptr() as usize);
+        assert!(frontier.reached(buf.capacity()));
+        assert_eq!(frontier.page_bytes(), (0, 0), "the caller's pages: nothing chosen");
+    }
+
+    #[test]
     fn a_stopped_helper_opens_the_whole_range() {
         let mut buf = AlignedBuf::zeroed_pages(4 * STEP, 4096);
-        let frontier = Frontier::new(buf.capacity());
+        let frontier = Frontier::new(buf.capacity(), Pages::Kept);
         frontier.stop();
         frontier.fault_in(buf.as_mut_ptr() as usize);
         assert!(frontier.reached(buf.capacity()), "the reads go on, faulting pages themselves");

@@ -12,7 +12,7 @@ use super::aligned::round_up;
 use super::file::{check_read_at, ReadFile, ReadFiles};
 use super::prefault::{Frontier, PREFAULT_HELPERS, PREFAULT_MIN};
 use super::stream::{run_stream, ReadFeed};
-use super::{is_transient, Dir, EngineReport, FileId, IoStats, Reader};
+use super::{is_transient, Dir, EngineReport, FileId, IoStats, RawDst, Reader};
 use crate::error::{Error, Result};
 
 /// Transient errors (EINTR/EAGAIN/EBUSY) tolerated for one piece before giving up.
@@ -276,11 +276,12 @@ impl<E: ReadEngine> Reader for EngineReader<E> {
     unsafe fn read_raw(
         &mut self,
         file: FileId,
-        (base, dst_len): (*mut u8, usize),
+        dst: RawDst,
         offset: u64,
         len: usize,
         progress: &mut dyn FnMut(usize),
     ) -> Result<()> {
+        let RawDst { base, len: dst_len, .. } = dst;
         let open = self.files.get(file)?;
         let direct = self.report.direct_io;
         let span = if direct { round_up(len, self.report.align) } else { len };
@@ -298,7 +299,7 @@ impl<E: ReadEngine> Reader for EngineReader<E> {
         // Every request points into `dst`, which stays borrowed here until `run` has seen
         // every piece come back (it does not return before that, even on error). The helper
         // only gets its address, and is joined before `dst` is touched again.
-        let fault_ahead = Frontier::new(span);
+        let fault_ahead = Frontier::new(span, dst.pages);
         let outcome = std::thread::scope(|scope| {
             // Helpers share the faulting (a fault costs the most on a virtual machine, where
             // the host backs the page too); without one (no thread to be had) the reads fault
@@ -319,6 +320,9 @@ impl<E: ReadEngine> Reader for EngineReader<E> {
             fault_ahead.stop();
             outcome
         });
+        let (huge, small) = fault_ahead.page_bytes();
+        self.stats.fresh_pages.huge_bytes += huge as u64;
+        self.stats.fresh_pages.small_bytes += small as u64;
         outcome?;
         let valid = open.len.saturating_sub(offset).min(span as u64) as usize;
         // SAFETY: `valid..span` lies in the destination (`span <= dst_len`, checked) past the
@@ -350,7 +354,7 @@ mod tests {
 
     use super::*;
     use crate::config::EngineKind;
-    use crate::io::AlignedBuf;
+    use crate::io::{AlignedBuf, Pages};
 
     /// What the scripted engine does with the next request.
     #[derive(Clone, Copy)]
@@ -458,7 +462,8 @@ mod tests {
         let mut seen = Vec::new();
         // SAFETY: `buf` is borrowed for the call and read only after it.
         unsafe {
-            reader.read_raw(file, (buf.as_mut_ptr(), buf.capacity()), 0, 29_000, &mut |n| seen.push(n))
+            let dst = RawDst { base: buf.as_mut_ptr(), len: buf.capacity(), pages: Pages::Kept };
+            reader.read_raw(file, dst, 0, 29_000, &mut |n| seen.push(n))
         }
         .expect("read");
         assert_eq!(&buf.as_full_mut_slice()[..29_000], &data[..29_000]);

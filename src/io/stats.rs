@@ -102,6 +102,18 @@ pub struct IoStats {
     pub busy: BusySpans,
     /// Submission queue entries handed to the kernel by those calls.
     pub sqes_submitted: u64,
+    /// Bytes of fresh read destinations faulted in ahead with huge pages, and with 4 KiB
+    /// pages, where the read chose ([`Pages::Chosen`](super::Pages)).
+    pub fresh_pages: FreshPages,
+}
+
+/// Bytes of fresh read destinations faulted in with each page size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FreshPages {
+    /// With transparent huge pages.
+    pub huge_bytes: u64,
+    /// With 4 KiB pages.
+    pub small_bytes: u64,
 }
 
 impl Default for IoStats {
@@ -114,6 +126,7 @@ impl Default for IoStats {
             submits: 0,
             busy: BusySpans::default(),
             sqes_submitted: 0,
+            fresh_pages: FreshPages::default(),
         }
     }
 }
@@ -135,6 +148,8 @@ impl IoStats {
         self.bytes += other.bytes;
         self.submits += other.submits;
         self.sqes_submitted += other.sqes_submitted;
+        self.fresh_pages.huge_bytes += other.fresh_pages.huge_bytes;
+        self.fresh_pages.small_bytes += other.fresh_pages.small_bytes;
         self.busy.merge(&other.busy);
         // Both histograms share bounds, so adding cannot fail; saturate if it ever did.
         let _ = self.latency_us.add(&other.latency_us);

@@ -143,6 +143,7 @@ pub fn load_into(
             verified: verify,
             engine: reader.report().clone(),
             read_latency: reader.stats().percentiles_us(),
+            fresh_pages: reader.stats().fresh_pages,
         },
         missing,
         unexpected,

@@ -81,7 +81,7 @@ pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<Loaded
                     let first = round_down_u64(begin, align);
                     let len = (end - first) as usize;
                     let mut buf = AlignedBuf::zeroed(round_up_u64(len as u64, align) as usize, buf_align);
-                    reader.read_at(shard.file, buf.as_full_mut_slice(), first, len)?;
+                    reader.read_fresh(shard.file, &mut buf, first, len)?;
                     buf.set_len(len);
                     read_bytes += len as u64;
                     let data = Bytes::from_owner(buf).slice((begin - first) as usize..);
@@ -131,6 +131,7 @@ pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<Loaded
             verified: verify,
             engine: reader.report().clone(),
             read_latency: reader.stats().percentiles_us(),
+            fresh_pages: reader.stats().fresh_pages,
         },
     })
 }

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::format::{parse_header, ExtraFileInfo, ParsedHeader, ShardInfo, TensorEntry};
 use crate::io::aligned::{round_up, round_up_u64};
-use crate::io::{AlignedBuf, Dir, FileId, Reader};
+use crate::io::{AlignedBuf, Dir, FileId, Pages, RawDst, Reader};
 
 /// Bytes per read call when loading a whole shard (the verifier hashes one segment while
 /// the next is read): eight chunks, between 1 MiB and 256 MiB; 64 MiB by default.
@@ -74,7 +74,7 @@ pub(crate) fn open_shard(
     } else {
         info.header_len as usize
     };
-    reader.read_at(file, buf.as_full_mut_slice(), 0, first)?;
+    reader.read_fresh(file, &mut buf, 0, first)?;
     let header = check_header(dir, &path, info, &buf.as_full_mut_slice()[..info.header_len as usize], len)?;
     if let ShardRead::Whole { verify } = read {
         let verify = verify && header.crcs.iter().any(Option::is_some);
@@ -136,7 +136,10 @@ fn read_rest(
         };
     }
     let Some(header) = verify else {
-        return reader.read_at(file, &mut buf[done..], done as u64, len - done);
+        let dst = RawDst { base: buf[done..].as_mut_ptr(), len: buf.len() - done, pages: Pages::Chosen };
+        // SAFETY: `buf` (a buffer just allocated, which nothing else touches: its page size
+        // is ours to choose) is borrowed mutably for the whole call.
+        return unsafe { reader.read_raw(file, dst, done as u64, len - done, &mut |_| {}) };
     };
     // The verifier is fed at least a segment at a time (or the end), not every piece.
     let feed_min = segment.max(1);
@@ -160,9 +163,8 @@ fn read_rest(
         // SAFETY: `buf` is borrowed mutably here; past `done` nothing but the reads writes
         // it, and the verifier reads only what `progress` reported as read.
         let read = unsafe {
-            reader.read_raw(file, (base.add(done), cap - done), done as u64, len - done, &mut |n| {
-                feed(done + n)
-            })
+            let dst = RawDst { base: base.add(done), len: cap - done, pages: Pages::Chosen };
+            reader.read_raw(file, dst, done as u64, len - done, &mut |n| feed(done + n))
         };
         if read.is_ok() {
             feed(len);

@@ -71,3 +71,31 @@ fn tensors_across_read_segments_load_and_corruption_names_the_tensor() {
         }
     }
 }
+
+/// A fresh load large enough to be faulted in ahead (at least 32 MiB past the first segment,
+/// with the default 8 MiB chunks) picks each step's page size itself and says which it used;
+/// the tensors are byte-identical whichever it picked, on every engine.
+#[test]
+fn a_large_fresh_load_reports_the_page_sizes_it_faulted_in_with() {
+    let dir = scratch();
+    let data = bytes(9, 112 * MIB + 4099);
+    let mut ck = Checkpoint::new();
+    ck.add("w", Dtype::U8, &[data.len() as u64], &data).expect("tensor");
+    for engine in ENGINES {
+        let config = uring_ckpt::Config { engine, ..uring_ckpt::Config::default() };
+        let io = UringCheckpointIO::new(config).expect("config");
+        let path = dir.path().join(engine.as_str());
+        io.save_checkpoint(&ck, &path).expect("save");
+        let loaded = io.load_checkpoint(&path, &LoadOptions::default()).expect("load");
+        assert!(loaded.get("w").expect("tensor").data[..] == data[..], "{engine}");
+        let pages = loaded.report.fresh_pages;
+        let faulted = pages.huge_bytes + pages.small_bytes;
+        if faulted == 0 {
+            eprintln!("{engine}: skipped the page-size check: MADV_POPULATE_WRITE refused (Linux < 5.14)");
+            continue;
+        }
+        // The whole shard: the first read (header and first 64 MiB segment) and the rest.
+        assert!(faulted >= 40 * MIB as u64, "{engine}: {pages:?}");
+        assert!(pages.huge_bytes > 0 && pages.small_bytes > 0, "{engine}: both sizes measured: {pages:?}");
+    }
+}
