@@ -67,11 +67,10 @@ impl AlignedBuf {
     }
 
     /// Like [`AlignedBuf::zeroed`], without asking for transparent huge pages (`MADV_NOHUGEPAGE`).
-    /// Measured against huge pages on the 2-vCPU VM of the README's figures, alternating
-    /// runs: a fresh load's read buffer was slower with small pages (CLI fresh loads, medians
-    /// of 7: 2333 against 2765 MiB/s on the RAM-backed XFS, 1078 against 1677 on ext4), and so
-    /// was a snapshot area (`examples/snapshot_pages.rs`), so both use huge pages; this stays
-    /// for tests that need memory faulted page by page and for measuring the difference.
+    /// Snapshot areas and staging buffers use huge pages (`examples/snapshot_pages.rs`);
+    /// a fresh load's read buffer is mapped for huge pages and its helper then advises each
+    /// step for whichever size faults in faster (`io/prefault.rs`). This stays for tests
+    /// that need memory faulted page by page and for measuring the difference.
     pub fn zeroed_pages(capacity: usize, align: usize) -> AlignedBuf {
         Self::allocate(capacity, align, false)
     }
