@@ -261,6 +261,12 @@ impl AlignedBuf {
         resident.min(self.size)
     }
 
+    /// Whether the buffer is a mapping of its own (not on the heap): its pages may then be
+    /// advised for a page size, and [`AlignedBuf::grow`] keeps them.
+    pub(crate) fn is_mapped(&self) -> bool {
+        matches!(self.backing, Backing::Mapped { .. })
+    }
+
     /// Bytes this buffer can hold (a multiple of its alignment).
     pub fn capacity(&self) -> usize {
         self.size
@@ -536,6 +542,7 @@ mod tests {
     #[test]
     fn a_buffer_advised_apart_in_parts_still_grows_keeping_its_pages() {
         let mut buf = AlignedBuf::zeroed(4 * HUGE_PAGE, 4096);
+        assert!(buf.is_mapped());
         let at = buf.as_mut_ptr() as usize + HUGE_PAGE;
         // SAFETY: the second huge page of the buffer's own mapping; advice changes no byte.
         let advised = unsafe { libc::madvise(at as *mut libc::c_void, HUGE_PAGE, libc::MADV_NOHUGEPAGE) };
@@ -546,6 +553,7 @@ mod tests {
         assert!(buf.resident_bytes() >= resident, "faulted pages kept");
         assert!(buf.as_full_slice()[..4 * HUGE_PAGE].iter().all(|&b| b == 7), "and their bytes");
         assert!(buf.as_full_slice()[4 * HUGE_PAGE..].iter().all(|&b| b == 0), "a fresh tail");
+        assert!(!AlignedBuf::zeroed(8192, 4096).is_mapped(), "small buffers live on the heap");
     }
 
     #[test]

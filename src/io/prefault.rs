@@ -59,7 +59,9 @@ pub enum Pages {
 /// A page size to fault a step in with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PageKind {
+    /// Transparent huge pages (`MADV_HUGEPAGE`).
     Huge,
+    /// 4 KiB pages (`MADV_NOHUGEPAGE`).
     Small,
 }
 
@@ -240,15 +242,7 @@ impl Frontier {
         if self.pages == Pages::Kept {
             return populate(at, n);
         }
-        let kind = self.choice.lock().unwrap_or_else(|p| p.into_inner()).next();
-        advise(at, n, kind);
-        let started = Instant::now();
-        let faulted = populate(at, n);
-        if faulted {
-            let seconds = started.elapsed().as_secs_f64();
-            self.choice.lock().unwrap_or_else(|p| p.into_inner()).record(kind, n, seconds);
-        }
-        faulted
+        populate_chosen_step(&self.choice, at, n)
     }
 
     /// Bytes faulted in with huge and with 4 KiB pages, when [`Pages::Chosen`].
@@ -273,6 +267,46 @@ impl Frontier {
         self.stop.store(true, Ordering::Relaxed);
         self.faulted.store(self.len, Ordering::Release);
     }
+}
+
+/// Faults one step, `[at, at + n)`, in with `MADV_POPULATE_WRITE`, advised first for the
+/// page size `choice` picks ([`PageChoice::next`]) and timed for it
+/// ([`PageChoice::record`]); false where the kernel refuses (nothing is booked). The range
+/// must lie in memory whose page size is the caller's to choose (see [`advise`]).
+fn populate_chosen_step(choice: &Mutex<PageChoice>, at: usize, n: usize) -> bool {
+    let kind = choice.lock().unwrap_or_else(|p| p.into_inner()).next();
+    advise(at, n, kind);
+    let started = Instant::now();
+    let faulted = populate(at, n);
+    if faulted {
+        let seconds = started.elapsed().as_secs_f64();
+        choice.lock().unwrap_or_else(|p| p.into_inner()).record(kind, n, seconds);
+    }
+    faulted
+}
+
+/// Faults `[at, at + len)` in with `MADV_POPULATE_WRITE`, step by step (steps of up to 8 MiB
+/// that end on huge-page boundaries, so that each step's advice covers whole huge pages
+/// inside the range), each step advised for the page size `choice` picks and timed for it,
+/// as a fresh load's helper does ([`Frontier::fault_in`]). Several threads may share one
+/// `choice`. Returns false where the kernel refuses `MADV_POPULATE_WRITE` (before Linux
+/// 5.14): the rest of the range is left as it is, to be faulted in by whoever writes it.
+///
+/// The range must lie in a mapping of the caller's own that nothing has faulted in yet (a
+/// fresh [`AlignedBuf`](super::AlignedBuf), or the new tail of a grown one), since its
+/// advice changes (see [`advise`]). No byte changes: pages already present are left alone
+/// (and then the step's timing means little), so others may write the range meanwhile.
+pub(crate) fn populate_chosen(choice: &Mutex<PageChoice>, at: usize, len: usize) -> bool {
+    let end = at + len;
+    let mut p = at;
+    while p < end {
+        let step_end = ((p & !(HUGE_PAGE - 1)) + STEP).min(end);
+        if !populate_chosen_step(choice, p, step_end - p) {
+            return false;
+        }
+        p = step_end;
+    }
+    true
 }
 
 /// Bytes [`fault_in_owned`] faults in per step: between two steps it looks at its stop
@@ -320,7 +354,9 @@ pub(crate) unsafe fn fault_in_owned(
 }
 
 /// Advises `[at, at + len)` for huge or for 4 KiB pages (a hint: where refused, the pages
-/// are what the mapping had).
+/// are what the mapping had). The range must lie in a mapping of the caller's own whose page
+/// size is the caller's to choose; no byte changes, but the advice splits the mapping where
+/// it differs from its neighbours' (see [`AlignedBuf::grow`](super::AlignedBuf::grow)).
 fn advise(at: usize, len: usize, kind: PageKind) {
     #[cfg(target_os = "linux")]
     {
