@@ -12,8 +12,8 @@
 //! Memory of an area that nothing has faulted in yet (a new area, a grown one's tail) is
 //! faulted in before it is first copied into, piece by piece, with huge or 4 KiB pages,
 //! whichever faults in faster here at that moment ([`PageChoice`], shared by the copy
-//! threads; io/prefault.rs says why either may win). Memory already faulted in keeps its
-//! pages and advice.
+//! threads; io/prefault.rs says why either may win); so is it by a reservation's helper
+//! ([`fault_in_owned`]). Memory already faulted in keeps its pages and advice.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -46,8 +46,8 @@ const SNAPSHOT_ALIGN: usize = 4096;
 /// GiB/s; a save written from the area (O_DIRECT pins its pages) at 1.5-2.1 against 1.5-1.6
 /// GiB/s; copies into a faulted area equal (7-10 GiB/s). A reservation moves the first touch
 /// off the critical path either way. This is the advice an area is mapped with; where a
-/// save faults fresh memory of it in, each step is advised for the page size that faults in
-/// faster at that moment ([`FreshFill`]).
+/// save or a reservation faults fresh memory of it in, each step is advised for the page
+/// size that faults in faster at that moment ([`FreshFill`], [`fault_in_owned`]).
 const SNAPSHOT_HUGE_PAGES: bool = true;
 
 /// What the kept snapshot areas of an [`AsyncCheckpointIO`](super::AsyncCheckpointIO) hold.
@@ -149,6 +149,8 @@ impl SnapshotArea {
             nice: std::sync::atomic::AtomicI32::new(i32::MIN),
         });
         let (start, len) = (self.buf.as_ptr() as usize, self.buf.capacity());
+        // Heap memory (a small area) keeps the allocator's advice.
+        let choose_from = if self.buf.is_mapped() { self.faulted } else { len };
         let theirs = progress.clone();
         let spawned = std::thread::Builder::new().name("uring-ckpt-reserve".into()).spawn(move || {
             if nice > 0 {
@@ -162,8 +164,13 @@ impl SnapshotArea {
             }
             // SAFETY: the area's memory (initialised: zeroed at allocation) stays mapped and
             // untouched by anyone else until this thread is joined (`settle`), which happens
-            // before the area is used, grown, trimmed or freed.
-            unsafe { fault_in_owned(start, len, &theirs.stop, &theirs.faulted) };
+            // before the area is used, grown, trimmed or freed; past `choose_from` (the bytes
+            // known to be faulted in) it is fresh memory of the area's own mapping.
+            let (done, (huge, small)) =
+                unsafe { fault_in_owned(start, len, choose_from, &theirs.stop, &theirs.faulted) };
+            log::debug!(
+                "snapshot reservation: {done} of {len} bytes faulted in, of the fresh ones {huge} with huge and {small} with 4 KiB pages"
+            );
             theirs.finish();
         });
         match spawned {
@@ -241,6 +248,15 @@ impl SnapshotArea {
             self.buf.shrink(keep);
             self.faulted = self.faulted.min(self.buf.capacity());
         }
+    }
+
+    /// Waits for the helper to finish its work, then settles it.
+    #[cfg(test)]
+    fn settle_finished(&mut self) {
+        if let Some(helper) = &self.helper {
+            helper.progress.wait();
+        }
+        self.settle();
     }
 
     /// Whether the area is registered.
@@ -796,6 +812,19 @@ mod tests {
         assert!(area.grow(total + (6 << 20)), "grown again (address was {address:#x})");
         assert!(area.buf.resident_bytes() >= before, "the faulted pages moved with it");
         assert!(area.buf.as_full_slice()[5 << 20..total] == sources[1][..], "and kept their bytes");
+    }
+
+    #[test]
+    fn a_reservation_chooses_pages_for_fresh_memory_and_the_save_after_it_chooses_none() {
+        if !populate_works() {
+            return;
+        }
+        let mut area = SnapshotArea::reserved(20 << 20, 0);
+        area.settle_finished();
+        assert_eq!(area.faulted, 20 << 20, "the helper faulted the whole area in");
+        let (ck, offsets, sources) = host_checkpoint(&[(20 << 20) - 3]);
+        assert_eq!(fill_area(&mut area, &ck, &offsets, (20 << 20) - 3, 4 << 20).expect("fill"), (0, 0));
+        assert!(area.buf.as_full_slice()[..(20 << 20) - 3] == sources[0][..]);
     }
 
     #[test]
