@@ -8,6 +8,12 @@
 //! end of the wrapper). Copies are cut into pieces of [`SNAPSHOT_PIECE`] bytes spread over up
 //! to [`SNAPSHOT_THREADS`] threads, so the pieces of one large tensor are copied at once (on
 //! several CUDA streams: each copy borrows its own).
+//!
+//! Memory of an area that nothing has faulted in yet (a new area, a grown one's tail) is
+//! faulted in before it is first copied into, piece by piece, with huge or 4 KiB pages,
+//! whichever faults in faster here at that moment ([`PageChoice`], shared by the copy
+//! threads; io/prefault.rs says why either may win); so is it by a reservation's helper
+//! ([`fault_in_owned`]). Memory already faulted in keeps its pages and advice.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -24,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::io::aligned::{round_up, HUGE_PAGE};
 use crate::io::threads::lower_priority;
-use crate::io::{fault_in_owned, AlignedBuf, Registrar};
+use crate::io::{fault_in_owned, populate_chosen, AlignedBuf, PageChoice, Registrar};
 use crate::source::TensorSource;
 
 /// Snapshot copies are split into pieces of at most this size, shared among threads.
@@ -39,7 +45,9 @@ const SNAPSHOT_ALIGN: usize = 4096;
 /// most memory in the page cache; a first copy into fresh memory at 2.5-4.2 against 1.3-1.7
 /// GiB/s; a save written from the area (O_DIRECT pins its pages) at 1.5-2.1 against 1.5-1.6
 /// GiB/s; copies into a faulted area equal (7-10 GiB/s). A reservation moves the first touch
-/// off the critical path either way.
+/// off the critical path either way. This is the advice an area is mapped with; where a
+/// save or a reservation faults fresh memory of it in, each step is advised for the page
+/// size that faults in faster at that moment ([`FreshFill`], [`fault_in_owned`]).
 const SNAPSHOT_HUGE_PAGES: bool = true;
 
 /// What the kept snapshot areas of an [`AsyncCheckpointIO`](super::AsyncCheckpointIO) hold.
@@ -103,6 +111,10 @@ pub(super) struct SnapshotArea {
     /// Sized by a reservation (a guess) and not used by a save yet: the first save trims it
     /// to its own size.
     guess: bool,
+    /// Bytes from the start known to be faulted in (by a save's copy, a reservation's
+    /// helper, page-locking): memory past it is fresh, and whoever faults it in first
+    /// chooses its page size.
+    faulted: usize,
 }
 
 impl SnapshotArea {
@@ -112,7 +124,7 @@ impl SnapshotArea {
         } else {
             AlignedBuf::zeroed_pages(len, SNAPSHOT_ALIGN)
         };
-        SnapshotArea { buf, registrar: None, helper: None, guess: false }
+        SnapshotArea { buf, registrar: None, helper: None, guess: false, faulted: 0 }
     }
 
     /// A new area of `len` bytes, faulted in by a helper thread at nice `nice`.
@@ -137,6 +149,8 @@ impl SnapshotArea {
             nice: std::sync::atomic::AtomicI32::new(i32::MIN),
         });
         let (start, len) = (self.buf.as_ptr() as usize, self.buf.capacity());
+        // Heap memory (a small area) keeps the allocator's advice.
+        let choose_from = if self.buf.is_mapped() { self.faulted } else { len };
         let theirs = progress.clone();
         let spawned = std::thread::Builder::new().name("uring-ckpt-reserve".into()).spawn(move || {
             if nice > 0 {
@@ -150,8 +164,13 @@ impl SnapshotArea {
             }
             // SAFETY: the area's memory (initialised: zeroed at allocation) stays mapped and
             // untouched by anyone else until this thread is joined (`settle`), which happens
-            // before the area is used, grown, trimmed or freed.
-            unsafe { fault_in_owned(start, len, &theirs.stop, &theirs.faulted) };
+            // before the area is used, grown, trimmed or freed; past `choose_from` (the bytes
+            // known to be faulted in) it is fresh memory of the area's own mapping.
+            let (done, (huge, small)) =
+                unsafe { fault_in_owned(start, len, choose_from, &theirs.stop, &theirs.faulted) };
+            log::debug!(
+                "snapshot reservation: {done} of {len} bytes faulted in, of the fresh ones {huge} with huge and {small} with 4 KiB pages"
+            );
             theirs.finish();
         });
         match spawned {
@@ -167,6 +186,9 @@ impl SnapshotArea {
             if helper.thread.join().is_err() {
                 log::error!("the thread reserving a snapshot area panicked");
             }
+            // What it faulted in from the start (published after each step, so right even
+            // after a panic).
+            self.faulted = self.faulted.max(helper.progress.faulted.load(Ordering::Acquire));
         }
     }
 
@@ -182,7 +204,11 @@ impl SnapshotArea {
             return;
         }
         match registrar.register(&self.buf) {
-            Ok(()) => self.registrar = Some(registrar),
+            Ok(()) => {
+                self.registrar = Some(registrar);
+                // Page-locking faults every page in (with the area's advice).
+                self.faulted = self.buf.capacity();
+            }
             Err(e) => log::warn!(
                 "{} refused the snapshot area of {} bytes ({e}); device copies into it use pageable memory",
                 registrar.name(),
@@ -220,7 +246,17 @@ impl SnapshotArea {
         if self.buf.capacity() > keep {
             self.settle();
             self.buf.shrink(keep);
+            self.faulted = self.faulted.min(self.buf.capacity());
         }
+    }
+
+    /// Waits for the helper to finish its work, then settles it.
+    #[cfg(test)]
+    fn settle_finished(&mut self) {
+        if let Some(helper) = &self.helper {
+            helper.progress.wait();
+        }
+        self.settle();
     }
 
     /// Whether the area is registered.
@@ -378,8 +414,14 @@ pub(super) fn snapshot_save<C: CheckpointIO>(
         area.register(registrar);
     }
     let copy_started = Instant::now();
-    let copied =
-        copy_snapshot(&checkpoint, &offsets, &mut area.buf.as_full_mut_slice()[..total], SNAPSHOT_PIECE);
+    let copied = fill_area(&mut area, &checkpoint, &offsets, total, SNAPSHOT_PIECE).map(|(huge, small)| {
+        if huge + small > 0 {
+            log::debug!(
+                "snapshot of {}: fresh area memory faulted in, {huge} bytes with huge and {small} with 4 KiB pages",
+                path.display()
+            );
+        }
+    });
     let snapshot_seconds = copy_started.elapsed().as_secs_f64();
     // Nothing reads the sources any more: release them before saying so.
     let OwnedCheckpoint { tensors, metadata, extra_files, hf_index } = checkpoint;
@@ -452,17 +494,104 @@ fn take_snapshot_area(shared: &Shared, len: usize) -> (AreaSlot<'_>, SnapshotAre
     (slot, area)
 }
 
+/// The first fill of an area's fresh memory (a new area, a grown one's tail): before each
+/// piece is copied, the fresh huge pages that start in it are faulted in
+/// (`MADV_POPULATE_WRITE`, timed), each step with the page size the shared [`PageChoice`]
+/// picks, whichever faults in faster here (io/prefault.rs). Each huge page belongs to the
+/// one piece it starts in, so no page is advised twice; the piece before it may reach into
+/// the next one's first huge page, which is harmless: neither advice nor `MADV_POPULATE_WRITE`
+/// changes a byte, and the copy writing there faults a page in itself if it comes first.
+struct FreshFill {
+    /// The area's address.
+    base: usize,
+    /// Area offset where the fresh memory starts (a page boundary).
+    from: usize,
+    /// Area offset where the fill's faulting stops: the save's bytes rounded up to a huge
+    /// page, within the area.
+    end: usize,
+    choice: Mutex<PageChoice>,
+    /// `MADV_POPULATE_WRITE` was refused: the copies fault the rest in themselves.
+    refused: AtomicBool,
+}
+
+impl FreshFill {
+    /// The fill of `area`'s first `total` bytes, if any of them is fresh memory of a mapping
+    /// of the area's own (heap memory, a small area, keeps the allocator's advice).
+    fn new(area: &mut SnapshotArea, total: usize) -> Option<FreshFill> {
+        let from = area.faulted & !(4096 - 1);
+        let end = round_up(total, HUGE_PAGE).min(area.buf.capacity());
+        if !area.buf.is_mapped() || from >= end {
+            return None;
+        }
+        Some(FreshFill {
+            base: area.buf.as_mut_ptr() as usize,
+            from,
+            end,
+            choice: Mutex::new(PageChoice::starting_with_last_faster()),
+            refused: AtomicBool::new(false),
+        })
+    }
+
+    /// Before the piece at area offsets `[start, end)` is copied: faults in the fresh huge
+    /// pages that start in it.
+    fn before_copy(&self, start: usize, end: usize) {
+        let from = round_up(start, HUGE_PAGE).max(self.from);
+        let to = round_up(end, HUGE_PAGE).min(self.end);
+        if from < to
+            && !self.refused.load(Ordering::Relaxed)
+            && !populate_chosen(&self.choice, self.base + from, to - from)
+        {
+            self.refused.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Copies every tensor into `area` at its offset (the first `total` bytes), faulting fresh
+/// memory in first with the page size that faults in faster ([`FreshFill`]), and books what
+/// is faulted in now. Returns the bytes faulted in with huge and with 4 KiB pages.
+fn fill_area(
+    area: &mut SnapshotArea,
+    checkpoint: &OwnedCheckpoint,
+    offsets: &[usize],
+    total: usize,
+    piece_size: usize,
+) -> Result<(usize, usize)> {
+    let fill = FreshFill::new(area, total);
+    copy_snapshot(
+        checkpoint,
+        offsets,
+        &mut area.buf.as_full_mut_slice()[..total],
+        piece_size,
+        fill.as_ref(),
+    )?;
+    // Every page of the save's bytes is in now (the copies wrote them), and so is the rest
+    // of what the fill faulted in. (After a failed copy the area keeps what it knew: the
+    // next save may advise again what this one faulted in, which is only slower.)
+    let mut faulted = round_up(total, 4096).min(area.buf.capacity());
+    if let Some(fill) = &fill {
+        if !fill.refused.load(Ordering::Relaxed) {
+            faulted = faulted.max(fill.end);
+        }
+    }
+    area.faulted = area.faulted.max(faulted);
+    Ok(fill.map_or((0, 0), |f| f.choice.into_inner().unwrap_or_else(PoisonError::into_inner).bytes()))
+}
+
 /// Copies every tensor to its offset in `dst`, in pieces of at most `piece_size` bytes
-/// spread over a few threads (pieces of one tensor run at once).
+/// spread over a few threads (pieces of one tensor run at once). With `fill`, `dst` is the
+/// start of a snapshot area, and each piece's fresh memory is faulted in before its copy.
 fn copy_snapshot(
     checkpoint: &OwnedCheckpoint,
     offsets: &[usize],
     dst: &mut [u8],
     piece_size: usize,
+    fill: Option<&FreshFill>,
 ) -> Result<()> {
     struct Piece<'a> {
         source: &'a dyn TensorSource,
         offset: usize,
+        /// Where `dst` starts in the destination.
+        at: usize,
         dst: &'a mut [u8],
     }
     let mut pieces = Vec::new();
@@ -478,7 +607,7 @@ fn copy_snapshot(
         while !tensor_dst.is_empty() {
             let n = tensor_dst.len().min(piece_size.max(1));
             let (piece, more) = std::mem::take(&mut tensor_dst).split_at_mut(n);
-            pieces.push(Piece { source: &*t.source, offset, dst: piece });
+            pieces.push(Piece { source: &*t.source, offset, at: start + offset, dst: piece });
             tensor_dst = more;
             offset += n;
         }
@@ -492,6 +621,9 @@ fn copy_snapshot(
         loop {
             let next = lock(&queue).next();
             let Some(piece) = next else { return Ok(()) };
+            if let Some(fill) = fill {
+                fill.before_copy(piece.at, piece.at + piece.dst.len());
+            }
             match piece.source.host_bytes() {
                 Some(bytes) => {
                     piece.dst.copy_from_slice(&bytes[piece.offset..piece.offset + piece.dst.len()])
@@ -590,12 +722,109 @@ mod tests {
         ck.add("dev", Dtype::U8, &[len as u64], device.clone()).expect("add");
         let offsets = [0, 7];
         let mut dst = vec![0u8; 7 + len];
-        copy_snapshot(&ck, &offsets, &mut dst, 64 << 10).expect("copy");
+        copy_snapshot(&ck, &offsets, &mut dst, 64 << 10, None).expect("copy");
         assert_eq!(&dst[..7], &[9u8; 7]);
         assert!(dst[7..] == device.bytes[..], "pieces land at their offsets");
         let most = device.max_active.load(Ordering::SeqCst);
         assert!(most >= 2, "the pieces of one tensor run on several threads at once (max {most})");
         assert!(most <= SNAPSHOT_THREADS);
+    }
+
+    /// Whether this kernel takes `MADV_POPULATE_WRITE` (Linux 5.14 and later); says why not.
+    fn populate_works() -> bool {
+        let mut probe = AlignedBuf::zeroed(HUGE_PAGE, SNAPSHOT_ALIGN);
+        let choice = Mutex::new(PageChoice::starting_with_last_faster());
+        let works = populate_chosen(&choice, probe.as_mut_ptr() as usize, HUGE_PAGE);
+        if !works {
+            eprintln!("skipped: this kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)");
+        }
+        works
+    }
+
+    /// A host checkpoint of tensors of `sizes` bytes (patterns), with their offsets packed.
+    fn host_checkpoint(sizes: &[usize]) -> (OwnedCheckpoint, Vec<usize>, Vec<Vec<u8>>) {
+        let mut ck = OwnedCheckpoint::new();
+        let (mut offsets, mut all, mut at) = (Vec::new(), Vec::new(), 0usize);
+        for (i, &n) in sizes.iter().enumerate() {
+            let bytes = pattern(i as u8, n);
+            ck.add_bytes(format!("t{i}"), Dtype::U8, &[n as u64], bytes.clone()).expect("add");
+            offsets.push(at);
+            at += n;
+            all.push(bytes);
+        }
+        (ck, offsets, all)
+    }
+
+    #[test]
+    fn a_fresh_areas_first_fill_measures_both_page_sizes_and_copies_every_byte() {
+        if !populate_works() {
+            return;
+        }
+        // Tensor and piece boundaries off huge pages: each huge page is faulted once.
+        let sizes = [(13 << 20) + 5, 4097, (21 << 20) + 333, 7];
+        let (ck, offsets, sources) = host_checkpoint(&sizes);
+        let total: usize = sizes.iter().sum();
+        let mut area = SnapshotArea::new(total);
+        let cap = area.buf.capacity();
+        assert_eq!(area.buf.resident_bytes(), 0, "a fresh area");
+        let (huge, small) = fill_area(&mut area, &ck, &offsets, total, (5 << 20) + 17).expect("fill");
+        for (bytes, &at) in sources.iter().zip(&offsets) {
+            assert!(area.buf.as_full_slice()[at..at + bytes.len()] == bytes[..], "tensor at {at}");
+        }
+        assert_eq!(huge + small, cap, "every page of the area faulted in once, by the fill");
+        assert!(huge > 0 && small > 0, "both sizes measured: {huge} huge, {small} small");
+        assert_eq!((area.faulted, area.buf.resident_bytes()), (cap, cap));
+
+        // The next fill finds it all in: nothing is advised or faulted again.
+        let (ck, offsets, sources) = host_checkpoint(&[total]);
+        assert_eq!(fill_area(&mut area, &ck, &offsets, total, 4 << 20).expect("fill"), (0, 0));
+        assert!(area.buf.as_full_slice()[..total] == sources[0][..]);
+        // Advised apart, the area is several mappings; it still grows, keeping its pages.
+        assert!(area.grow(cap + (4 << 20)), "grown, not replaced");
+        assert!(area.buf.resident_bytes() >= cap && area.buf.as_full_slice()[..total] == sources[0][..]);
+    }
+
+    #[test]
+    fn a_grown_area_chooses_pages_for_its_new_tail_only_and_grows_again() {
+        if !populate_works() {
+            return;
+        }
+        let first = 8 << 20;
+        let mut area = SnapshotArea::new(first);
+        let (ck, offsets, _) = host_checkpoint(&[first]);
+        fill_area(&mut area, &ck, &offsets, first, 4 << 20).expect("fill");
+        assert_eq!(area.faulted, first);
+        let address = area.buf.as_ptr() as usize;
+        let total = (30 << 20) + 4096;
+        assert!(area.grow(total), "a mapped area grows in place of a new one");
+        let (ck, offsets, sources) = host_checkpoint(&[5 << 20, total - (5 << 20)]);
+        let (huge, small) = fill_area(&mut area, &ck, &offsets, total, 3 << 20).expect("fill");
+        assert_eq!(
+            huge + small,
+            area.buf.capacity() - first,
+            "the tail only: the faulted head keeps its advice"
+        );
+        assert!(huge > 0 && small > 0, "both sizes measured: {huge} huge, {small} small");
+        assert!(area.buf.as_full_slice()[..5 << 20] == sources[0][..]);
+        assert!(area.buf.as_full_slice()[5 << 20..total] == sources[1][..]);
+        // Advised apart, the area is several mappings; growing it still keeps its pages.
+        let before = area.buf.resident_bytes();
+        assert!(area.grow(total + (6 << 20)), "grown again (address was {address:#x})");
+        assert!(area.buf.resident_bytes() >= before, "the faulted pages moved with it");
+        assert!(area.buf.as_full_slice()[5 << 20..total] == sources[1][..], "and kept their bytes");
+    }
+
+    #[test]
+    fn a_reservation_chooses_pages_for_fresh_memory_and_the_save_after_it_chooses_none() {
+        if !populate_works() {
+            return;
+        }
+        let mut area = SnapshotArea::reserved(20 << 20, 0);
+        area.settle_finished();
+        assert_eq!(area.faulted, 20 << 20, "the helper faulted the whole area in");
+        let (ck, offsets, sources) = host_checkpoint(&[(20 << 20) - 3]);
+        assert_eq!(fill_area(&mut area, &ck, &offsets, (20 << 20) - 3, 4 << 20).expect("fill"), (0, 0));
+        assert!(area.buf.as_full_slice()[..(20 << 20) - 3] == sources[0][..]);
     }
 
     #[test]

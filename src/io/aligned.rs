@@ -114,6 +114,14 @@ impl AlignedBuf {
         let offset = round_up(base.as_ptr() as usize, page_align) - base.as_ptr() as usize;
         // SAFETY: offset < page_align, so base + offset .. + size lies inside the mapping.
         let ptr = unsafe { NonNull::new_unchecked(base.as_ptr().add(offset)) };
+        // One page of the slack after the buffer (page_align - offset > 0 bytes) is faulted
+        // in while the mapping is still one, so that every part it is later split into (by
+        // the advice below, by page sizes chosen part by part: io/prefault.rs) shares its
+        // reverse map (`anon_vma`); parts that do not cannot be merged again, and `grow`
+        // (mremap) moves one mapping only.
+        // SAFETY: ptr + size lies inside the mapping, in the slack no buffer byte uses, which
+        // this buffer owns and never hands out.
+        unsafe { ptr.as_ptr().add(size).write_volatile(0) };
         // SAFETY: the range lies inside our mapping; the advice is only a hint and its
         // failure (THP disabled) changes nothing but speed.
         unsafe {
@@ -134,7 +142,9 @@ impl AlignedBuf {
     /// when the kernel refuses; the caller then allocates anew.
     ///
     /// Memory registered elsewhere (page-locked for a device, an io_uring buffer table)
-    /// must be unregistered first: its pages move to another address.
+    /// must be unregistered first: its pages move to another address. Parts advised for
+    /// another page size than the buffer's (io/prefault.rs) are advised as the buffer again
+    /// when the kernel cannot move the buffer otherwise (the pages present keep their size).
     pub fn grow(&mut self, capacity: usize) -> bool {
         let Backing::Mapped { base, len, huge } = self.backing else { return false };
         let new_size = round_up(capacity.max(1), self.align);
@@ -162,11 +172,11 @@ impl AlignedBuf {
         let reserved = reserved as usize;
         let target = round_up(reserved, page_align);
         let old = self.ptr.as_ptr() as usize;
-        // SAFETY: `old..old + size` is the whole of this buffer's pages (one mapping, from
-        // `mapped`, whose advice covers exactly this range), owned by `self` and borrowed by
+        // SAFETY: `old..old + size` is the whole of this buffer's pages (the mapping made by
+        // `mapped`, split where parts were advised apart), owned by `self` and borrowed by
         // nobody (`&mut self`); the target lies inside our own reservation, which
-        // MREMAP_FIXED replaces.
-        let moved = unsafe {
+        // MREMAP_FIXED replaces. The kernel refuses (EFAULT) a range of several mappings.
+        let remap = || unsafe {
             libc::mremap(
                 old as *mut libc::c_void,
                 self.size,
@@ -175,6 +185,23 @@ impl AlignedBuf {
                 target as *mut libc::c_void,
             )
         };
+        let mut moved = remap();
+        if moved == libc::MAP_FAILED && std::io::Error::last_os_error().raw_os_error() == Some(libc::EFAULT) {
+            // The buffer is several mappings: parts of it were advised for another page size
+            // (pages chosen as they were faulted in, io/prefault.rs), and mremap moves one
+            // mapping only. Advised as at allocation, the parts merge into one again; the
+            // pages present keep their size.
+            // SAFETY: the range is this buffer's own pages (as above); the advice changes
+            // which pages back later faults, never a byte.
+            unsafe {
+                libc::madvise(
+                    old as *mut libc::c_void,
+                    self.size,
+                    if huge { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE },
+                )
+            };
+            moved = remap();
+        }
         if moved == libc::MAP_FAILED {
             unmap(reserved, reserve_len);
             return false;
@@ -231,6 +258,12 @@ impl AlignedBuf {
         }
         let resident = vec.iter().filter(|&&b| b & 1 != 0).count() * page;
         resident.min(self.size)
+    }
+
+    /// Whether the buffer is a mapping of its own (not on the heap): its pages may then be
+    /// advised for a page size, and [`AlignedBuf::grow`] keeps them.
+    pub(crate) fn is_mapped(&self) -> bool {
+        matches!(self.backing, Backing::Mapped { .. })
     }
 
     /// Bytes this buffer can hold (a multiple of its alignment).
@@ -503,6 +536,23 @@ mod tests {
         let mut small = AlignedBuf::zeroed(8192, 4096);
         assert!(!small.grow(1 << 20) && !small.shrink(4096), "heap buffers are not remapped");
         assert_eq!(small.capacity(), 8192);
+    }
+
+    #[test]
+    fn a_buffer_advised_apart_in_parts_still_grows_keeping_its_pages() {
+        let mut buf = AlignedBuf::zeroed(4 * HUGE_PAGE, 4096);
+        assert!(buf.is_mapped());
+        let at = buf.as_mut_ptr() as usize + HUGE_PAGE;
+        // SAFETY: the second huge page of the buffer's own mapping; advice changes no byte.
+        let advised = unsafe { libc::madvise(at as *mut libc::c_void, HUGE_PAGE, libc::MADV_NOHUGEPAGE) };
+        assert_eq!(advised, 0, "the mapping is split in three");
+        buf.as_full_mut_slice().fill(7);
+        let resident = buf.resident_bytes();
+        assert!(buf.grow(6 * HUGE_PAGE), "mremap moves one mapping: the parts are merged first");
+        assert!(buf.resident_bytes() >= resident, "faulted pages kept");
+        assert!(buf.as_full_slice()[..4 * HUGE_PAGE].iter().all(|&b| b == 7), "and their bytes");
+        assert!(buf.as_full_slice()[4 * HUGE_PAGE..].iter().all(|&b| b == 0), "a fresh tail");
+        assert!(!AlignedBuf::zeroed(8192, 4096).is_mapped(), "small buffers live on the heap");
     }
 
     #[test]

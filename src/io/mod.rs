@@ -31,8 +31,8 @@ use std::path::Path;
 pub use aligned::AlignedBuf;
 pub use dir::Dir;
 pub use pool::{PoolBuf, Registrar, StagingPool};
-pub(crate) use prefault::fault_in_owned;
 pub use prefault::Pages;
+pub(crate) use prefault::{fault_in_owned, populate_chosen, PageChoice};
 pub use stats::IoStats;
 pub use threads::SaveThreads;
 

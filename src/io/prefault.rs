@@ -59,7 +59,9 @@ pub enum Pages {
 /// A page size to fault a step in with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PageKind {
+    /// Transparent huge pages (`MADV_HUGEPAGE`).
     Huge,
+    /// 4 KiB pages (`MADV_NOHUGEPAGE`).
     Small,
 }
 
@@ -240,15 +242,7 @@ impl Frontier {
         if self.pages == Pages::Kept {
             return populate(at, n);
         }
-        let kind = self.choice.lock().unwrap_or_else(|p| p.into_inner()).next();
-        advise(at, n, kind);
-        let started = Instant::now();
-        let faulted = populate(at, n);
-        if faulted {
-            let seconds = started.elapsed().as_secs_f64();
-            self.choice.lock().unwrap_or_else(|p| p.into_inner()).record(kind, n, seconds);
-        }
-        faulted
+        populate_chosen_step(&self.choice, at, n)
     }
 
     /// Bytes faulted in with huge and with 4 KiB pages, when [`Pages::Chosen`].
@@ -275,31 +269,104 @@ impl Frontier {
     }
 }
 
+/// Faults one step, `[at, at + n)`, in with `MADV_POPULATE_WRITE`, advised first for the
+/// page size `choice` picks ([`PageChoice::next`]) and timed for it
+/// ([`PageChoice::record`]); false where the kernel refuses (nothing is booked). The range
+/// must lie in memory whose page size is the caller's to choose (see [`advise`]).
+fn populate_chosen_step(choice: &Mutex<PageChoice>, at: usize, n: usize) -> bool {
+    let kind = choice.lock().unwrap_or_else(|p| p.into_inner()).next();
+    advise(at, n, kind);
+    let started = Instant::now();
+    let faulted = populate(at, n);
+    if faulted {
+        let seconds = started.elapsed().as_secs_f64();
+        choice.lock().unwrap_or_else(|p| p.into_inner()).record(kind, n, seconds);
+    }
+    faulted
+}
+
+/// Faults `[at, at + len)` in with `MADV_POPULATE_WRITE`, step by step (steps of up to 8 MiB
+/// that end on huge-page boundaries, so that each step's advice covers whole huge pages
+/// inside the range), each step advised for the page size `choice` picks and timed for it,
+/// as a fresh load's helper does ([`Frontier::fault_in`]). Several threads may share one
+/// `choice`. Returns false where the kernel refuses `MADV_POPULATE_WRITE` (before Linux
+/// 5.14): the rest of the range is left as it is, to be faulted in by whoever writes it.
+///
+/// The range must lie in a mapping of the caller's own that nothing has faulted in yet (a
+/// fresh [`AlignedBuf`](super::AlignedBuf), or the new tail of a grown one), since its
+/// advice changes (see [`advise`]). No byte changes: pages already present are left alone
+/// (and then the step's timing means little), so others may write the range meanwhile.
+pub(crate) fn populate_chosen(choice: &Mutex<PageChoice>, at: usize, len: usize) -> bool {
+    let end = at + len;
+    let mut p = at;
+    while p < end {
+        let step_end = ((p & !(HUGE_PAGE - 1)) + STEP).min(end);
+        if !populate_chosen_step(choice, p, step_end - p) {
+            return false;
+        }
+        p = step_end;
+    }
+    true
+}
+
 /// Bytes [`fault_in_owned`] faults in per step: between two steps it looks at its stop
 /// flag, so whoever stops it waits for one step at most.
 pub(crate) const RESERVE_STEP: usize = 2 << 20;
 
+/// [`fault_in_owned`] times its chosen steps in groups of this many (8 MiB, a fresh load's
+/// step): one 2 MiB step is too short to time.
+const RESERVE_GROUP: usize = STEP / RESERVE_STEP;
+
 /// Faults `[start, start + len)` in, in steps of [`RESERVE_STEP`], until done or `stop` is
 /// set, publishing in `faulted` the bytes done from `start`. `MADV_POPULATE_WRITE` where the
 /// kernel has it, else the first byte of each page read and written back. No byte changes;
-/// pages already present cost a page-table walk. Returns the bytes done.
+/// pages already present cost a page-table walk.
+///
+/// From `choose_from` bytes on (`len` or more: nowhere) the memory is fresh and its page
+/// size is the caller's to choose: there each group of [`RESERVE_GROUP`] steps is advised
+/// for the page size [`PageChoice`] picks (seeded by the last destination's faster one) and
+/// timed for it; before it the memory keeps its advice. Returns the bytes done, and those
+/// faulted in with huge and with 4 KiB pages (as [`PageChoice::bytes`]).
 ///
 /// # Safety
 /// `[start, start + len)` must be initialised memory of a live mapping owned by the caller,
-/// which nothing else reads or writes until this returns.
+/// which nothing else reads or writes until this returns; from `choose_from` on, memory of
+/// a mapping of the caller's own that nothing has faulted in yet (its advice changes).
 pub(crate) unsafe fn fault_in_owned(
     start: usize,
     len: usize,
+    choose_from: usize,
     stop: &AtomicBool,
     faulted: &AtomicUsize,
-) -> usize {
+) -> (usize, (usize, usize)) {
     let page = 4096usize;
     let mut populate_works = true;
     let mut done = 0usize;
+    let mut choice = PageChoice::starting_with_last_faster();
+    // The group being timed: its kind, start, bytes and steps so far.
+    let mut group: Option<(PageKind, Instant, usize, usize)> = None;
     while done < len && !stop.load(Ordering::Relaxed) {
         let n = RESERVE_STEP.min(len - done);
         let at = start + done;
-        if populate_works && !populate(at & !(page - 1), n + (at & (page - 1))) {
+        if populate_works && done + n > choose_from {
+            // The chosen part of the step, from its first page.
+            let from = (start + choose_from.max(done)) & !(page - 1);
+            let (kind, _, bytes, steps) = group.get_or_insert_with(|| (choice.next(), Instant::now(), 0, 0));
+            advise(from, at + n - from, *kind);
+            if populate(from, at + n - from) {
+                *bytes += at + n - from;
+                *steps += 1;
+            } else {
+                populate_works = false;
+                group = None;
+            }
+            if let Some((kind, started, bytes, steps)) = group {
+                if steps == RESERVE_GROUP || done + n == len {
+                    choice.record(kind, bytes, started.elapsed().as_secs_f64());
+                    group = None;
+                }
+            }
+        } else if populate_works && !populate(at & !(page - 1), n + (at & (page - 1))) {
             populate_works = false;
         }
         if !populate_works {
@@ -316,11 +383,17 @@ pub(crate) unsafe fn fault_in_owned(
         done += n;
         faulted.store(done, Ordering::Release);
     }
-    done
+    if let Some((kind, started, bytes, _)) = group {
+        // Stopped within a group: what it did.
+        choice.record(kind, bytes, started.elapsed().as_secs_f64());
+    }
+    (done, choice.bytes())
 }
 
 /// Advises `[at, at + len)` for huge or for 4 KiB pages (a hint: where refused, the pages
-/// are what the mapping had).
+/// are what the mapping had). The range must lie in a mapping of the caller's own whose page
+/// size is the caller's to choose; no byte changes, but the advice splits the mapping where
+/// it differs from its neighbours' (see [`AlignedBuf::grow`](super::AlignedBuf::grow)).
 fn advise(at: usize, len: usize, kind: PageKind) {
     #[cfg(target_os = "linux")]
     {
@@ -397,17 +470,49 @@ mod tests {
         let (stop, faulted) = (AtomicBool::new(false), AtomicUsize::new(0));
         let len = buf.capacity();
         // SAFETY: the buffer is fresh (zeroed) and nothing else touches it meanwhile.
-        let done = unsafe { fault_in_owned(buf.as_ptr() as usize, len, &stop, &faulted) };
+        let (done, chosen) = unsafe { fault_in_owned(buf.as_ptr() as usize, len, len, &stop, &faulted) };
         assert_eq!((done, faulted.load(Ordering::Acquire)), (len, len));
+        assert_eq!(chosen, (0, 0), "nothing of it was fresh to choose");
         assert_eq!(buf.resident_bytes(), len, "every page is faulted in");
         assert!(buf.as_full_slice().iter().all(|&b| b == 0), "and still zero");
 
         let other = AlignedBuf::zeroed_pages(4 * RESERVE_STEP, 4096);
         stop.store(true, Ordering::Relaxed);
         // SAFETY: as above.
-        let done = unsafe { fault_in_owned(other.as_ptr() as usize, other.capacity(), &stop, &faulted) };
+        let (done, _) =
+            unsafe { fault_in_owned(other.as_ptr() as usize, other.capacity(), 0, &stop, &faulted) };
         assert_eq!(done, 0, "a stopped reservation does nothing more");
         assert_eq!(other.resident_bytes(), 0);
+    }
+
+    #[test]
+    fn a_reservation_chooses_page_sizes_for_its_fresh_part_only() {
+        let mut probe = AlignedBuf::zeroed(HUGE_PAGE, 4096);
+        if !populate(probe.as_mut_ptr() as usize, HUGE_PAGE) {
+            eprintln!("skipped: this kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)");
+            return;
+        }
+        let (stop, faulted) = (AtomicBool::new(false), AtomicUsize::new(0));
+        let mut buf = AlignedBuf::zeroed(10 * RESERVE_STEP + 8192, 4096);
+        buf.as_full_mut_slice()[..4].copy_from_slice(b"keep");
+        let len = buf.capacity();
+        // SAFETY: the buffer is fresh (zeroed) and nothing else touches it meanwhile.
+        let (done, (huge, small)) = unsafe { fault_in_owned(buf.as_ptr() as usize, len, 0, &stop, &faulted) };
+        assert_eq!(done, len);
+        assert_eq!(huge + small, len, "every step chosen and booked");
+        assert!(huge > 0 && small > 0, "both sizes measured: {huge} huge, {small} small");
+        assert_eq!(buf.resident_bytes(), len);
+        assert_eq!(&buf.as_full_slice()[..4], b"keep", "no byte changes");
+        assert!(buf.as_full_slice()[4..].iter().all(|&b| b == 0));
+
+        // A grown buffer's head is faulted in already: only its tail is chosen (from a page
+        // boundary inside a step).
+        let other = AlignedBuf::zeroed(12 * RESERVE_STEP, 4096);
+        let head = 3 * RESERVE_STEP + 3 * 4096;
+        // SAFETY: as above.
+        let (done, (huge, small)) =
+            unsafe { fault_in_owned(other.as_ptr() as usize, other.capacity(), head, &stop, &faulted) };
+        assert_eq!((done, huge + small), (other.capacity(), other.capacity() - head));
     }
 
     #[test]
