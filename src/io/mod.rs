@@ -32,7 +32,7 @@ pub use aligned::AlignedBuf;
 pub use dir::Dir;
 pub use pool::{PoolBuf, Registrar, StagingPool};
 pub use prefault::Pages;
-pub(crate) use prefault::{fault_in_owned, populate_chosen, PageChoice};
+pub(crate) use prefault::{fault_in_owned, fault_in_spans, populate_chosen, PageChoice};
 pub use stats::IoStats;
 pub use threads::SaveThreads;
 

@@ -309,6 +309,33 @@ pub(crate) fn populate_chosen(choice: &Mutex<PageChoice>, at: usize, len: usize)
     true
 }
 
+/// Faults staging buffers in on a helper thread while the reads that use them start (a
+/// process's first load in place pays for its whole staging pool otherwise, on the thread
+/// that submits the reads: the kernel faults a buffer in when it pins it). Each
+/// `(address, length)`, in order, in steps of [`STEP`] with `MADV_POPULATE_WRITE`, until
+/// done, refused or `stop`. No byte and no advice changes; pages already present (a buffer
+/// used before) cost a page-table walk, and a page the kernel pins for a read meanwhile is
+/// simply present.
+///
+/// # Safety
+/// Every span must be memory mapped for the caller (staging buffers it holds) that stays
+/// mapped until this returns.
+pub(crate) unsafe fn fault_in_spans(spans: &[(usize, usize)], stop: &AtomicBool) {
+    for &(at, len) in spans {
+        let mut done = 0;
+        while done < len {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let n = STEP.min(len - done);
+            if !populate(at + done, n) {
+                return;
+            }
+            done += n;
+        }
+    }
+}
+
 /// Bytes [`fault_in_owned`] faults in per step: between two steps it looks at its stop
 /// flag, so whoever stops it waits for one step at most.
 pub(crate) const RESERVE_STEP: usize = 2 << 20;
@@ -574,6 +601,30 @@ mod tests {
         frontier.fault_in(buf.as_mut_ptr() as usize);
         assert!(frontier.reached(buf.capacity()));
         assert_eq!(frontier.page_bytes(), (0, 0), "the caller's pages: nothing chosen");
+    }
+
+    #[test]
+    fn staging_spans_are_faulted_in_whole_keeping_their_bytes_and_a_stop_is_heeded() {
+        let mut used = AlignedBuf::zeroed(2 * STEP, 4096);
+        used.as_full_mut_slice()[..STEP].fill(0x5A); // a buffer used before: half in
+        let fresh = AlignedBuf::zeroed_pages(STEP + 3 * 4096, 4096);
+        let spans = [(used.as_ptr() as usize, used.capacity()), (fresh.as_ptr() as usize, fresh.capacity())];
+        let stop = AtomicBool::new(false);
+        // SAFETY: both buffers are ours and stay mapped for the call.
+        unsafe { fault_in_spans(&spans, &stop) };
+        if fresh.resident_bytes() == 0 {
+            eprintln!("skipped: this kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)");
+            return;
+        }
+        assert_eq!((used.resident_bytes(), fresh.resident_bytes()), (used.capacity(), fresh.capacity()));
+        assert!(used.as_full_slice()[..STEP].iter().all(|&b| b == 0x5A), "bytes written before kept");
+        assert!(used.as_full_slice()[STEP..].iter().chain(fresh.as_full_slice()).all(|&b| b == 0));
+
+        let other = AlignedBuf::zeroed_pages(2 * STEP, 4096);
+        stop.store(true, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { fault_in_spans(&[(other.as_ptr() as usize, other.capacity())], &stop) };
+        assert_eq!(other.resident_bytes(), 0, "stopped: nothing more faulted in");
     }
 
     #[test]

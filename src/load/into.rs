@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::io::aligned::round_down_u64;
 use crate::io::pool::{staging_align, Shape};
 use crate::io::stream::{Feed, ReadFeed, StreamRead};
-use crate::io::{open_reader, PoolBuf, Reader, StagingPool};
+use crate::io::{fault_in_spans, open_reader, PoolBuf, Reader, StagingPool};
 use crate::report::{mib_per_s, LoadReport};
 use crate::sink::{SinkWriter, TensorMeta, TensorSink};
 
@@ -206,6 +206,7 @@ fn stream_shards(
     let (work_tx, work_rx) = mpsc::channel::<Filled>();
     let work_rx = Mutex::new(work_rx);
     let (back_tx, back_rx) = mpsc::channel::<PoolBuf>();
+    let stop_faulting = AtomicBool::new(false);
     let crcs: Vec<PieceCrc> = std::thread::scope(|scope| {
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
@@ -221,8 +222,22 @@ fn stream_shards(
         }
         drop(back_tx);
         if !workers.is_empty() {
+            let idle = pool.lend(shape, buffers);
+            // The buffers in the order the feed takes them (from the end), faulted in ahead
+            // on a helper while the first reads run (a no-op walk for buffers used before).
+            let spans: Vec<(usize, usize)> =
+                idle.iter().rev().map(|b| (b.as_ptr() as usize, b.capacity())).collect();
+            let stop_faulting = &stop_faulting;
+            // SAFETY: the spans are the lent buffers. Until the helper is joined below, each
+            // is held by the feed, a read in flight, the work channel or a copy thread, which
+            // sends it back to the feed; none goes back to the pool (which may free it)
+            // before the feed is dropped, after that join.
+            let faulting = std::thread::Builder::new()
+                .name("uring-ckpt-load-prefault".into())
+                .spawn_scoped(scope, move || unsafe { fault_in_spans(&spans, stop_faulting) })
+                .ok();
             let mut feed = PoolFeed {
-                idle: pool.lend(shape, buffers),
+                idle,
                 back: back_rx,
                 work: work_tx,
                 reads: VecDeque::new(),
@@ -238,6 +253,10 @@ fn stream_shards(
                     fail(err);
                     break;
                 }
+            }
+            stop_faulting.store(true, Ordering::Relaxed);
+            if let Some(helper) = faulting {
+                let _ = helper.join();
             }
             drop(feed); // closes the work channel: the copy threads finish
         }
