@@ -732,13 +732,7 @@ mod tests {
 
     /// Whether this kernel takes `MADV_POPULATE_WRITE` (Linux 5.14 and later); says why not.
     fn populate_works() -> bool {
-        let mut probe = AlignedBuf::zeroed(HUGE_PAGE, SNAPSHOT_ALIGN);
-        let choice = Mutex::new(PageChoice::starting_with_last_faster());
-        let works = populate_chosen(&choice, probe.as_mut_ptr() as usize, HUGE_PAGE);
-        if !works {
-            eprintln!("skipped: this kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)");
-        }
-        works
+        !crate::io::populate_refused()
     }
 
     /// A host checkpoint of tensors of `sizes` bytes (patterns), with their offsets packed.

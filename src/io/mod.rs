@@ -31,6 +31,8 @@ use std::path::Path;
 pub use aligned::AlignedBuf;
 pub use dir::Dir;
 pub use pool::{PoolBuf, Registrar, StagingPool};
+#[cfg(test)]
+pub(crate) use prefault::populate_refused;
 pub use prefault::Pages;
 pub(crate) use prefault::{fault_in_owned, fault_in_spans, populate_chosen, PageChoice};
 pub use stats::IoStats;

@@ -436,6 +436,18 @@ fn advise(at: usize, len: usize, kind: PageKind) {
     let _ = (at, len, kind);
 }
 
+/// Whether this kernel refuses `MADV_POPULATE_WRITE` (before Linux 5.14), saying so: the
+/// tests that need it skip then.
+#[cfg(test)]
+pub(crate) fn populate_refused() -> bool {
+    let mut probe = super::AlignedBuf::zeroed(HUGE_PAGE, 4096);
+    let refused = !populate(probe.as_mut_ptr() as usize, HUGE_PAGE);
+    if refused {
+        eprintln!("skipped: this kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)");
+    }
+    refused
+}
+
 /// `MADV_POPULATE_WRITE` over `[at, at + len)`; false where refused.
 fn populate(at: usize, len: usize) -> bool {
     #[cfg(target_os = "linux")]
@@ -514,9 +526,7 @@ mod tests {
 
     #[test]
     fn a_reservation_chooses_page_sizes_for_its_fresh_part_only() {
-        let mut probe = AlignedBuf::zeroed(HUGE_PAGE, 4096);
-        if !populate(probe.as_mut_ptr() as usize, HUGE_PAGE) {
-            eprintln!("skipped: this kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)");
+        if populate_refused() {
             return;
         }
         let (stop, faulted) = (AtomicBool::new(false), AtomicUsize::new(0));
@@ -567,9 +577,7 @@ mod tests {
 
     #[test]
     fn a_chosen_destination_is_faulted_in_whole_with_both_sizes_measured_and_its_bytes_kept() {
-        let mut probe = AlignedBuf::zeroed(HUGE_PAGE, 4096);
-        if !populate(probe.as_mut_ptr() as usize, HUGE_PAGE) {
-            eprintln!("skipped: this kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)");
+        if populate_refused() {
             return;
         }
         let mut buf = AlignedBuf::zeroed(6 * STEP, 4096);
