@@ -1,7 +1,8 @@
 //! Safetensors-compatible shard headers and the checkpoint manifest. Pure code, no I/O.
 //!
 //! A shard file is `u64 LE n`, `n` bytes of JSON header padded with spaces so that the data
-//! region starts at an aligned offset, then the tensors' bytes packed with no holes. The
+//! region starts at a chosen phase past a 4096-byte offset (0, or where the tensors' memory
+//! sits past a page boundary, so that the writer can send them to disk without a copy), then the tensors' bytes packed with no holes. The
 //! upstream `safetensors` library loads it unchanged. Per-tensor CRC-32 values live in the
 //! header's `__metadata__` under `"crc32:<tensor name>"`.
 //!
@@ -16,8 +17,8 @@ pub mod manifest;
 
 pub use dtype::{Dtype, ParseDtypeError};
 pub use header::{
-    encode_header, header_prefix_len, parse_header, ParsedHeader, ShardLayout, TensorEntry, TensorSpec,
-    CRC_KEY_PREFIX, DATA_ALIGN, MAX_HEADER_LEN,
+    encode_header, encode_header_with_phase, header_prefix_len, parse_header, ParsedHeader, ShardLayout,
+    TensorEntry, TensorSpec, CRC_KEY_PREFIX, DATA_ALIGN, MAX_HEADER_LEN, PHASE_ALIGN,
 };
 pub use index::{encode_index, parse_index, SafetensorsIndex, HF_INDEX_FILE, INDEX_SUFFIX, MAX_INDEX_LEN};
 pub use manifest::{
@@ -182,6 +183,10 @@ pub enum FormatError {
     /// An alignment that is not a power of two.
     #[error("alignment {0} is not a power of two")]
     BadAlign(u64),
+    /// A data-region phase that is not below [`DATA_ALIGN`] or not a multiple of
+    /// [`PHASE_ALIGN`].
+    #[error("data phase {0} is not a multiple of 8 below 4096")]
+    BadPhase(u64),
     /// The CRC list does not have one value per tensor.
     #[error("{actual} CRC values given for {expected} tensors")]
     CrcCount {

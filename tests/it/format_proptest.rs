@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use proptest::prelude::*;
 use uring_ckpt::format::{
-    encode_header, header_prefix_len, parse_header, Dtype, Manifest, ShardInfo, ShardLayout, TensorSpec,
-    CRC_KEY_PREFIX, DATA_ALIGN,
+    encode_header, encode_header_with_phase, header_prefix_len, parse_header, Dtype, Manifest, ShardInfo,
+    ShardLayout, TensorSpec, CRC_KEY_PREFIX, DATA_ALIGN, PHASE_ALIGN,
 };
 
 /// Names with unicode, quotes, backslashes, control characters, colons and dots.
@@ -46,6 +46,15 @@ fn metadata() -> impl Strategy<Value = BTreeMap<String, String>> {
 
 fn align() -> impl Strategy<Value = u64> {
     prop::sample::select(vec![1u64, 512, 4096, 8192])
+}
+
+/// Data-region phases: none (half the cases), torch's 64, and any other allowed one.
+fn phase() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        2 => Just(0u64),
+        1 => Just(64u64),
+        1 => (0..DATA_ALIGN / PHASE_ALIGN).prop_map(|k| k * PHASE_ALIGN),
+    ]
 }
 
 /// A valid header with no padding, for mutation tests that should hit the JSON.
@@ -121,18 +130,28 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn header_round_trip(ts in tensors(), meta in metadata(), align in align()) {
+    fn header_round_trip(ts in tensors(), meta in metadata(), align in align(), phase in phase()) {
         let layout = layout_of(&ts);
         let crcs: Vec<u32> = ts.iter().map(|t| t.3).collect();
-        let prefix = encode_header(&layout, Some(&crcs), &meta, align);
+        let prefix = encode_header_with_phase(&layout, Some(&crcs), &meta, align, phase);
         prop_assert!(prefix.is_ok(), "{:?}", prefix);
         let prefix = prefix.unwrap_or_default();
-        let placeholder = encode_header(&layout, None, &meta, align).unwrap_or_default();
+        let placeholder = encode_header_with_phase(&layout, None, &meta, align, phase).unwrap_or_default();
+        if phase == 0 {
+            prop_assert_eq!(&encode_header(&layout, Some(&crcs), &meta, align).unwrap_or_default(), &prefix);
+        }
 
         let len = prefix.len() as u64;
-        prop_assert_eq!(len % DATA_ALIGN, 0);
-        prop_assert_eq!(len % align, 0);
+        let base = len - phase;
+        prop_assert_eq!(base % DATA_ALIGN, 0);
+        prop_assert_eq!(base % align, 0);
         prop_assert_eq!(placeholder.len(), prefix.len());
+        // From the aligned base on, the prefix is spaces whatever the CRCs are.
+        prop_assert!(prefix[base as usize..].iter().all(|&b| b == b' '));
+        prop_assert_eq!(&prefix[base as usize..], &placeholder[base as usize..]);
+        // The smallest such base: one unit less would not hold the JSON.
+        let json_end = 8 + prefix[8..].iter().rposition(|&b| b != b' ').map_or(0, |i| i + 1) as u64;
+        prop_assert!(base - json_end < align.max(DATA_ALIGN));
         prop_assert_eq!(header_prefix_len(&prefix[..8]), Ok(len));
         prop_assert_eq!(prefix[8], b'{');
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::layout::{check_layout, ShardLayout};
-use super::{CRC_KEY_PREFIX, DATA_ALIGN, LEN_FIELD, MAX_HEADER_LEN};
+use super::{CRC_KEY_PREFIX, DATA_ALIGN, LEN_FIELD, MAX_HEADER_LEN, PHASE_ALIGN};
 use crate::format::FormatError;
 
 /// Appends `s` as a JSON string literal (quotes, backslashes and control characters escaped).
@@ -48,8 +48,33 @@ pub fn encode_header(
     metadata: &BTreeMap<String, String>,
     align: u64,
 ) -> Result<Vec<u8>, FormatError> {
+    encode_header_with_phase(layout, crcs, metadata, align, 0)
+}
+
+/// [`encode_header`] with the data region starting `phase` bytes past a multiple of
+/// `lcm(DATA_ALIGN, align)`: the prefix length `8 + n` is the smallest such multiple that
+/// holds the 8 length bytes and the JSON, plus `phase`. The padding is ASCII spaces, so the
+/// bytes from that multiple to the data region are spaces whatever the CRCs are (a writer
+/// may send them ahead, with the first data bytes, and the rest of the header last).
+///
+/// A writer picks the phase at which its tensors' memory sits past a page boundary
+/// (torch's allocator puts large tensors 64 bytes past one), so that memory address and file
+/// offset agree modulo the direct-I/O alignment and the tensors go to disk without a copy.
+///
+/// Errors: those of [`encode_header`], and [`FormatError::BadPhase`] for a `phase` not below
+/// [`DATA_ALIGN`] or not a multiple of [`PHASE_ALIGN`].
+pub fn encode_header_with_phase(
+    layout: &ShardLayout,
+    crcs: Option<&[u32]>,
+    metadata: &BTreeMap<String, String>,
+    align: u64,
+    phase: u64,
+) -> Result<Vec<u8>, FormatError> {
     if !align.is_power_of_two() {
         return Err(FormatError::BadAlign(align));
+    }
+    if phase >= DATA_ALIGN || phase % PHASE_ALIGN != 0 {
+        return Err(FormatError::BadPhase(phase));
     }
     if let Some(key) = metadata.keys().find(|k| k.starts_with(CRC_KEY_PREFIX)) {
         return Err(FormatError::ReservedMetadataKey(key.clone()));
@@ -107,7 +132,10 @@ pub fn encode_header(
         return Err(too_large(json_len));
     }
     // Both terms are small here: json_len <= MAX_HEADER_LEN and unit <= 2^63.
-    let total = (LEN_FIELD + json_len).checked_next_multiple_of(unit).ok_or_else(|| too_large(json_len))?;
+    let total = (LEN_FIELD + json_len)
+        .checked_next_multiple_of(unit)
+        .and_then(|t| t.checked_add(phase))
+        .ok_or_else(|| too_large(json_len))?;
     let n = total - LEN_FIELD;
     if n > MAX_HEADER_LEN {
         return Err(too_large(n));

@@ -89,6 +89,31 @@ fn encode_rejects_bad_input() {
 }
 
 #[test]
+fn a_phase_moves_the_data_region_past_the_aligned_base() {
+    let Ok(layout) = ShardLayout::new(vec![spec("w", Dtype::F32, &[4])]) else { panic!() };
+    let none = BTreeMap::new();
+    let Ok(plain) = encode_header(&layout, Some(&[7]), &none, 512) else { panic!() };
+    for phase in [0, 8, 64, 4088] {
+        let Ok(prefix) = encode_header_with_phase(&layout, Some(&[7]), &none, 512, phase) else { panic!() };
+        assert_eq!(prefix.len() as u64, 4096 + phase);
+        assert_eq!(&prefix[..8], &(4088 + phase).to_le_bytes());
+        assert_eq!(&prefix[8..4096], &plain[8..], "same JSON, same padding up to the base");
+        assert!(prefix[4096..].iter().all(|&b| b == b' '));
+        let file = [prefix.as_slice(), &[1; 16]].concat();
+        let parsed = parse_header(&file, file.len() as u64);
+        let Ok(parsed) = parsed else { panic!("{parsed:?}") };
+        assert_eq!(parsed.data_start, 4096 + phase);
+        assert_eq!(parsed.crcs, vec![Some(7)]);
+    }
+    // With a larger file-system alignment the base is a multiple of it.
+    let Ok(prefix) = encode_header_with_phase(&layout, None, &none, 1 << 16, 64) else { panic!() };
+    assert_eq!(prefix.len(), (1 << 16) + 64);
+    for bad in [1, 4, 4096, 5000] {
+        assert_eq!(encode_header_with_phase(&layout, None, &none, 1, bad), Err(FormatError::BadPhase(bad)));
+    }
+}
+
+#[test]
 fn large_alignment_and_empty_shard() {
     let Ok(layout) = ShardLayout::new(Vec::new()) else { panic!() };
     let none = BTreeMap::new();
