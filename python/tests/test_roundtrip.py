@@ -212,6 +212,32 @@ def test_contiguous_cpu_tensors_are_not_copied(tmp_path):
     assert flat.tensors[1].obj.__array_interface__["data"][0] == state["v"].__array_interface__["data"][0]
 
 
+@pytest.mark.parametrize("engine", ["uring", "pwrite", "buffered"])
+def test_torch_allocations_past_a_page_go_to_disk_without_a_copy(tmp_path, engine):
+    # torch puts a large tensor 64 bytes past a page (40 MiB: above glibc's largest mmap
+    # threshold, so it is mapped whatever ran before); the shard's data region takes that
+    # phase, so address and file offset agree and O_DIRECT writes it from its memory.
+    w = torch.randn(2560, 4096)
+    state = {"w": w, "b": torch.randn(1000), "e": torch.empty(0), "u": torch.arange(300_001).to(torch.uint8)}
+    phase = w.data_ptr() % 4096
+    assert phase % 8 == 0
+    report = uring_ckpt.save(state, tmp_path / "c", config={"engine": engine})
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    (shard,) = manifest["shards"]
+    assert shard["header_len"] % 4096 == phase, (shard, phase)
+    with open(tmp_path / "c" / shard["file"], "rb") as f:
+        raw = f.read(shard["header_len"])
+    assert raw[8:].rstrip(b" ").endswith(b"}")  # the JSON, then spaces up to the data
+    if report["engine"]["direct_io"]:
+        align = report["engine"]["align"]
+        assert w.nbytes - align <= report["zero_copy_bytes"] <= w.nbytes, report
+    loaded = load_file(str(tmp_path / "c" / shard["file"]))
+    for key, t in state.items():
+        assert torch.equal(loaded[key], t), key
+    assert_same(uring_ckpt.load(tmp_path / "c"), state)
+    assert uring_ckpt.verify(tmp_path / "c")["tensors"] == len(state)
+
+
 def test_loaded_tensors_are_writable_views_without_warnings(tmp_path):
     uring_ckpt.save({"w": torch.arange(10, dtype=torch.float32)}, tmp_path / "c")
     with warnings.catch_warnings():

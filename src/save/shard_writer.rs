@@ -3,6 +3,14 @@
 //! address, file offset and length allow it) or copied into a staging buffer, with its
 //! CRC-32 computed in the same pass. The header goes last, into space reserved at the start,
 //! once every CRC is known; then the padded tail is truncated away and the file synced.
+//!
+//! The data region starts at a phase past a 4096-byte offset chosen from the tensors'
+//! memory ([`data_phase`]): torch's allocator puts large tensors 64 bytes past a page
+//! boundary, and only with the data region 64 bytes past one do their addresses and file
+//! offsets agree modulo the direct-I/O alignment, as a write without a copy needs. With a
+//! phase the block holding the end of the header padding also holds the first data bytes;
+//! the padding there is spaces whatever the CRCs are, so that block starts the first
+//! staging buffer (spaces, then data) and the header written last ends where it begins.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,7 +20,7 @@ use std::time::Instant;
 use super::TensorLocation;
 use crate::checkpoint::{TensorData, TensorView};
 use crate::error::{Error, Result};
-use crate::format::{encode_header, ShardInfo, ShardLayout, TensorSpec};
+use crate::format::{encode_header_with_phase, ShardInfo, ShardLayout, TensorSpec, DATA_ALIGN, PHASE_ALIGN};
 use crate::io::aligned::round_down_u64;
 use crate::io::stats::BusySpans;
 use crate::io::{FileId, Payload, StagingBuf, Writer};
@@ -107,7 +115,12 @@ pub(crate) fn write_shard<'a>(
     let (align, mem_align) = if report.direct_io { (report.align as u64, report.mem_align) } else { (1, 1) };
     let header_align = report.align as u64;
     let format_err = |source| Error::Format { path: path.into(), source };
-    let prefix_len = encode_header(&layout, None, metadata, header_align).map_err(format_err)?.len() as u64;
+    let phase = data_phase(tensors, &layout);
+    let placeholder =
+        encode_header_with_phase(&layout, None, metadata, header_align, phase).map_err(format_err)?;
+    let prefix_len = placeholder.len() as u64;
+    // The data region's first block starts here; from here on the prefix is spaces.
+    let head = round_down_u64(prefix_len, align);
 
     let chunk = stream_chunk(writer)?;
     let _active = ActiveStream::enter();
@@ -116,7 +129,7 @@ pub(crate) fn write_shard<'a>(
         file,
         pos: prefix_len,
         cur: None,
-        cur_offset: prefix_len,
+        cur_offset: head,
         chunk,
         align,
         mem_align,
@@ -124,6 +137,12 @@ pub(crate) fn write_shard<'a>(
         split: options.split,
         volume: ShardVolume::default(),
     };
+    if head < prefix_len {
+        // The end of the header padding begins the stream's first block.
+        let mut buf = writer.take_buffer()?;
+        buf.extend_from_slice(&placeholder[head as usize..]);
+        stream.cur = Some(buf);
+    }
     let mut crcs = Vec::with_capacity(tensors.len());
     for tensor in tensors {
         let crc = match tensor.data {
@@ -142,10 +161,14 @@ pub(crate) fn write_shard<'a>(
     let file_len = prefix_len + layout.data_len;
     debug_assert_eq!(stream.pos, file_len);
 
-    let header = encode_header(&layout, Some(&crcs), metadata, header_align).map_err(format_err)?;
-    debug_assert_eq!(header.len() as u64, prefix_len, "placeholder header has the final length");
+    let header =
+        encode_header_with_phase(&layout, Some(&crcs), metadata, header_align, phase).map_err(format_err)?;
+    // What went out with the first data bytes must be what the header has there.
+    if header.len() != placeholder.len() || header[head as usize..] != placeholder[head as usize..] {
+        return Err(Error::Internal(format!("the header of {} changed length or padding", path.display())));
+    }
     let mut offset = 0u64;
-    for piece in header.chunks(chunk) {
+    for piece in header[..head as usize].chunks(chunk) {
         let mut buf = writer.take_buffer()?;
         buf.extend_from_slice(piece);
         buf.pad_to(align as usize);
@@ -173,6 +196,36 @@ pub(crate) fn write_shard<'a>(
         })
         .collect();
     Ok((info, stream.volume, locations))
+}
+
+/// Where the shard's data region starts past a multiple of [`DATA_ALIGN`]: the phase at
+/// which the most bytes of large host tensors (at least [`ZERO_COPY_MIN`]) would have memory
+/// address and file offset congruent modulo 4096 (hence modulo any direct-I/O alignment up
+/// to a page), so that they can be written without a copy. A tensor's vote is its address
+/// minus its offset in the data region, modulo 4096; votes that are not a multiple of
+/// [`PHASE_ALIGN`] are ignored (the data region stays 8-byte aligned). Ties go to the
+/// smaller phase; 0 when nothing votes (device sources, page-aligned memory), which is the
+/// layout of a shard written without phases. The choice depends on memory and layout only,
+/// not on the engine, so every engine writes the same bytes for the same tensors.
+fn data_phase(tensors: &[&TensorView<'_>], layout: &ShardLayout) -> u64 {
+    let mut votes: Vec<(u64, u64)> = Vec::new();
+    for (tensor, entry) in tensors.iter().zip(&layout.tensors) {
+        let bytes = match tensor.data {
+            TensorData::Host(bytes) => Some(bytes),
+            TensorData::Source(source) => source.host_bytes(),
+        };
+        let Some(bytes) = bytes.filter(|b| b.len() >= ZERO_COPY_MIN) else { continue };
+        // 4096 divides 2^64, so the wrapping difference is right modulo 4096.
+        let phase = (bytes.as_ptr() as u64).wrapping_sub(entry.data_offsets.0) % DATA_ALIGN;
+        if phase % PHASE_ALIGN != 0 {
+            continue;
+        }
+        match votes.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, n)) => *n += bytes.len() as u64,
+            None => votes.push((phase, bytes.len() as u64)),
+        }
+    }
+    votes.into_iter().max_by_key(|&(phase, n)| (n, std::cmp::Reverse(phase))).map_or(0, |(phase, _)| phase)
 }
 
 /// Capacity of the writer's staging buffers.

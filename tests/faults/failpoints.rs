@@ -160,9 +160,14 @@ fn every_fault_ends_in_a_typed_error_or_the_documented_outcome() {
                 assert!(files_of(&path) == reference_files, "{what}: files differ from a fault-free save");
                 assert!(report.engine.fallbacks.is_empty(), "{what}: {:?}", report.engine);
                 if case.point == "uring.write.submit" {
-                    // Each short write was followed by an SQE for its rest.
+                    // Each short write was followed by an SQE for its rest. A write of one
+                    // block cannot be cut (O_DIRECT), and a shard whose data region has a
+                    // phase (`Vec` memory sits past a page boundary) has such writes: the
+                    // block shared with the header, and one between neighbouring tensors
+                    // sent without a copy. So at least one of the five was cut, at most five.
+                    let extra = report.sqes_submitted - reference_report.sqes_submitted;
                     assert!(
-                        report.sqes_submitted >= reference_report.sqes_submitted + 5,
+                        (1..=5).contains(&extra),
                         "{what}: {} SQEs, {} without faults",
                         report.sqes_submitted,
                         reference_report.sqes_submitted

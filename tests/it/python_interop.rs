@@ -87,3 +87,63 @@ fn upstream_safetensors_loads_every_engines_shards() {
         assert!(!stdout.contains("checked 0 tensors through"), "load_file must have run: {stdout}");
     }
 }
+
+#[test]
+fn upstream_safetensors_loads_shards_whose_data_region_has_a_phase() {
+    let Some(python) = venv_python() else { return };
+    let dir = scratch();
+    // Tensors 64 bytes past a page, as torch allocates them: the data region follows.
+    let shapes: [(Dtype, Vec<u64>); 5] = [
+        (Dtype::F32, vec![256, 1024]),
+        (Dtype::BF16, vec![512, 512]),
+        (Dtype::I64, vec![7, 13]),
+        (Dtype::F16, vec![0]),
+        (Dtype::U8, vec![300_001]),
+    ];
+    let mut sources = Vec::new();
+    let mut starts = Vec::new();
+    let mut at = 0usize;
+    for (i, (dtype, shape)) in shapes.iter().enumerate() {
+        let len = dtype.byte_len(shape).expect("size") as usize;
+        let start = at.next_multiple_of(4096) + 64;
+        sources.push(Source {
+            name: format!("t{i}"),
+            dtype: *dtype,
+            shape: shape.clone(),
+            data: bytes(i as u64, len),
+        });
+        starts.push(start);
+        at = start + len;
+    }
+    let mut arena = uring_ckpt::io::AlignedBuf::zeroed(at.next_multiple_of(4096), 4096);
+    arena.set_len(at.next_multiple_of(4096));
+    for (s, &start) in sources.iter().zip(&starts) {
+        arena[start..start + s.data.len()].copy_from_slice(&s.data);
+    }
+    let expected = dir.path().join("expected");
+    write_expected(&expected, &sources);
+    let mut ck = Checkpoint::new();
+    for (s, &start) in sources.iter().zip(&starts) {
+        ck.add(s.name.clone(), s.dtype, &s.shape, &arena[start..start + s.data.len()]).expect("tensor");
+    }
+    for engine in ENGINES {
+        let path = dir.path().join(engine.as_str());
+        let io = UringCheckpointIO::new(small_config(engine)).expect("config");
+        let report = io.save_checkpoint(&ck, &path).expect("save");
+        if report.engine.direct_io {
+            let align = report.engine.align as u64;
+            assert!(report.zero_copy_bytes >= (3 << 19) - 2 * align, "{engine}: {report:?}");
+        }
+        let checker = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_shards.py");
+        let out = Command::new(&python)
+            .arg(&checker)
+            .arg(&path)
+            .arg(&expected)
+            .arg("64")
+            .output()
+            .expect("run python");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{engine}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains(&format!("{} passed, 0 failed", sources.len())), "{stdout}");
+    }
+}

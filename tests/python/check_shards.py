@@ -1,13 +1,15 @@
 """Independent check of uring-ckpt shards with the upstream `safetensors` package.
 
-Usage: check_shards.py CHECKPOINT_DIR EXPECTED_DIR
+Usage: check_shards.py CHECKPOINT_DIR EXPECTED_DIR [DATA_PHASE]
 
 EXPECTED_DIR holds index.json ({"tensors": [{"name", "dtype", "shape", "file"}]}) and one
 raw file per tensor with the bytes the writer was given. For every shard this checks:
 - `safetensors.numpy.load_file` loads it unchanged (when every dtype has a numpy type),
   each array's bytes equal the source and its zlib.crc32 equals the stored CRC;
 - for dtypes numpy lacks (BF16, F8_*), the header parsed by hand gives the same bytes/CRC;
-- the data region starts at a multiple of 4096.
+- the data region starts at a multiple of 8, at most 4095 bytes past the first multiple of
+  4096 after the JSON (its phase, equal to DATA_PHASE when given), and everything between
+  the JSON and the data region is spaces.
 Prints "N passed, 0 failed" on success; exits 1 on the first mismatch.
 """
 
@@ -32,6 +34,7 @@ def fail(message):
 
 def main():
     ckpt, expected_dir = sys.argv[1], sys.argv[2]
+    want_phase = int(sys.argv[3]) if len(sys.argv) > 3 else None
     with open(os.path.join(expected_dir, "index.json")) as f:
         expected = {t["name"]: t for t in json.load(f)["tensors"]}
     with open(os.path.join(ckpt, "manifest.json")) as f:
@@ -44,9 +47,14 @@ def main():
         with open(path, "rb") as f:
             raw = f.read()
         (n,) = struct.unpack("<Q", raw[:8])
-        if (8 + n) % 4096 != 0:
-            fail(f"{path}: data region starts at {8 + n}, not a multiple of 4096")
-        header = json.loads(raw[8 : 8 + n])
+        start = 8 + n
+        json_end = 8 + len(raw[8:start].rstrip(b" "))
+        phase = start - -(-json_end // 4096) * 4096
+        if start % 8 != 0 or not 0 <= phase < 4096:
+            fail(f"{path}: data region starts at {start}, JSON ends at {json_end}")
+        if want_phase is not None and phase != want_phase:
+            fail(f"{path}: data region starts at {start}, phase {phase}, not {want_phase}")
+        header = json.loads(raw[8:start])
         data = raw[8 + n :]
         with safe_open(path, framework="np") as sf:
             metadata = sf.metadata() or {}

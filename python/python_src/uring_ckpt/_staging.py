@@ -10,9 +10,9 @@ storages allocated here: page-aligned anonymous memory (huge pages where the ker
 them), page-locked when CUDA is there so device tensors come over at full speed. Page
 alignment is what lets the writer send staged tensors to disk without another copy: with
 O_DIRECT a tensor goes straight from its memory when its address and file offset agree
-modulo the direct-I/O memory alignment, which torch's own allocations (64 bytes past a page)
-never do and these always do (shard data starts on a 4096-byte boundary and tensors whose
-sizes are multiples of 512 keep the next one aligned). An area is
+modulo the direct-I/O memory alignment. The writer starts each shard's data region at the
+phase of most of its tensors' bytes past a page (64 for torch's own allocations, 0 for
+these), and tensors whose sizes are multiples of 512 keep the next one congruent. An area is
 *in use* while anything outside it still refers to one of its storages: the staged state
 dict, or any view DCP made of it, on the thread (or, in process mode, the thread waiting
 for the checkpoint process) that writes it. :class:`StagingAreas` hands each save an area
