@@ -229,7 +229,7 @@ def test_torch_allocations_past_a_page_go_to_disk_without_a_copy(tmp_path, engin
         raw = f.read(shard["header_len"])
     assert raw[8:].rstrip(b" ").endswith(b"}")  # the JSON, then spaces up to the data
     if report["engine"]["direct_io"]:
-        align = report["engine"]["align"]
+        align = max(report["engine"]["align"], 4096)  # writes are cut at 4096-byte offsets
         assert w.nbytes - align <= report["zero_copy_bytes"] <= w.nbytes, report
     loaded = load_file(str(tmp_path / "c" / shard["file"]))
     for key, t in state.items():

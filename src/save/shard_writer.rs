@@ -30,6 +30,14 @@ use crate::source::TensorSource;
 /// cheaper to batch into a staging buffer than to send as writes of their own).
 const ZERO_COPY_MIN: usize = 256 * 1024;
 
+/// With O_DIRECT a shard's writes are cut at file offsets that are multiples of this (or of
+/// the direct-I/O alignment, if larger), the usual file-system block: XFS and ext4 take a
+/// direct write that starts or ends inside a block (allowed from the 512-byte alignment
+/// `STATX_DIOALIGN` reports) one at a time, under the exclusive inode lock after waiting out
+/// every direct write in flight, which leaves a queue of one. A tensor whose address and
+/// offset agree then stages at most this much before going without a copy.
+const WRITE_ALIGN: u64 = 4096;
+
 /// Shard streams copying at this moment, in this process (see [`split_copies`]).
 static ACTIVE_STREAMS: AtomicUsize = AtomicUsize::new(0);
 
@@ -112,7 +120,12 @@ pub(crate) fn write_shard<'a>(
         .collect();
     let layout = ShardLayout::new(specs).map_err(|source| Error::Format { path: path.into(), source })?;
     let report = writer.report();
-    let (align, mem_align) = if report.direct_io { (report.align as u64, report.mem_align) } else { (1, 1) };
+    // With O_DIRECT, writes start and end at multiples of the direct-I/O alignment and of
+    // 4096 ([`WRITE_ALIGN`]), whichever is larger.
+    let (align, mem_align) = match report.direct_io {
+        true => ((report.align as u64).max(WRITE_ALIGN), report.mem_align),
+        false => (1, 1),
+    };
     let header_align = report.align as u64;
     let format_err = |source| Error::Format { path: path.into(), source };
     let phase = data_phase(tensors, &layout);
