@@ -29,6 +29,8 @@ pub struct TensorInfo {
     pub bytes: u64,
     /// Shard file holding it.
     pub shard: String,
+    /// Offset of its first byte in that file.
+    pub offset: u64,
     /// Stored CRC-32, if any.
     pub crc32: Option<u32>,
 }
@@ -61,6 +63,7 @@ pub fn inspect(config: &Config, dir: &Path) -> Result<CheckpointInfo> {
                 shape: entry.shape.clone(),
                 bytes: entry.len(),
                 shard: info.file.clone(),
+                offset: shard.header.data_start + entry.data_offsets.0,
                 crc32: *crc,
             });
         }

@@ -89,6 +89,10 @@ pub struct LoadReport {
     /// How the fresh memory the tensors were read into was faulted in: bytes with huge pages
     /// and with 4 KiB pages, whichever faulted in faster (zeros for loads in place).
     pub fresh_pages: FreshPages,
+    /// Tensor bytes read straight into where they end up, past any staging buffer: every
+    /// byte of a fresh load (its tensors are the memory read into); for a load into a sink,
+    /// the aligned interiors of tensors whose host memory sits at their file offset's phase.
+    pub zero_copy_bytes: u64,
 }
 
 /// MiB/s of `bytes` moved in `seconds`.

@@ -13,20 +13,74 @@ use super::reader::{never_issued, settle, Piece, ReadEngine, ReadLimits, Settled
 use super::{IoStats, PoolBuf};
 use crate::error::{Error, Result};
 
-/// One read of a stream: `len` bytes at `offset` into the start of `buf`. Under direct I/O
-/// `offset` must be a multiple of the engine's alignment and `buf` must hold `len` rounded
+/// One read of a stream: `len` bytes at `offset` into the start of `dst`. Under direct I/O
+/// `offset` must be a multiple of the engine's alignment and `dst` must hold `len` rounded
 /// up to it (pool buffers of the engine's shape do).
 #[derive(Debug)]
 pub struct StreamRead {
-    /// Where the bytes go; when the read is done, `buf[..len]` holds them (bytes past the
-    /// end of the file read as zero).
-    pub buf: PoolBuf,
+    /// Where the bytes go; when the read is done, its first `len` bytes hold them (bytes
+    /// past the end of the file read as zero).
+    pub dst: ReadDst,
     /// Offset in the file.
     pub offset: u64,
     /// Bytes to read.
     pub len: usize,
     /// The feed's own number for this read, handed back with it.
     pub tag: usize,
+}
+
+/// The memory one [`StreamRead`] lands in.
+#[derive(Debug)]
+pub enum ReadDst {
+    /// A staging buffer, handed back with the read.
+    Staged(PoolBuf),
+    /// Memory the feed lends for the read: a tensor's own, read straight into.
+    Lent(LentSpan),
+}
+
+/// Memory lent to one read of a stream (see [`LentSpan::new`]).
+#[derive(Debug)]
+pub struct LentSpan {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a lent span is exclusive memory (the contract of `LentSpan::new`), only written
+// through by the read it belongs to, on whichever thread runs the stream.
+unsafe impl Send for LentSpan {}
+
+impl LentSpan {
+    /// `len` bytes at `base`, lent to a read.
+    ///
+    /// # Safety
+    /// `base..base + len` must be writable memory that nothing else reads or writes from now
+    /// until the read is handed back to the feed ([`ReadFeed::done`]) or the stream returns.
+    pub unsafe fn new(base: *mut u8, len: usize) -> LentSpan {
+        LentSpan { base, len }
+    }
+
+    /// The span's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the span is valid and exclusive while it exists (`LentSpan::new`).
+        unsafe { std::slice::from_raw_parts(self.base, self.len) }
+    }
+}
+
+impl ReadDst {
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        match self {
+            ReadDst::Staged(buf) => buf.as_mut_ptr(),
+            ReadDst::Lent(span) => span.base,
+        }
+    }
+
+    fn as_full_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            ReadDst::Staged(buf) => buf.as_full_mut_slice(),
+            // SAFETY: the span is valid and exclusive while it exists (`LentSpan::new`).
+            ReadDst::Lent(span) => unsafe { std::slice::from_raw_parts_mut(span.base, span.len) },
+        }
+    }
 }
 
 /// What a [`ReadFeed`] offers next.
@@ -85,7 +139,7 @@ pub(crate) fn run_stream<E: ReadEngine>(
             if let Some(idx) = queued.pop_front() {
                 let read = active[owner[idx]].as_mut().expect("a queued piece's read is active");
                 pieces[idx].started = Instant::now();
-                engine.start(file, idx, pieces[idx].request(read.read.buf.as_mut_ptr()));
+                engine.start(file, idx, pieces[idx].request(read.read.dst.as_mut_ptr()));
                 inflight += 1;
                 continue;
             }
@@ -115,7 +169,7 @@ pub(crate) fn run_stream<E: ReadEngine>(
             let span = if direct { round_up(read.len, align) } else { read.len };
             let checked = check_read(
                 &file.path,
-                read.buf.as_full_mut_slice(),
+                read.dst.as_full_mut_slice(),
                 read.offset,
                 read.len,
                 span,
@@ -155,7 +209,7 @@ pub(crate) fn run_stream<E: ReadEngine>(
                 count += 1;
             }
             if count == 0 {
-                zero_past_eof(read.buf.as_full_mut_slice(), read.offset, span, file.len);
+                zero_past_eof(read.dst.as_full_mut_slice(), read.offset, span, file.len);
                 if let Err(err) = feed.done(read) {
                     error = Some(err);
                 }
@@ -177,7 +231,7 @@ pub(crate) fn run_stream<E: ReadEngine>(
             match settle(piece, result, latency, limits, file, stats, error.is_none()) {
                 Settled::Resubmit => {
                     let read = active[owner[idx]].as_mut().expect("a piece in flight has an active read");
-                    engine.start(file, idx, piece.request(read.read.buf.as_mut_ptr()));
+                    engine.start(file, idx, piece.request(read.read.dst.as_mut_ptr()));
                     continue;
                 }
                 Settled::Done => {}
@@ -193,7 +247,7 @@ pub(crate) fn run_stream<E: ReadEngine>(
             if read.pieces_left == 0 {
                 let Active { mut read, span, .. } = active[slot].take().expect("active");
                 if error.is_none() {
-                    zero_past_eof(read.buf.as_full_mut_slice(), read.offset, span, file.len);
+                    zero_past_eof(read.dst.as_full_mut_slice(), read.offset, span, file.len);
                     if let Err(err) = feed.done(read) {
                         error = Some(err);
                     }

@@ -9,7 +9,13 @@
 //!    a fixed set of buffers lent by the [`StagingPool`]: the engine keeps its queue depth
 //!    in flight while copy threads take each finished buffer, hand every tensor piece in
 //!    it to the sink with its CRC computed in the same pass, and give the buffer back.
-//! 3. The per-piece CRCs are combined per tensor and checked against the shard header.
+//! 3. Where the sink lends a tensor's host memory ([`TensorSink::host_memory`]) and that
+//!    memory sits at the same phase as the tensor's file offset (modulo the direct-I/O
+//!    memory alignment: 4 bytes on most NVMe, 512 on virtio and loop devices), the
+//!    tensor's aligned interior is read straight into it, past the staging buffers; a copy
+//!    thread then only computes its CRC, while the bytes are still in cache. Its unaligned
+//!    head and tail (under one block each) go through staging.
+//! 4. The per-piece CRCs are combined per tensor and checked against the shard header.
 //!
 //! Peak memory is the staging buffers, whatever the checkpoint's size.
 
@@ -23,15 +29,19 @@ use super::shard::{check_weight_map, open_shard, OpenShard, ShardRead};
 use super::LoadOptions;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::io::aligned::round_down_u64;
+use crate::io::aligned::{round_down_u64, round_up_u64};
 use crate::io::pool::{staging_align, Shape};
-use crate::io::stream::{Feed, ReadFeed, StreamRead};
+use crate::io::stream::{Feed, LentSpan, ReadDst, ReadFeed, StreamRead};
 use crate::io::{fault_in_spans, open_reader, PoolBuf, Reader, StagingPool};
 use crate::report::{mib_per_s, LoadReport};
 use crate::sink::{SinkWriter, TensorMeta, TensorSink};
 
 /// Ranges closer than this are read as one (reading the gap costs less than another read).
 const COALESCE_GAP: u64 = 1 << 20;
+
+/// Bytes a tensor's aligned interior needs to be read straight into its destination. More
+/// than [`COALESCE_GAP`], so the staged reads of its head and tail never join across it.
+const DIRECT_MIN: u64 = 2 * COALESCE_GAP;
 
 /// Copy threads of a load at most (fewer on a machine with fewer cores).
 const MAX_COPY_THREADS: usize = 4;
@@ -57,6 +67,27 @@ struct Target {
     end: u64,
     /// The CRC to check, when verifying and the header has one.
     crc: Option<u32>,
+    /// The part `[lo, hi)` of the file read straight into the destination, whose host
+    /// memory starts at `address` (see [`direct_part`]); the rest goes through staging.
+    direct: Option<Direct>,
+}
+
+/// A tensor's part read straight into its destination.
+#[derive(Debug, Clone, Copy)]
+struct Direct {
+    lo: u64,
+    hi: u64,
+    /// The address of the tensor's first byte.
+    address: usize,
+}
+
+/// One read of a shard: `len` bytes at `offset`, into a staging buffer or (`lent`: the
+/// target's index) straight into that target's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Planned {
+    offset: u64,
+    len: usize,
+    lent: Option<usize>,
 }
 
 /// A finished read on its way to a copy thread.
@@ -105,13 +136,29 @@ pub fn load_into(
             let meta =
                 TensorMeta { name: &entry.name, dtype: entry.dtype, shape: &entry.shape, len: entry.len() };
             match sink.open(&meta) {
-                Ok(Some(slot)) => targets.push(Target {
-                    name: entry.name.clone(),
-                    slot,
-                    begin: shard.header.data_start + entry.data_offsets.0,
-                    end: shard.header.data_start + entry.data_offsets.1,
-                    crc: shard.header.crcs[i].filter(|_| verify),
-                }),
+                Ok(Some(slot)) => {
+                    let begin = shard.header.data_start + entry.data_offsets.0;
+                    let end = shard.header.data_start + entry.data_offsets.1;
+                    // Buffered reads land anywhere; direct ones need the alignments.
+                    let report = reader.report();
+                    let (align, mem_align) = if report.direct_io {
+                        (report.align as u64, report.mem_align as u64)
+                    } else {
+                        (1, 1)
+                    };
+                    let direct = sink
+                        .host_memory(slot)
+                        .filter(|&(_, len)| len as u64 == end - begin)
+                        .and_then(|(ptr, _)| direct_part(begin, end, ptr as usize, align, mem_align));
+                    targets.push(Target {
+                        name: entry.name.clone(),
+                        slot,
+                        begin,
+                        end,
+                        crc: shard.header.crcs[i].filter(|_| verify),
+                        direct,
+                    })
+                }
                 Ok(None) => unexpected.push(entry.name.clone()),
                 Err(Error::InvalidCheckpoint(problem)) => problems.push(problem),
                 Err(other) => return Err(other),
@@ -128,6 +175,8 @@ pub fn load_into(
     if !problems.is_empty() {
         return Err(Error::Mismatch { path: dir.to_path_buf(), problems });
     }
+    let zero_copy_bytes: u64 =
+        shards.iter().flat_map(|(_, t)| t).filter_map(|t| t.direct).map(|d| d.hi - d.lo).sum();
     let (data_bytes, streamed) = stream_shards(config, pool, reader.as_mut(), &mut shards, sink)?;
     read_bytes += streamed;
     for (shard, _) in &shards {
@@ -144,29 +193,68 @@ pub fn load_into(
             engine: reader.report().clone(),
             read_latency: reader.stats().percentiles_us(),
             fresh_pages: reader.stats().fresh_pages,
+            zero_copy_bytes,
         },
         missing,
         unexpected,
     })
 }
 
-/// The reads that cover `targets` (sorted by `begin`): ranges closer than
-/// [`COALESCE_GAP`] merged, starts aligned down to `align`, cut into reads of at most
-/// `chunk` bytes (a multiple of `align`). The reads never overlap.
-fn plan_reads(targets: &[Target], align: u64, chunk: u64) -> VecDeque<(u64, usize)> {
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for t in targets.iter().filter(|t| t.end > t.begin) {
-        let start = round_down_u64(t.begin, align);
+/// The part of a tensor at `[begin, end)` of the file whose memory starts at `address` that
+/// can be read straight into that memory: from the first multiple of `align` (the offset
+/// alignment) to the last, when the memory there is `mem_align`-aligned (the tensor sits at
+/// the file's phase) and the part holds at least [`DIRECT_MIN`] bytes.
+fn direct_part(begin: u64, end: u64, address: usize, align: u64, mem_align: u64) -> Option<Direct> {
+    let (lo, hi) = (round_up_u64(begin, align), round_down_u64(end, align));
+    let at = (address as u64).checked_add(lo - begin)?;
+    (hi >= lo + DIRECT_MIN && at % mem_align.max(1) == 0).then_some(Direct { lo, hi, address })
+}
+
+/// The parts of target `t` within `[start, end)` that go through staging: all of it, or
+/// what lies outside its direct part.
+fn staged_parts(t: &Target, start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> {
+    let (from, to) = (t.begin.max(start), t.end.min(end));
+    let parts = match t.direct {
+        None => [(from, to), (0, 0)],
+        Some(d) => [(from, to.min(d.lo)), (from.max(d.hi), to)],
+    };
+    parts.into_iter().filter(|&(a, b)| a < b)
+}
+
+/// The reads that cover `targets` (sorted by `begin`), in file order: their direct parts
+/// (see [`direct_part`]) as lent reads; the rest as staged reads, ranges closer than
+/// [`COALESCE_GAP`] merged, starts aligned down to `align`. All are cut into reads of at
+/// most `chunk` bytes (a multiple of `align`); a direct part's ends are multiples of
+/// `align` already. The reads never overlap.
+fn plan_reads(targets: &[Target], align: u64, chunk: u64) -> VecDeque<Planned> {
+    // (start, end, lent target); consecutive staged ranges merged.
+    let mut ranges: Vec<(u64, u64, Option<usize>)> = Vec::new();
+    let stage = |ranges: &mut Vec<(u64, u64, Option<usize>)>, (from, to): (u64, u64)| {
+        let start = round_down_u64(from, align);
         match ranges.last_mut() {
-            Some(last) if start <= last.1 + COALESCE_GAP => last.1 = last.1.max(t.end),
-            _ => ranges.push((start, t.end)),
+            Some(last) if last.2.is_none() && start <= last.1 + COALESCE_GAP => last.1 = last.1.max(to),
+            _ => ranges.push((start, to, None)),
+        }
+    };
+    for (i, t) in targets.iter().enumerate().filter(|(_, t)| t.end > t.begin) {
+        match t.direct {
+            None => stage(&mut ranges, (t.begin, t.end)),
+            Some(d) => {
+                if t.begin < d.lo {
+                    stage(&mut ranges, (t.begin, d.lo));
+                }
+                ranges.push((d.lo, d.hi, Some(i)));
+                if d.hi < t.end {
+                    stage(&mut ranges, (d.hi, t.end));
+                }
+            }
         }
     }
     let mut reads = VecDeque::new();
-    for (mut at, end) in ranges {
+    for (mut at, end, lent) in ranges {
         while at < end {
             let n = chunk.min(end - at);
-            reads.push_back((at, n as usize));
+            reads.push_back(Planned { offset: at, len: n as usize, lent });
             at += n;
         }
     }
@@ -191,9 +279,9 @@ fn stream_shards(
         targets.sort_by_key(|t| t.begin);
     }
     let data_bytes: u64 = shards.iter().flat_map(|(_, t)| t).map(|t| t.end - t.begin).sum();
-    let plans: Vec<VecDeque<(u64, usize)>> =
+    let plans: Vec<VecDeque<Planned>> =
         shards.iter().map(|(_, targets)| plan_reads(targets, align, chunk as u64)).collect();
-    let read_bytes: u64 = plans.iter().flatten().map(|&(_, n)| n as u64).sum();
+    let read_bytes: u64 = plans.iter().flatten().map(|r| r.len as u64).sum();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_COPY_THREADS);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
@@ -241,6 +329,7 @@ fn stream_shards(
                 back: back_rx,
                 work: work_tx,
                 reads: VecDeque::new(),
+                targets: &[],
                 shard: 0,
                 failed: &failed,
             };
@@ -248,7 +337,7 @@ fn stream_shards(
                 if plan.is_empty() {
                     continue;
                 }
-                (feed.shard, feed.reads) = (i, plan);
+                (feed.shard, feed.reads, feed.targets) = (i, plan, &shards_ro[i].1);
                 if let Err(err) = reader.read_stream(shards_ro[i].0.file, &mut feed) {
                     fail(err);
                     break;
@@ -276,13 +365,15 @@ fn stream_shards(
     Ok((data_bytes, read_bytes))
 }
 
-/// The reader's end: reads of the current shard into the buffers, finished ones to the copy
-/// threads, buffers back from them.
+/// The reader's end: reads of the current shard into the buffers (or lent memory),
+/// finished ones to the copy threads, buffers back from them.
 struct PoolFeed<'a> {
     idle: Vec<PoolBuf>,
     back: mpsc::Receiver<PoolBuf>,
     work: mpsc::Sender<Filled>,
-    reads: VecDeque<(u64, usize)>,
+    reads: VecDeque<Planned>,
+    /// The current shard's targets (what lent reads land in).
+    targets: &'a [Target],
     shard: usize,
     failed: &'a AtomicBool,
 }
@@ -298,9 +389,22 @@ impl ReadFeed for PoolFeed<'_> {
         if self.failed.load(Ordering::Acquire) {
             return Err(PoolFeed::stopped());
         }
-        let Some(&(offset, len)) = self.reads.front() else {
+        let Some(&Planned { offset, len, lent }) = self.reads.front() else {
             return Ok(Feed::End);
         };
+        if let Some(i) = lent {
+            let t = &self.targets[i];
+            let address = t.direct.map(|d| d.address).expect("a lent read's target has a direct part");
+            self.reads.pop_front();
+            // SAFETY: `offset..offset + len` lies in the target's direct part, inside
+            // `[begin, end)`, and its destination holds exactly `end - begin` bytes (checked
+            // when the part was chosen), so the span lies in the destination, which the sink
+            // lends to this load alone (`TensorSink::host_memory`). The reads never overlap
+            // and the copy threads never write a direct part (`staged_parts`), so nothing
+            // else writes the span; they read it only after the read is handed back.
+            let span = unsafe { LentSpan::new((address + (offset - t.begin) as usize) as *mut u8, len) };
+            return Ok(Feed::Read(StreamRead { dst: ReadDst::Lent(span), offset, len, tag: i }));
+        }
         let buf = match self.idle.pop() {
             Some(buf) => buf,
             None => match self.back.try_recv() {
@@ -311,7 +415,7 @@ impl ReadFeed for PoolFeed<'_> {
             },
         };
         self.reads.pop_front();
-        Ok(Feed::Read(StreamRead { buf, offset, len, tag: 0 }))
+        Ok(Feed::Read(StreamRead { dst: ReadDst::Staged(buf), offset, len, tag: 0 }))
     }
 
     fn done(&mut self, read: StreamRead) -> Result<()> {
@@ -341,43 +445,58 @@ fn copy_worker(
     loop {
         let next = work.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let Ok(Filled { shard, read }) = next else { break };
-        if let Some(w) = writer.as_mut().filter(|_| !failed.load(Ordering::Acquire)) {
-            if let Err(err) = copy_read(w.as_mut(), shard, &shards[shard].1, &read, &mut crcs) {
-                // No copy may still read the buffer when it goes back.
-                let _ = w.flush();
-                fail(err);
+        let StreamRead { dst, offset, len, tag } = read;
+        match dst {
+            ReadDst::Lent(span) => {
+                let t = &shards[shard].1[tag];
+                if t.crc.is_some() && !failed.load(Ordering::Acquire) {
+                    let mut crc = crc32fast::Hasher::new();
+                    crc.update(span.as_slice());
+                    crcs.push((target_key(shard, tag), offset - t.begin, len as u64, crc));
+                }
+            }
+            ReadDst::Staged(buf) => {
+                if let Some(w) = writer.as_mut().filter(|_| !failed.load(Ordering::Acquire)) {
+                    if let Err(err) =
+                        copy_read(w.as_mut(), shard, &shards[shard].1, offset, &buf, len, &mut crcs)
+                    {
+                        // No copy may still read the buffer when it goes back.
+                        let _ = w.flush();
+                        fail(err);
+                    }
+                }
+                // The reader may have stopped: then the buffer simply goes back to the pool.
+                let _ = back.send(buf);
             }
         }
-        // The reader may have stopped: then the buffer simply goes back to the pool.
-        let _ = back.send(read.buf);
     }
     crcs
 }
 
-/// Hands the pieces of `targets` that lie in `read` to the sink, then waits until it no
-/// longer reads the buffer.
+/// Hands the staged pieces of `targets` that lie in the `len` bytes read at `offset` into
+/// `buf` to the sink, then waits until it no longer reads the buffer.
 fn copy_read(
     writer: &mut dyn SinkWriter,
     shard: usize,
     targets: &[Target],
-    read: &StreamRead,
+    offset: u64,
+    buf: &PoolBuf,
+    len: usize,
     crcs: &mut Vec<PieceCrc>,
 ) -> Result<()> {
-    let (start, end) = (read.offset, read.offset + read.len as u64);
+    let (start, end) = (offset, offset + len as u64);
     let first = targets.partition_point(|t| t.end <= start);
     for (i, t) in targets.iter().enumerate().skip(first) {
         if t.begin >= end {
             break;
         }
-        let (from, to) = (t.begin.max(start), t.end.min(end));
-        if from >= to {
-            continue;
-        }
-        let bytes = &read.buf.as_full_slice()[(from - start) as usize..(to - start) as usize];
-        let mut crc = t.crc.map(|_| crc32fast::Hasher::new());
-        writer.write(t.slot, from - t.begin, bytes, crc.as_mut())?;
-        if let Some(crc) = crc {
-            crcs.push((target_key(shard, i), from - t.begin, to - from, crc));
+        for (from, to) in staged_parts(t, start, end) {
+            let bytes = &buf.as_full_slice()[(from - start) as usize..(to - start) as usize];
+            let mut crc = t.crc.map(|_| crc32fast::Hasher::new());
+            writer.write(t.slot, from - t.begin, bytes, crc.as_mut())?;
+            if let Some(crc) = crc {
+                crcs.push((target_key(shard, i), from - t.begin, to - from, crc));
+            }
         }
     }
     writer.flush()
@@ -425,4 +544,104 @@ fn check_crcs(shards: &[(OpenShard, Vec<Target>)], mut crcs: Vec<PieceCrc>) -> R
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn target(begin: u64, end: u64, address: Option<usize>, align: u64, mem_align: u64) -> Target {
+        Target {
+            name: format!("t{begin}"),
+            slot: 0,
+            begin,
+            end,
+            crc: None,
+            direct: address.and_then(|a| direct_part(begin, end, a, align, mem_align)),
+        }
+    }
+
+    /// Every byte of every target is covered exactly once: by a lent read of its own direct
+    /// part, or by staged reads (which never overlap each other or a direct part).
+    fn check_cover(targets: &[Target], reads: &VecDeque<Planned>, align: u64, chunk: u64) {
+        let mut spans: Vec<(u64, u64)> = reads.iter().map(|r| (r.offset, r.offset + r.len as u64)).collect();
+        spans.sort();
+        assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "reads overlap: {spans:?}");
+        for r in reads {
+            assert!(r.offset % align == 0 && r.len as u64 <= chunk, "{r:?}");
+            match r.lent {
+                Some(i) => {
+                    let d = targets[i].direct.expect("a lent read's target is direct");
+                    assert!(d.lo <= r.offset && r.offset + r.len as u64 <= d.hi, "{r:?} outside {d:?}");
+                    assert_eq!(r.len as u64 % align, 0, "{r:?}");
+                }
+                None => assert!(targets
+                    .iter()
+                    .filter_map(|t| t.direct)
+                    .all(|d| { r.offset + r.len as u64 <= d.lo || r.offset >= d.hi })),
+            }
+        }
+        for (i, t) in targets.iter().enumerate() {
+            let mut covered = 0;
+            for r in reads {
+                let (s, e) = (r.offset, r.offset + r.len as u64);
+                let parts: Vec<(u64, u64)> = match r.lent {
+                    Some(j) if j == i => vec![(s, e)],
+                    Some(_) => vec![],
+                    None => staged_parts(t, s, e).collect(),
+                };
+                covered += parts.iter().map(|(a, b)| b - a).sum::<u64>();
+            }
+            assert_eq!(covered, t.end - t.begin, "target {i}: {t:?}", t = (t.begin, t.end, t.direct));
+        }
+    }
+
+    #[test]
+    fn a_tensor_at_the_files_phase_gets_its_aligned_interior_read_directly() {
+        let (align, mem) = (512, 512);
+        // File offset 4096 + 64, memory 64 bytes past a page: the same phase.
+        let d = direct_part(4160, 4160 + 3 * MIB + 100, 0x7000_0040, align, mem).expect("direct");
+        assert_eq!((d.lo, d.hi), (4608, round_down_u64(4160 + 3 * MIB + 100, 512)));
+        // Another phase (memory 16 past a page), too small, or odd memory alignment: none.
+        assert!(direct_part(4160, 4160 + 3 * MIB, 0x7000_0010, align, mem).is_none());
+        assert!(direct_part(4160, 4160 + MIB, 0x7000_0040, align, mem).is_none());
+        // A memory alignment of 4 (NVMe) takes any 4-byte-aligned phase.
+        assert!(direct_part(4160, 4160 + 3 * MIB, 0x7000_0010, align, 4).is_some());
+        // Buffered reads (alignments of 1): the whole tensor.
+        let d = direct_part(4161, 4161 + 3 * MIB, 0x7000_0003, 1, 1).expect("buffered");
+        assert_eq!((d.lo, d.hi), (4161, 4161 + 3 * MIB));
+    }
+
+    #[test]
+    fn planned_reads_cover_every_byte_once_with_direct_parts_lent() {
+        let (align, chunk) = (512u64, 4 * MIB);
+        let base = 0x7f00_0000_0000usize;
+        let mut targets = Vec::new();
+        let mut at = 4096 + 64;
+        // Direct, staged (off phase), small, direct again, an empty one, a long direct one.
+        for (len, phase_ok) in [
+            (3 * MIB + 7, true),
+            (5 * MIB, false),
+            (1000, true),
+            (2 * MIB + 600, true),
+            (0, true),
+            (11 * MIB + 1, true),
+        ] {
+            let address = base + (at % 4096) as usize + if phase_ok { 0 } else { 8 };
+            targets.push(target(at, at + len, Some(address), align, 512));
+            at += len;
+        }
+        assert!(targets[0].direct.is_some() && targets[1].direct.is_none() && targets[2].direct.is_none());
+        assert!(targets[3].direct.is_some() && targets[5].direct.is_some());
+        let reads = plan_reads(&targets, align, chunk);
+        assert!(reads.iter().filter(|r| r.lent.is_some()).count() >= 5, "{reads:?}");
+        check_cover(&targets, &reads, align, chunk);
+        // With no lent memory at all the plan is staged reads only, covering the same bytes.
+        let staged: Vec<Target> = targets.iter().map(|t| target(t.begin, t.end, None, align, 512)).collect();
+        let reads = plan_reads(&staged, align, chunk);
+        assert!(reads.iter().all(|r| r.lent.is_none()));
+        check_cover(&staged, &reads, align, chunk);
+    }
 }

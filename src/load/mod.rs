@@ -132,6 +132,7 @@ pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<Loaded
             engine: reader.report().clone(),
             read_latency: reader.stats().percentiles_us(),
             fresh_pages: reader.stats().fresh_pages,
+            zero_copy_bytes: data_bytes,
         },
     })
 }

@@ -109,6 +109,10 @@ impl TensorSink for HostSink<'_> {
     fn writer(&self) -> Result<Box<dyn SinkWriter + '_>> {
         Ok(Box::new(HostWriter { sink: self }))
     }
+
+    fn host_memory(&self, slot: usize) -> Option<(*mut u8, usize)> {
+        self.dests.get(slot).map(|d| (d.ptr, d.len))
+    }
 }
 
 struct HostWriter<'s, 'a> {

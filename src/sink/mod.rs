@@ -55,6 +55,15 @@ pub trait TensorSink: Sync {
     fn unclaimed(&self) -> Vec<String>;
     /// A writer for one copy thread (created on that thread).
     fn writer(&self) -> Result<Box<dyn SinkWriter + '_>>;
+    /// The host memory of the tensor in `slot` (its start and length), when reads may land
+    /// in it directly, past the staging buffers: the load then reads every part of the
+    /// tensor that the direct-I/O alignment allows straight into it and hands only the rest
+    /// to [`SinkWriter::write`]. The memory is the load's alone until it returns, as for
+    /// `write`. `None` (the default): every byte goes through `write` (device memory).
+    fn host_memory(&self, slot: usize) -> Option<(*mut u8, usize)> {
+        let _ = slot;
+        None
+    }
 }
 
 /// One copy thread's end of a [`TensorSink`].

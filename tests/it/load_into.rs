@@ -187,6 +187,104 @@ fn a_flipped_byte_is_named_by_tensor_and_file() {
     }
 }
 
+/// Destinations that start at the same place in a page as their tensor's bytes in the file,
+/// shifted by `skew` bytes: each is `(name, buffer, start)`.
+fn phased_destinations(
+    path: &std::path::Path,
+    io: &UringCheckpointIO,
+    skew: usize,
+) -> Vec<(String, Vec<u8>, usize)> {
+    let info = uring_ckpt::inspect::inspect(io.config(), path).expect("inspect");
+    let page = 4096usize;
+    let phased = info.tensors.iter().map(|t| {
+        let buf = vec![0u8; t.bytes as usize + 2 * page];
+        let want = (t.offset as usize + skew) % page;
+        let start = (want + page - buf.as_ptr() as usize % page) % page;
+        (t.name.clone(), buf, start)
+    });
+    phased.collect()
+}
+
+#[test]
+fn tensors_at_the_files_phase_are_read_straight_into_their_memory_on_every_engine() {
+    let dir = scratch();
+    // Large odd-sized tensors (unaligned heads and tails), a small one between them, and the
+    // tensors of every dtype: spanning staging buffers and shards.
+    let mut tensors = tensors();
+    tensors.push(("large.a".into(), Dtype::U8, vec![2_500_003], bytes(93, 2_500_003)));
+    tensors.push(("large.b".into(), Dtype::F32, vec![3, 300_001], bytes(94, 3_600_012)));
+    tensors.push(("after".into(), Dtype::U8, vec![999], bytes(95, 999)));
+    tensors.push(("large.c".into(), Dtype::BF16, vec![1_500_001], bytes(96, 3_000_002)));
+    let large = ["large.a", "large.b", "large.c"];
+    for engine in ENGINES {
+        let config = Config { max_shard_size: 4 << 20, ..small_config(engine) };
+        let io = UringCheckpointIO::new(config).expect("config");
+        let path = dir.path().join(engine.as_str());
+        save(&io, &path, &tensors);
+        let by_name = |dests: &[(String, Vec<u8>, usize)], name: &str| {
+            let (_, buf, at) = dests.iter().find(|d| d.0 == name).expect("destination");
+            let len = tensors.iter().find(|t| t.0 == name).expect("tensor").3.len();
+            buf[*at..*at + len].to_vec()
+        };
+        // At the file's phase, then one byte off it: every byte lands either way.
+        for skew in [0, 1] {
+            let mut dests = phased_destinations(&path, &io, skew);
+            let sink = {
+                let lent = dests.iter_mut().map(|(n, buf, at)| {
+                    let len = tensors.iter().find(|t| &t.0 == n).expect("tensor").3.len();
+                    (n.clone(), &mut buf[*at..*at + len])
+                });
+                HostSink::new(lent).expect("sink")
+            };
+            let loaded = io.load_into(&path, &LoadOptions::default(), true, &sink).expect("load_into");
+            drop(sink);
+            for (name, _, _, data) in &tensors {
+                assert!(&by_name(&dests, name) == data, "{engine}, skew {skew}: {name} differs");
+            }
+            let r = &loaded.report;
+            let (align, mem_align) =
+                if r.engine.direct_io { (r.engine.align as u64, r.engine.mem_align as u64) } else { (1, 1) };
+            let info = uring_ckpt::inspect::inspect(io.config(), &path).expect("inspect");
+            let expected: u64 = info
+                .tensors
+                .iter()
+                .filter(|t| large.contains(&t.name.as_str()))
+                .filter(|_| skew as u64 % mem_align == 0)
+                .map(|t| (t.offset + t.bytes) / align * align - t.offset.div_ceil(align) * align)
+                .filter(|&interior| interior >= 2 << 20) // the least a direct read takes
+                .sum();
+            assert_eq!(r.zero_copy_bytes, expected, "{engine}, skew {skew}: {r:?}");
+            if skew == 0 {
+                assert!(expected > 9_000_000, "{engine}: the large tensors' interiors are read directly");
+            }
+        }
+        // A flipped byte inside a directly read interior is still a CRC error naming the
+        // tensor and its file.
+        let info = uring_ckpt::inspect::inspect(io.config(), &path).expect("inspect");
+        let b = info.tensors.iter().find(|t| t.name == "large.b").expect("large.b");
+        let shard = path.join(&b.shard);
+        let file = fs::OpenOptions::new().read(true).write(true).open(&shard).expect("open");
+        let (mut byte, at) = ([0u8; 1], b.offset + 2_000_001);
+        file.read_exact_at(&mut byte, at).expect("read");
+        file.write_all_at(&[byte[0] ^ 0x10], at).expect("flip");
+        let mut dests = phased_destinations(&path, &io, 0);
+        let sink = {
+            let lent = dests.iter_mut().map(|(n, buf, at)| {
+                let len = tensors.iter().find(|t| &t.0 == n).expect("tensor").3.len();
+                (n.clone(), &mut buf[*at..*at + len])
+            });
+            HostSink::new(lent).expect("sink")
+        };
+        match io.load_into(&path, &LoadOptions::default(), true, &sink).expect_err("crc") {
+            Error::Crc { tensor, path: p, .. } => {
+                assert_eq!((tensor.as_str(), &p), ("large.b", &shard), "{engine}")
+            }
+            other => panic!("{engine}: not a CRC error: {other}"),
+        }
+        assert_eq!(io.staging_pool().stats().lent, 0, "{engine}: every staging buffer is back");
+    }
+}
+
 #[test]
 fn loads_into_a_simulated_device_through_its_copy_engine() {
     let dir = scratch();
