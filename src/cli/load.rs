@@ -28,8 +28,9 @@ pub struct LoadArgs {
     #[arg(long)]
     json: bool,
     /// Where the tensors go: existing `host` memory (the default: allocated and touched
-    /// before the timed load, as a live model's parameters are, and loaded in place through
-    /// the staging pool), `fresh` host memory allocated by the load (what a restart with no
+    /// before the timed load, as a live model's parameters are, each tensor at the place in
+    /// a page its bytes have in the file, as a restart of the program that saved it finds
+    /// them, and loaded in place), `fresh` host memory allocated by the load (what a restart with no
     /// model yet gets: the kernel's zeroing of the new pages is in the time), or a simulated
     /// device (`sim-device`: host-to-device copies at --device-gib-s on the device's copy
     /// thread, keeping nothing).
@@ -65,18 +66,21 @@ pub fn run(global: &GlobalOpts, args: LoadArgs) -> Result<()> {
         Into::Host | Into::SimDevice => {
             let info = uring_ckpt::inspect::inspect(&config, &args.dir)?;
             let wanted = |name: &str| options.names.as_ref().is_none_or(|n| n.iter().any(|w| w == name));
-            let sizes: Vec<(String, usize)> = info
-                .tensors
-                .iter()
-                .filter(|t| wanted(&t.name))
-                .map(|t| (t.name.clone(), t.bytes as usize))
-                .collect();
-            let mut host: Vec<(String, Vec<u8>)> = Vec::new();
+            let wanted: Vec<_> = info.tensors.iter().filter(|t| wanted(&t.name)).collect();
+            let sizes: Vec<(String, usize)> =
+                wanted.iter().map(|t| (t.name.clone(), t.bytes as usize)).collect();
+            let mut host: Vec<(String, Vec<u8>, usize)> = Vec::new();
             let device = SimulatedDevice::new((args.device_gib_s * (1u64 << 30) as f64) as u64)?;
             let sink: Box<dyn TensorSink> = if args.into == Into::Host {
-                // Touched (written) before the load, as a live model's parameters are.
-                host = sizes.iter().map(|(n, len)| (n.clone(), vec![1u8; *len])).collect();
-                Box::new(HostSink::new(host.iter_mut().map(|(n, d)| (n.clone(), d.as_mut_slice())))?)
+                // Touched (written) before the load, as a live model's parameters are; each
+                // starts at its file offset's place in a page (what a restart's allocator
+                // does again), so its aligned interior can be read straight into it.
+                host = wanted.iter().map(|t| page_phased(&t.name, t.bytes as usize, t.offset)).collect();
+                let dests = host
+                    .iter_mut()
+                    .zip(&sizes)
+                    .map(|((n, d, at), (_, len))| (n.clone(), &mut d[*at..*at + len]));
+                Box::new(HostSink::new(dests)?)
             } else {
                 let dests = sizes.iter().map(|(n, len)| (n.clone(), device.generated(*len, 0))).collect();
                 Box::new(SimulatedSink::new(dests)?)
@@ -112,6 +116,16 @@ pub fn run(global: &GlobalOpts, args: LoadArgs) -> Result<()> {
     Ok(())
 }
 
+/// `len` bytes of touched memory starting at the same place in a page as `offset` does:
+/// the buffer and where in it they start.
+fn page_phased(name: &str, len: usize, offset: u64) -> (String, Vec<u8>, usize) {
+    const PAGE: usize = 4096;
+    let buf = vec![1u8; len + PAGE];
+    let phase = (offset % PAGE as u64) as usize;
+    let at = (phase + PAGE - buf.as_ptr() as usize % PAGE) % PAGE;
+    (name.to_owned(), buf, at)
+}
+
 fn print_report(
     args: &LoadArgs,
     r: &LoadReport,
@@ -140,6 +154,9 @@ fn print_report(
     println!("  engine       {}", engine_line(&r.engine));
     print_fallbacks(&r.engine);
     println!("  read lat.    {}", latency_line(&r.read_latency, None));
+    if args.into == Into::Host {
+        println!("  zero-copy    {} read straight into the destinations", mib(r.zero_copy_bytes));
+    }
     let pages = r.fresh_pages;
     if pages.huge_bytes + pages.small_bytes > 0 {
         // Faulted in ahead of the reads with whichever page size was faster (io/prefault.rs).

@@ -39,9 +39,10 @@ use crate::sink::{SinkWriter, TensorMeta, TensorSink};
 /// Ranges closer than this are read as one (reading the gap costs less than another read).
 const COALESCE_GAP: u64 = 1 << 20;
 
-/// Bytes a tensor's aligned interior needs to be read straight into its destination. More
-/// than [`COALESCE_GAP`], so the staged reads of its head and tail never join across it.
-const DIRECT_MIN: u64 = 2 * COALESCE_GAP;
+/// Bytes a tensor's aligned interior needs to be read straight into its destination (below
+/// this one read of its own costs more than the copy it saves). Staged reads never join
+/// across a direct part, whatever the gap ([`plan_reads`]).
+const DIRECT_MIN: u64 = 1 << 20;
 
 /// Copy threads of a load at most (fewer on a machine with fewer cores).
 const MAX_COPY_THREADS: usize = 4;
@@ -604,7 +605,7 @@ mod tests {
         // File offset 4096 + 64, memory 64 bytes past a page: the same phase.
         let d = direct_part(4160, 4160 + 3 * MIB + 100, 0x7000_0040, align, mem).expect("direct");
         assert_eq!((d.lo, d.hi), (4608, round_down_u64(4160 + 3 * MIB + 100, 512)));
-        // Another phase (memory 16 past a page), too small, or odd memory alignment: none.
+        // Another phase (memory 16 past a page), or too small: none.
         assert!(direct_part(4160, 4160 + 3 * MIB, 0x7000_0010, align, mem).is_none());
         assert!(direct_part(4160, 4160 + MIB, 0x7000_0040, align, mem).is_none());
         // A memory alignment of 4 (NVMe) takes any 4-byte-aligned phase.
@@ -620,7 +621,8 @@ mod tests {
         let base = 0x7f00_0000_0000usize;
         let mut targets = Vec::new();
         let mut at = 4096 + 64;
-        // Direct, staged (off phase), small, direct again, an empty one, a long direct one.
+        // Direct, staged (off phase), small, direct again, an empty one, a long direct one, a
+        // direct one closer than the coalescing gap to its neighbours' staged ends, small.
         for (len, phase_ok) in [
             (3 * MIB + 7, true),
             (5 * MIB, false),
@@ -628,13 +630,15 @@ mod tests {
             (2 * MIB + 600, true),
             (0, true),
             (11 * MIB + 1, true),
+            (MIB + 1500, true),
+            (3000, true),
         ] {
             let address = base + (at % 4096) as usize + if phase_ok { 0 } else { 8 };
             targets.push(target(at, at + len, Some(address), align, 512));
             at += len;
         }
         assert!(targets[0].direct.is_some() && targets[1].direct.is_none() && targets[2].direct.is_none());
-        assert!(targets[3].direct.is_some() && targets[5].direct.is_some());
+        assert!(targets[3].direct.is_some() && targets[5].direct.is_some() && targets[6].direct.is_some());
         let reads = plan_reads(&targets, align, chunk);
         assert!(reads.iter().filter(|r| r.lent.is_some()).count() >= 5, "{reads:?}");
         check_cover(&targets, &reads, align, chunk);

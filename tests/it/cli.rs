@@ -186,6 +186,17 @@ fn load_json_reports_throughput() {
     assert!(report["read_bytes"].as_u64().expect("read_bytes") > 2 << 20, "{report}");
     assert!(report["throughput_mib_s"].as_f64().expect("throughput") > 0.0, "{report}");
     assert_eq!(report["verified"], serde_json::Value::Bool(true));
+
+    // In place (the default), into memory at each tensor's phase in the file: the large
+    // tensors' aligned interiors are read straight into it.
+    assert_ok(&run(&dir, &["save", "--synthetic", "32MiB", "--out", "large", "--layout", "llama"]));
+    let report: serde_json::Value =
+        serde_json::from_str(&assert_ok(&run(&dir, &["load", "large", "--json"]))).expect("JSON");
+    let (data, zero_copy) =
+        (report["data_bytes"].as_u64().expect("data"), report["zero_copy_bytes"].as_u64());
+    assert!(zero_copy.expect("zero_copy_bytes") > data / 2, "{report}");
+    let text = assert_ok(&run(&dir, &["load", "large"]));
+    assert!(text.contains("read straight into the destinations"), "{text}");
     let _ = fs::remove_dir_all(&dir);
 }
 

@@ -215,7 +215,6 @@ fn tensors_at_the_files_phase_are_read_straight_into_their_memory_on_every_engin
     tensors.push(("large.b".into(), Dtype::F32, vec![3, 300_001], bytes(94, 3_600_012)));
     tensors.push(("after".into(), Dtype::U8, vec![999], bytes(95, 999)));
     tensors.push(("large.c".into(), Dtype::BF16, vec![1_500_001], bytes(96, 3_000_002)));
-    let large = ["large.a", "large.b", "large.c"];
     for engine in ENGINES {
         let config = Config { max_shard_size: 4 << 20, ..small_config(engine) };
         let io = UringCheckpointIO::new(config).expect("config");
@@ -248,10 +247,11 @@ fn tensors_at_the_files_phase_are_read_straight_into_their_memory_on_every_engin
             let expected: u64 = info
                 .tensors
                 .iter()
-                .filter(|t| large.contains(&t.name.as_str()))
                 .filter(|_| skew as u64 % mem_align == 0)
-                .map(|t| (t.offset + t.bytes) / align * align - t.offset.div_ceil(align) * align)
-                .filter(|&interior| interior >= 2 << 20) // the least a direct read takes
+                .map(|t| {
+                    ((t.offset + t.bytes) / align * align).saturating_sub(t.offset.div_ceil(align) * align)
+                })
+                .filter(|&interior| interior >= 1 << 20) // the least a direct read takes
                 .sum();
             assert_eq!(r.zero_copy_bytes, expected, "{engine}, skew {skew}: {r:?}");
             if skew == 0 {
