@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use uring_ckpt::inspect::TensorInfo;
 use uring_ckpt::sink::{HostSink, SimulatedSink, TensorSink};
 use uring_ckpt::source::SimulatedDevice;
 use uring_ckpt::{CheckpointIO, LoadOptions, LoadReport, UringCheckpointIO};
@@ -69,18 +70,11 @@ pub fn run(global: &GlobalOpts, args: LoadArgs) -> Result<()> {
             let wanted: Vec<_> = info.tensors.iter().filter(|t| wanted(&t.name)).collect();
             let sizes: Vec<(String, usize)> =
                 wanted.iter().map(|t| (t.name.clone(), t.bytes as usize)).collect();
-            let mut host: Vec<(String, Vec<u8>, usize)> = Vec::new();
+            let mut host = PhasedDests::default();
             let device = SimulatedDevice::new((args.device_gib_s * (1u64 << 30) as f64) as u64)?;
             let sink: Box<dyn TensorSink> = if args.into == Into::Host {
-                // Touched (written) before the load, as a live model's parameters are; each
-                // starts at its file offset's place in a page (what a restart's allocator
-                // does again), so its aligned interior can be read straight into it.
-                host = wanted.iter().map(|t| page_phased(&t.name, t.bytes as usize, t.offset)).collect();
-                let dests = host
-                    .iter_mut()
-                    .zip(&sizes)
-                    .map(|((n, d, at), (_, len))| (n.clone(), &mut d[*at..*at + len]));
-                Box::new(HostSink::new(dests)?)
+                host = PhasedDests::new(wanted.iter().copied());
+                Box::new(host.sink()?)
             } else {
                 let dests = sizes.iter().map(|(n, len)| (n.clone(), device.generated(*len, 0))).collect();
                 Box::new(SimulatedSink::new(dests)?)
@@ -116,14 +110,34 @@ pub fn run(global: &GlobalOpts, args: LoadArgs) -> Result<()> {
     Ok(())
 }
 
-/// `len` bytes of touched memory starting at the same place in a page as `offset` does:
-/// the buffer and where in it they start.
-fn page_phased(name: &str, len: usize, offset: u64) -> (String, Vec<u8>, usize) {
-    const PAGE: usize = 4096;
-    let buf = vec![1u8; len + PAGE];
-    let phase = (offset % PAGE as u64) as usize;
-    let at = (phase + PAGE - buf.as_ptr() as usize % PAGE) % PAGE;
-    (name.to_owned(), buf, at)
+/// Host memory for an in-place load, as a live model's parameters are: allocated and touched
+/// (written) before the load, each tensor starting at its file offset's place in a page
+/// (what the allocator of a restart of the program that saved it does again), so that its
+/// aligned interior can be read straight into it.
+#[derive(Default)]
+pub(super) struct PhasedDests {
+    /// Name, buffer, where the tensor starts in it, its bytes.
+    dests: Vec<(String, Vec<u8>, usize, usize)>,
+}
+
+impl PhasedDests {
+    /// Destinations for `tensors` (as `inspect` lists them).
+    pub(super) fn new<'a>(tensors: impl IntoIterator<Item = &'a TensorInfo>) -> PhasedDests {
+        const PAGE: usize = 4096;
+        let placed = tensors.into_iter().map(|t| {
+            let len = t.bytes as usize;
+            let buf = vec![1u8; len + PAGE];
+            let phase = (t.offset % PAGE as u64) as usize;
+            let at = (phase + PAGE - buf.as_ptr() as usize % PAGE) % PAGE;
+            (t.name.clone(), buf, at, len)
+        });
+        PhasedDests { dests: placed.collect() }
+    }
+
+    /// A sink over the destinations, by name.
+    pub(super) fn sink(&mut self) -> uring_ckpt::Result<HostSink<'_>> {
+        HostSink::new(self.dests.iter_mut().map(|(n, buf, at, len)| (n.clone(), &mut buf[*at..*at + *len])))
+    }
 }
 
 fn print_report(

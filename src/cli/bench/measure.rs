@@ -8,12 +8,12 @@ use serde::Serialize;
 use uring_ckpt::background::{AsyncCheckpointIO, AsyncOptions, OwnedCheckpoint};
 use uring_ckpt::config::{AsyncMode, Config, EngineKind};
 use uring_ckpt::io::stats::LatencySummary;
-use uring_ckpt::sink::HostSink;
 use uring_ckpt::source::HostPtrSource;
 use uring_ckpt::{Checkpoint, CheckpointIO, LoadOptions, LoadReport, SaveReport, UringCheckpointIO};
 
 use super::resources::{cpu_seconds, drop_page_cache, peak_rss, reset_peak_rss};
 use super::scratch::{interrupted, Workspace};
+use crate::cli::load::PhasedDests;
 use crate::cli::{CliError, Result};
 
 /// A measured phase.
@@ -147,12 +147,9 @@ pub(in crate::cli) fn measure(
 ) -> Result<Measured> {
     let io = UringCheckpointIO::new(setting.config.clone())?;
     let mut out = Measured { rss_reset: true, ..Measured::default() };
-    // The in-place destination: allocated and touched once, reused by every run.
-    let mut dests: Vec<(String, Vec<u8>)> = if phases.contains(&Phase::LoadInto) {
-        ckpt.tensors.iter().map(|t| (t.name.clone(), vec![1u8; t.data.len()])).collect()
-    } else {
-        Vec::new()
-    };
+    // The in-place destination: allocated and touched after the first save (at each tensor's
+    // place in a page of the file, as `load --into host` does), reused by every run.
+    let mut dests: Option<PhasedDests> = None;
     for _ in 0..repeat {
         if interrupted() {
             return Err(CliError::msg("interrupted"));
@@ -171,9 +168,15 @@ pub(in crate::cli) fn measure(
             out.loads.push(Sample::of_load(&loaded.report, cpu_seconds() - before));
         }
         if phases.contains(&Phase::LoadInto) {
+            let dests = match &mut dests {
+                Some(dests) => dests,
+                None => {
+                    dests.insert(PhasedDests::new(&uring_ckpt::inspect::inspect(io.config(), &path)?.tensors))
+                }
+            };
             drop_page_cache(&path)?;
             out.rss_reset &= reset_peak_rss();
-            let sink = HostSink::new(dests.iter_mut().map(|(n, d)| (n.clone(), d.as_mut_slice())))?;
+            let sink = dests.sink()?;
             let before = cpu_seconds();
             let loaded = io.load_into(&path, &LoadOptions::default(), true, &sink)?;
             out.loads_into.push(Sample::of_load(&loaded.report, cpu_seconds() - before));
