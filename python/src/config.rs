@@ -114,6 +114,18 @@ impl Config {
         self.inner.replace_existing
     }
 
+    /// Bytes per write and per staging buffer (`chunk_size`).
+    #[getter]
+    fn chunk_size(&self) -> u64 {
+        self.inner.chunk_size
+    }
+
+    /// Total bytes of the staging ring (`staging_pool_size`).
+    #[getter]
+    fn staging_pool_size(&self) -> u64 {
+        self.inner.staging_pool_size
+    }
+
     /// The nice value of background work (asynchronous saves once staged, reservations,
     /// the Lightning plugin's removals).
     #[getter]

@@ -301,3 +301,34 @@ def test_staged_tensors_are_page_aligned_so_they_go_to_disk_without_a_copy(tmp_p
     report = uring_ckpt.save(staged, str(tmp_path / "flat"))
     assert report["zero_copy_bytes"] >= staged["w"].nbytes, report
     assert torch.equal(uring_ckpt.load(str(tmp_path / "flat"))["w"], source["w"])
+
+
+def test_ranks_of_one_machine_share_the_staging_pool() -> None:
+    from torch.distributed.checkpoint.planner import SavePlan
+
+    from uring_ckpt.dcp import _machine_id, _rank_share
+
+    config = uring_ckpt.Config(chunk_size="8MiB", staging_pool_size="128MiB")
+    assert _rank_share(config, 1) is config
+    assert [_rank_share(config, n).staging_pool_size >> 20 for n in (2, 3, 4, 8, 32)] == [64, 40, 32, 16, 16]
+    assert _rank_share(config, 4).chunk_size == config.chunk_size  # only the pool is shared
+    writer = UringStorageWriter("unused", config)
+    here = writer.prepare_local_plan(SavePlan([]))
+    assert here.storage_data == {"machine": _machine_id()} and _machine_id()
+    other = SavePlan([], storage_data={"machine": "elsewhere"})
+    unnamed = SavePlan([])  # a plan that names no machine has one of its own
+    plans = [here, here, other, here, unnamed]
+
+    class Begun:  # the coordinator's begin_ranks, without a directory
+        def begin_ranks(self, path: str) -> str:
+            return "sid"
+
+    original = uring_ckpt.dcp.cached_writer
+    uring_ckpt.dcp.cached_writer = lambda config: Begun()
+    try:
+        planned = writer.prepare_global_plan(plans)
+    finally:
+        uring_ckpt.dcp.cached_writer = original
+    assert [p.storage_data["local_ranks"] for p in planned] == [3, 3, 1, 3, 1]
+    assert [p.storage_data["rank"] for p in planned] == [0, 1, 2, 3, 4]
+    assert {p.storage_data["save_id"] for p in planned} == {"sid"}

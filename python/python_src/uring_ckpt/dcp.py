@@ -18,7 +18,12 @@ they ask through the Rust engine (io_uring + O_DIRECT, CRC-32 per tensor):
   shared temporary directory ``.<name>.tmp-<save id>/``. Each rank's ``write_data`` writes
   its items as safetensors shards ``shard-r<rank>-<n>.safetensors`` there
   (``Writer.save_rank``; CPU tensors go without a copy, CUDA tensors are read from device
-  memory by the CUDA build); byte items (``io.BytesIO``, and the non-tensor values DCP
+  memory by the CUDA build). The ranks of one machine share the configured staging pool
+  (``staging_pool_size``, what is in flight to the disk): each local plan names its machine
+  (the kernel's boot id), the coordinator counts the ranks of each, and a rank that shares
+  its machine with ``n - 1`` others saves through ``staging_pool_size / n`` (whole chunks,
+  at least two), so ``n`` ranks on one machine keep the memory and the writes in flight of
+  one; byte items (``io.BytesIO``, and the non-tensor values DCP
   pickles) are stored as 1-D ``U8`` tensors in the same shards, so they are CRC-checked and
   read through the same path as tensors. Each ``WriteResult``'s ``storage_data`` is a plain
   dict naming the stored tensor, its file, offset, length and CRC-32; the first one of each
@@ -67,7 +72,9 @@ import io
 import json
 import os
 import pickle
+import socket
 import uuid
+from collections import Counter
 from typing import Any
 
 from . import _safe_pickle
@@ -114,6 +121,27 @@ DCP_LAYOUT = "1"
 
 _SLOW_BATCH_BYTES = 256 << 20
 """Stored bytes read at once for the items that need a narrow and a copy."""
+
+
+def _machine_id() -> str:
+    """What the ranks of one machine share, to count them: the kernel's boot id (the same in
+    every container of a machine), else the host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip()
+    except OSError:
+        boot_id = ""
+    return boot_id or socket.gethostname()
+
+
+def _rank_share(config: Any, local_ranks: int) -> Any:
+    """The configuration one of ``local_ranks`` ranks on one machine saves with: its share of
+    the staging pool (whole chunks, at least two: double buffering), the rest unchanged."""
+    if local_ranks <= 1:
+        return config
+    chunk, pool = config.chunk_size, config.staging_pool_size
+    share = max(2 * chunk, pool // local_ranks // chunk * chunk)
+    return config if share >= pool else config.replace(staging_pool_size=share)
 
 
 def _require_dcp() -> None:
@@ -273,19 +301,29 @@ class UringStorageWriter(StorageWriter, *_STAGER_BASES):  # type: ignore[misc]
         self.is_coordinator = is_coordinator
 
     def prepare_local_plan(self, plan: Any) -> Any:
-        return plan
+        # The machine this rank runs on, for the coordinator to count the ranks sharing it.
+        return dataclasses.replace(plan, storage_data={"machine": _machine_id()})
 
     def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
-        # The coordinator, before any rank writes: one save id for all.
+        # The coordinator, before any rank writes: one save id for all, and for each rank
+        # how many ranks share its machine (a plan that names none: a machine of its own).
         save_id = cached_writer(self.config).begin_ranks(self.path)
         self._save_id = save_id
-        return [dataclasses.replace(p, storage_data={"save_id": save_id, "rank": i}) for i, p in enumerate(plans)]
+        machines = [p.storage_data.get("machine") if isinstance(p.storage_data, dict) else None for p in plans]
+        counts = Counter(m for m in machines if m is not None)
+        return [
+            dataclasses.replace(
+                p, storage_data={"save_id": save_id, "rank": i, "local_ranks": counts[m] if m is not None else 1}
+            )
+            for i, (p, m) in enumerate(zip(plans, machines))
+        ]
 
     def write_data(self, plan: Any, planner: Any) -> Any:
         info = plan.storage_data
         if not (isinstance(info, dict) and isinstance(info.get("save_id"), str)):
             raise CheckpointError("UringStorageWriter.write_data: the plan has no save id (prepare_global_plan did not run)")
         save_id, rank = info["save_id"], int(info["rank"])
+        writer = cached_writer(_rank_share(self.config, int(info.get("local_ranks", 1))))
         entries: list[tuple[str, str, list[int], str, Any]] = []
         described: list[tuple[Any, str, dict[str, Any]]] = []
         dtypes = torch_dtype_map()
@@ -302,7 +340,7 @@ class UringStorageWriter(StorageWriter, *_STAGER_BASES):  # type: ignore[misc]
                 described.append((item, name, meta))
         results: list[Any] = []
         if entries:
-            part = json.loads(cached_writer(self.config).save_rank(self.path, save_id, rank, entries))
+            part = json.loads(writer.save_rank(self.path, save_id, rank, entries))
             del entries  # the tensors are on disk: nothing holds them any more
             log_fallbacks(part.pop("engine", None), self.path)
             part_json = json.dumps(part)
