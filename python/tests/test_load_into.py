@@ -45,7 +45,7 @@ def test_a_state_dict_loads_in_place_equal(tmp_path) -> None:
 
 @pytest.mark.parametrize("engine", ["uring", "pwrite", "buffered"])
 def test_large_tensors_are_read_straight_into_their_memory(tmp_path, engine) -> None:
-    # 40 MiB tensors (above glibc's largest mmap threshold, so mapped whatever ran before)
+    # With zero_copy_loads: 40 MiB tensors (above glibc's largest mmap threshold, so mapped whatever ran before)
     # sit 64 bytes past a page when saved and when allocated again for the load: the data
     # region takes that phase, so the aligned interior of a tensor whose memory and file
     # offset agree modulo the memory alignment is read into the tensor directly.
@@ -53,8 +53,11 @@ def test_large_tensors_are_read_straight_into_their_memory(tmp_path, engine) -> 
     state = {"w": torch.randn(2560, 4096, generator=g), "b": torch.randn(1001, generator=g)}
     state["v"] = torch.randn(10_485_761, generator=g)  # after "b": at another phase in the file
     uring_ckpt.save(state, tmp_path / "ck", config={"engine": engine})
+    staged = _zeros_like(state)
+    assert uring_ckpt.load_into(staged, tmp_path / "ck").report["zero_copy_bytes"] == 0, "off by default"
     target = _zeros_like(state)
-    result = uring_ckpt.load_into(target, tmp_path / "ck", config={"engine": engine})
+    config = {"engine": engine, "zero_copy_loads": True}
+    result = uring_ckpt.load_into(target, tmp_path / "ck", config=config)
     for key, value in state.items():
         assert torch.equal(target[key], value), key
     report = result.report

@@ -9,7 +9,7 @@
 //!    a fixed set of buffers lent by the [`StagingPool`]: the engine keeps its queue depth
 //!    in flight while copy threads take each finished buffer, hand every tensor piece in
 //!    it to the sink with its CRC computed in the same pass, and give the buffer back.
-//! 3. Where the sink lends a tensor's host memory ([`TensorSink::host_memory`]) and that
+//! 3. With `zero_copy_loads`, where the sink lends a tensor's host memory ([`TensorSink::host_memory`]) and that
 //!    memory sits at the same phase as the tensor's file offset (modulo the direct-I/O
 //!    memory alignment: 4 bytes on most NVMe, 512 on virtio and loop devices), the
 //!    tensor's aligned interior is read straight into it, past the staging buffers; a copy
@@ -149,6 +149,7 @@ pub fn load_into(
                     };
                     let direct = sink
                         .host_memory(slot)
+                        .filter(|_| config.zero_copy_loads)
                         .filter(|&(_, len)| len as u64 == end - begin)
                         .and_then(|(ptr, _)| direct_part(begin, end, ptr as usize, align, mem_align));
                     targets.push(Target {

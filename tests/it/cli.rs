@@ -187,15 +187,21 @@ fn load_json_reports_throughput() {
     assert!(report["throughput_mib_s"].as_f64().expect("throughput") > 0.0, "{report}");
     assert_eq!(report["verified"], serde_json::Value::Bool(true));
 
-    // In place (the default), into memory at each tensor's phase in the file: the large
-    // tensors' aligned interiors are read straight into it.
+    // In place (the default), into memory at each tensor's phase in the file: staged by
+    // default; with zero_copy_loads the large tensors' aligned interiors are read straight
+    // into it.
     assert_ok(&run(&dir, &["save", "--synthetic", "32MiB", "--out", "large", "--layout", "llama"]));
     let report: serde_json::Value =
         serde_json::from_str(&assert_ok(&run(&dir, &["load", "large", "--json"]))).expect("JSON");
+    assert_eq!(report["zero_copy_bytes"].as_u64(), Some(0), "{report}");
+    fs::write(dir.join("zero-copy.toml"), "zero_copy_loads = true\n").expect("config");
+    let args = ["--config", "zero-copy.toml", "load", "large"];
+    let report: serde_json::Value =
+        serde_json::from_str(&assert_ok(&run(&dir, &[&args[..], &["--json"]].concat()))).expect("JSON");
     let (data, zero_copy) =
         (report["data_bytes"].as_u64().expect("data"), report["zero_copy_bytes"].as_u64());
     assert!(zero_copy.expect("zero_copy_bytes") > data / 2, "{report}");
-    let text = assert_ok(&run(&dir, &["load", "large"]));
+    let text = assert_ok(&run(&dir, &args));
     assert!(text.contains("read straight into the destinations"), "{text}");
     let _ = fs::remove_dir_all(&dir);
 }

@@ -36,6 +36,7 @@ fn non_default() -> Config {
         sqpoll: true,
         fsync: FsyncPolicy::Fsync,
         verify_on_load: false,
+        zero_copy_loads: true,
         replace_existing: true,
         io_threads: 16,
         async_mode: AsyncMode::Snapshot,
@@ -54,13 +55,14 @@ fn defaults_are_documented_values_and_validate() {
     assert_eq!(c.engine, EngineKind::Auto);
     assert_eq!(c.queue_depth, 32);
     assert_eq!(c.chunk_size, 8 * MIB);
-    assert_eq!(c.staging_pool_size, 128 * MIB);
+    assert_eq!(c.staging_pool_size, 32 * MIB);
     assert_eq!(c.max_shard_size, 4 * GIB);
     assert!(c.direct_io);
     assert!(c.register_buffers);
     assert!(!c.sqpoll);
     assert_eq!(c.fsync, FsyncPolicy::Fdatasync);
     assert!(c.verify_on_load);
+    assert!(!c.zero_copy_loads);
     assert!(!c.replace_existing);
     assert_eq!(c.io_threads, 4);
     assert_eq!(c.async_mode, AsyncMode::Stream);
@@ -69,7 +71,7 @@ fn defaults_are_documented_values_and_validate() {
     assert_eq!(c.background_threads, 2);
     assert_eq!(c.lock, LockMode::Fail);
     assert_eq!(c.simulate, SimulatedFaults::default());
-    assert_eq!(c.staging_buffers(), 16);
+    assert_eq!(c.staging_buffers(), 4);
     assert_eq!(Config::builder().build().expect("valid"), c);
     non_default().validate().expect("non-default config is valid");
 }
@@ -148,6 +150,7 @@ fn builder_sets_every_field_and_rejects_invalid() {
         .sqpoll(want.sqpoll)
         .fsync(want.fsync)
         .verify_on_load(want.verify_on_load)
+        .zero_copy_loads(want.zero_copy_loads)
         .replace_existing(want.replace_existing)
         .io_threads(want.io_threads)
         .async_mode(want.async_mode)
@@ -249,7 +252,7 @@ fn toml_round_trip() {
     assert!(text.contains("max_shard_size = \"1.5GiB\""), "{text}");
     let text = Config::default().to_toml_string();
     assert!(text.contains("chunk_size = \"8MiB\""), "{text}");
-    assert!(text.contains("staging_pool_size = \"128MiB\""), "{text}");
+    assert!(text.contains("staging_pool_size = \"32MiB\""), "{text}");
 }
 
 #[test]
@@ -301,6 +304,7 @@ fn env_overrides_every_field() {
         ("URING_CKPT_SQPOLL", "yes"),
         ("URING_CKPT_FSYNC", "fsync"),
         ("URING_CKPT_VERIFY_ON_LOAD", "false"),
+        ("URING_CKPT_ZERO_COPY_LOADS", "on"),
         ("URING_CKPT_REPLACE_EXISTING", "TRUE"),
         ("URING_CKPT_IO_THREADS", "16"),
         ("URING_CKPT_ASYNC_MODE", "Snapshot"),

@@ -216,10 +216,23 @@ fn tensors_at_the_files_phase_are_read_straight_into_their_memory_on_every_engin
     tensors.push(("after".into(), Dtype::U8, vec![999], bytes(95, 999)));
     tensors.push(("large.c".into(), Dtype::BF16, vec![1_500_001], bytes(96, 3_000_002)));
     for engine in ENGINES {
-        let config = Config { max_shard_size: 4 << 20, ..small_config(engine) };
-        let io = UringCheckpointIO::new(config).expect("config");
+        let config = Config { max_shard_size: 4 << 20, zero_copy_loads: true, ..small_config(engine) };
+        let io = UringCheckpointIO::new(config.clone()).expect("config");
         let path = dir.path().join(engine.as_str());
         save(&io, &path, &tensors);
+        // Off (the default): everything staged.
+        let staged = UringCheckpointIO::new(Config { zero_copy_loads: false, ..config }).expect("config");
+        let mut dests = phased_destinations(&path, &io, 0);
+        let sink = {
+            let lent = dests.iter_mut().map(|(n, buf, at)| {
+                let len = tensors.iter().find(|t| &t.0 == n).expect("tensor").3.len();
+                (n.clone(), &mut buf[*at..*at + len])
+            });
+            HostSink::new(lent).expect("sink")
+        };
+        let loaded = staged.load_into(&path, &LoadOptions::default(), true, &sink).expect("staged load");
+        assert_eq!(loaded.report.zero_copy_bytes, 0, "{engine}: zero_copy_loads off");
+        drop(sink);
         let by_name = |dests: &[(String, Vec<u8>, usize)], name: &str| {
             let (_, buf, at) = dests.iter().find(|d| d.0 == name).expect("destination");
             let len = tensors.iter().find(|t| t.0 == name).expect("tensor").3.len();

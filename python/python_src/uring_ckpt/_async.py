@@ -80,7 +80,7 @@ class AsyncSaver:
       ``save`` returns. Memory: a host copy of the checkpoint per save in flight, kept and
       reused by later saves while the saver lives.
     - ``"stream"``: through the bounded staging ring. Memory: the staging pool
-      (``staging_pool_size``, 128 MiB by default); but ``save`` returns only once the last
+      (``staging_pool_size``, 32 MiB by default); but ``save`` returns only once the last
       chunk is in the ring, so training stalls about as long as the checkpoint takes to
       write (less one pool's worth), nearly as long as a synchronous :func:`save`.
 
