@@ -53,8 +53,9 @@ impl LentSpan {
     /// `len` bytes at `base`, lent to a read.
     ///
     /// # Safety
-    /// `base..base + len` must be writable memory that nothing else reads or writes from now
-    /// until the read is handed back to the feed ([`ReadFeed::done`]) or the stream returns.
+    /// `base..base + len` must be writable memory that nothing else reads or writes for as
+    /// long as the span exists: the read writes it, and whoever holds the span once the read
+    /// is handed back ([`ReadFeed::done`]) may read it.
     pub unsafe fn new(base: *mut u8, len: usize) -> LentSpan {
         LentSpan { base, len }
     }
