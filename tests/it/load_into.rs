@@ -188,21 +188,33 @@ fn a_flipped_byte_is_named_by_tensor_and_file() {
 }
 
 /// Destinations that start at the same place in a page as their tensor's bytes in the file,
-/// shifted by `skew` bytes: each is `(name, buffer, start)`.
+/// shifted by `skew` bytes: each is `(name, buffer, start, bytes)`.
 fn phased_destinations(
     path: &std::path::Path,
     io: &UringCheckpointIO,
     skew: usize,
-) -> Vec<(String, Vec<u8>, usize)> {
+) -> Vec<(String, Vec<u8>, usize, usize)> {
     let info = uring_ckpt::inspect::inspect(io.config(), path).expect("inspect");
     let page = 4096usize;
     let phased = info.tensors.iter().map(|t| {
         let buf = vec![0u8; t.bytes as usize + 2 * page];
         let want = (t.offset as usize + skew) % page;
         let start = (want + page - buf.as_ptr() as usize % page) % page;
-        (t.name.clone(), buf, start)
+        (t.name.clone(), buf, start, t.bytes as usize)
     });
     phased.collect()
+}
+
+/// A sink over the destinations of [`phased_destinations`].
+fn phased_sink(dests: &mut [(String, Vec<u8>, usize, usize)]) -> HostSink<'_> {
+    let lent = dests.iter_mut().map(|(n, buf, at, len)| (n.clone(), &mut buf[*at..*at + *len]));
+    HostSink::new(lent).expect("sink")
+}
+
+/// The bytes of destination `name` of [`phased_destinations`].
+fn phased_bytes<'a>(dests: &'a [(String, Vec<u8>, usize, usize)], name: &str) -> &'a [u8] {
+    let (_, buf, at, len) = dests.iter().find(|d| d.0 == name).expect("destination");
+    &buf[*at..*at + *len]
 }
 
 #[test]
@@ -223,35 +235,18 @@ fn tensors_at_the_files_phase_are_read_straight_into_their_memory_on_every_engin
         // Off (the default): everything staged.
         let staged = UringCheckpointIO::new(Config { zero_copy_loads: false, ..config }).expect("config");
         let mut dests = phased_destinations(&path, &io, 0);
-        let sink = {
-            let lent = dests.iter_mut().map(|(n, buf, at)| {
-                let len = tensors.iter().find(|t| &t.0 == n).expect("tensor").3.len();
-                (n.clone(), &mut buf[*at..*at + len])
-            });
-            HostSink::new(lent).expect("sink")
-        };
+        let sink = phased_sink(&mut dests);
         let loaded = staged.load_into(&path, &LoadOptions::default(), true, &sink).expect("staged load");
         assert_eq!(loaded.report.zero_copy_bytes, 0, "{engine}: zero_copy_loads off");
         drop(sink);
-        let by_name = |dests: &[(String, Vec<u8>, usize)], name: &str| {
-            let (_, buf, at) = dests.iter().find(|d| d.0 == name).expect("destination");
-            let len = tensors.iter().find(|t| t.0 == name).expect("tensor").3.len();
-            buf[*at..*at + len].to_vec()
-        };
         // At the file's phase, then one byte off it: every byte lands either way.
         for skew in [0, 1] {
             let mut dests = phased_destinations(&path, &io, skew);
-            let sink = {
-                let lent = dests.iter_mut().map(|(n, buf, at)| {
-                    let len = tensors.iter().find(|t| &t.0 == n).expect("tensor").3.len();
-                    (n.clone(), &mut buf[*at..*at + len])
-                });
-                HostSink::new(lent).expect("sink")
-            };
+            let sink = phased_sink(&mut dests);
             let loaded = io.load_into(&path, &LoadOptions::default(), true, &sink).expect("load_into");
             drop(sink);
             for (name, _, _, data) in &tensors {
-                assert!(&by_name(&dests, name) == data, "{engine}, skew {skew}: {name} differs");
+                assert!(phased_bytes(&dests, name) == &data[..], "{engine}, skew {skew}: {name} differs");
             }
             let r = &loaded.report;
             let (align, mem_align) =
@@ -281,13 +276,7 @@ fn tensors_at_the_files_phase_are_read_straight_into_their_memory_on_every_engin
         file.read_exact_at(&mut byte, at).expect("read");
         file.write_all_at(&[byte[0] ^ 0x10], at).expect("flip");
         let mut dests = phased_destinations(&path, &io, 0);
-        let sink = {
-            let lent = dests.iter_mut().map(|(n, buf, at)| {
-                let len = tensors.iter().find(|t| &t.0 == n).expect("tensor").3.len();
-                (n.clone(), &mut buf[*at..*at + len])
-            });
-            HostSink::new(lent).expect("sink")
-        };
+        let sink = phased_sink(&mut dests);
         match io.load_into(&path, &LoadOptions::default(), true, &sink).expect_err("crc") {
             Error::Crc { tensor, path: p, .. } => {
                 assert_eq!((tensor.as_str(), &p), ("large.b", &shard), "{engine}")
