@@ -21,8 +21,8 @@
 //! |---|---|---|---|---|---|
 //! | `engine` | `URING_CKPT_ENGINE` | `"auto"`, `"uring"`, `"pwrite"`, `"buffered"` | `"auto"` | | how bytes reach the disk; `auto` tries io_uring, then the pwrite thread pool, then buffered I/O, and logs each fallback |
 //! | `queue_depth` | `URING_CKPT_QUEUE_DEPTH` | integer | `32` | 1..=4096 | io_uring submission queue depth (writes in flight) |
-//! | `chunk_size` | `URING_CKPT_CHUNK_SIZE` | size | `"8MiB"` | 4KiB..=1GiB, multiple of 4096 | bytes per write and per staging buffer |
-//! | `staging_pool_size` | `URING_CKPT_STAGING_POOL_SIZE` | size | `"32MiB"` | 2 × `chunk_size`..=64GiB | total memory of the staging ring |
+//! | `chunk_size` | `URING_CKPT_CHUNK_SIZE` | size | `"8MiB"` | 4KiB..=1GiB, multiple of 4096 | bytes per write and per staging buffer (a load's staging buffers are at most 2 MiB) |
+//! | `staging_pool_size` | `URING_CKPT_STAGING_POOL_SIZE` | size | `"32MiB"` | 2 × `chunk_size`..=64GiB | total memory of the staging ring (a load through it uses at most 16 MiB) |
 //! | `max_shard_size` | `URING_CKPT_MAX_SHARD_SIZE` | size | `"4GiB"` | >= 1MiB | shard size limit; a larger tensor gets a shard of its own |
 //! | `direct_io` | `URING_CKPT_DIRECT_IO` | bool | `true` | | open files with `O_DIRECT` |
 //! | `register_buffers` | `URING_CKPT_REGISTER_BUFFERS` | bool | `true` | | register staging buffers with io_uring (falls back to plain writes when `RLIMIT_MEMLOCK` is too low) |
@@ -104,9 +104,10 @@ config_struct! {
         /// [`Config::CHUNK_SIZE_RANGE`] and a multiple of [`Config::CHUNK_ALIGN`].
         chunk_size: u64 as Size = 8 * MIB,
         /// Total bytes of the staging ring (`staging_pool_size / chunk_size` buffers).
-        /// Default 32 MiB (four 8 MiB buffers: as fast as 128 MiB for saves and faster for
-        /// loads, whose staging buffers then stay in cache); at least `2 * chunk_size` (double
-        /// buffering), at most [`Config::MAX_STAGING_POOL_SIZE`].
+        /// Default 32 MiB (four 8 MiB buffers: as fast as 128 MiB for saves); at least
+        /// `2 * chunk_size` (double buffering), at most [`Config::MAX_STAGING_POOL_SIZE`].
+        /// A load through the pool uses at most 16 MiB of it, in buffers of at most 2 MiB,
+        /// which then stay in the CPU's cache between the read and the copy.
         staging_pool_size: u64 as Size = 32 * MIB,
         /// Largest shard file; tensors are packed into shards up to this size, and a tensor
         /// larger than this gets a shard of its own. Default 4 GiB, at least
