@@ -295,6 +295,9 @@ fn engine_line(report: &uring_ckpt::io::EngineReport) -> String {
     if report.registered_buffers {
         parts.push("registered buffers".into());
     }
+    if report.offload_writes {
+        parts.push("writes handed to io-wq (btrfs)".into());
+    }
     parts.push(match report.engine {
         EngineKind::Pwrite => format!("{} threads", report.queue_depth),
         EngineKind::Buffered => "synchronous".into(),

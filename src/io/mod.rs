@@ -224,6 +224,11 @@ pub struct EngineReport {
     pub mem_align: usize,
     /// Queue depth (io_uring) or threads (pwrite).
     pub queue_depth: u32,
+    /// io_uring only: writes go to the ring's worker threads at submission (`IOSQE_ASYNC`)
+    /// instead of being tried in the submitting thread first, because the file system does
+    /// a direct write's costly work in the thread that submits it (btrfs: data checksums).
+    /// The copy and CRC of the next chunk then run beside that work, on another core.
+    pub offload_writes: bool,
     /// Fallbacks taken, in order.
     pub fallbacks: Vec<Fallback>,
 }

@@ -405,6 +405,7 @@ mod tests {
             align: 4096,
             mem_align: 4096,
             queue_depth: 2,
+            offload_writes: false,
             fallbacks: Vec::new(),
         }
     }

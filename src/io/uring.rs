@@ -8,7 +8,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 
 use super::core::{Core, Engine, EngineWriter, OpData};
 use super::file::ReadFile;
@@ -83,6 +83,8 @@ pub struct UringEngine {
     depth: usize,
     unsubmitted: usize,
     batch: usize,
+    /// Every write goes to io-wq at submission (`IOSQE_ASYNC`: [`EngineReport::offload_writes`]).
+    offload: bool,
 }
 
 /// Writes through io_uring.
@@ -134,7 +136,8 @@ impl<'a> EngineWriter<'a, UringEngine> {
             .map(|(i, b)| StagingBuf::new(b, registered.then_some(i as u16)))
             .collect();
         let depth = write_depth(config.queue_depth, config.chunk_size);
-        let engine = UringEngine { ring, depth, unsubmitted: 0, batch: (depth / 4).max(1) };
+        let offload = report.offload_writes;
+        let engine = UringEngine { ring, depth, unsubmitted: 0, batch: (depth / 4).max(1), offload };
         Ok(EngineWriter::from_parts(engine, Core::new(report, config.fsync, "write", free)))
     }
 }
@@ -173,6 +176,7 @@ impl UringEngine {
             }
             .user_data(idx as u64)
         };
+        let sqe = if self.offload { sqe.flags(squeue::Flags::ASYNC) } else { sqe };
         loop {
             // SAFETY: the SQE points into memory owned by (Staged) or borrowed for 'a by
             // (Borrowed) operation `idx` of the core, which stays there until its completion
@@ -399,8 +403,13 @@ mod tests {
         let pool = StagingPool::new();
         let shape = Shape { chunk: 64 * 1024, align: staging_align(report.align, report.mem_align) };
         let free = pool.lend(shape, 1).into_iter().map(|b| StagingBuf::new(b, None)).collect();
-        let engine =
-            UringEngine { ring: build_ring(&config).expect("ring"), depth: 4, unsubmitted: 0, batch: 1 };
+        let engine = UringEngine {
+            ring: build_ring(&config).expect("ring"),
+            depth: 4,
+            unsubmitted: 0,
+            batch: 1,
+            offload: false,
+        };
         let mut core = Core::new(report, FsyncPolicy::Never, "write", free);
         let file = core.files.create(&dir.join("f"), LEN as u64, &core.report.clone()).expect("create");
         let mut buf = core.take_free().expect("buffer");

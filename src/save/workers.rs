@@ -160,6 +160,7 @@ fn empty_report(config: &Config) -> EngineReport {
         align: 4096,
         mem_align: 4096,
         queue_depth: config.queue_depth,
+        offload_writes: false,
         fallbacks: Vec::new(),
     }
 }
