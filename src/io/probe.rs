@@ -188,8 +188,13 @@ fn fs_type(dir: &Path) -> Option<i64> {
     let mut stat = std::mem::MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: `path` is NUL-terminated and `stat` is writable memory of the struct's size.
     let rc = unsafe { libc::statfs(path.as_ptr(), stat.as_mut_ptr()) };
-    // SAFETY: statfs filled the struct in when it returned 0.
-    (rc == 0).then(|| unsafe { stat.assume_init() }.f_type as i64)
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statfs returned 0, so it filled the struct in.
+    let stat = unsafe { stat.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // `f_type` is an i64 here, an i32 or u32 on other targets
+    Some(stat.f_type as i64)
 }
 
 /// Writes one aligned block with O_DIRECT; returns the alignment, or `None` when direct I/O
