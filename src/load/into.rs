@@ -7,15 +7,16 @@
 //! 2. Per shard, the byte ranges of the wanted tensors are cut into reads of at most one
 //!    staging buffer, aligned for direct I/O, and streamed ([`Reader::read_stream`]) into
 //!    a fixed set of buffers lent by the [`StagingPool`] (at most 16 MiB of 2 MiB buffers,
-//!    [`load_staging`]): the engine keeps its queue depth
-//!    in flight while copy threads take each finished buffer, hand every tensor piece in
-//!    it to the sink with its CRC computed in the same pass, and give the buffer back.
-//! 3. With `zero_copy_loads`, where the sink lends a tensor's host memory ([`TensorSink::host_memory`]) and that
-//!    memory sits at the same phase as the tensor's file offset (modulo the direct-I/O
-//!    memory alignment: 4 bytes on most NVMe, 512 on virtio and loop devices), the
-//!    tensor's aligned interior is read straight into it, past the staging buffers; a copy
-//!    thread then only computes its CRC, while the bytes are still in cache. Its unaligned
-//!    head and tail (under one block each) go through staging.
+//!    [`load_staging`]): the engine keeps its queue depth in flight while copy threads take
+//!    each finished buffer, hand every tensor piece in it to the sink with its CRC computed
+//!    in the same pass, and give the buffer back.
+//! 3. With `zero_copy_loads`, where the sink lends a tensor's host memory
+//!    ([`TensorSink::host_memory`]) and that memory sits at the same phase as the tensor's
+//!    file offset (modulo the direct-I/O memory alignment: 4 bytes on most NVMe, 512 on
+//!    virtio and loop devices), the tensor's aligned interior is read straight into it,
+//!    past the staging buffers; a copy thread then only computes its CRC, while the bytes
+//!    are still in cache. Its unaligned head and tail (under one block each) go through
+//!    staging.
 //! 4. The per-piece CRCs are combined per tensor and checked against the shard header.
 //!
 //! Peak memory is the staging buffers, whatever the checkpoint's size.
