@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::io::aligned::{round_up, HUGE_PAGE};
 use crate::io::threads::lower_priority;
-use crate::io::{fault_in_owned, populate_chosen, AlignedBuf, PageChoice, Registrar};
+use crate::io::{copy_streaming, fault_in_owned, populate_chosen, AlignedBuf, PageChoice, Registrar};
 use crate::source::TensorSource;
 
 /// Snapshot copies are split into pieces of at most this size, shared among threads.
@@ -626,7 +626,7 @@ fn copy_snapshot(
             }
             match piece.source.host_bytes() {
                 Some(bytes) => {
-                    piece.dst.copy_from_slice(&bytes[piece.offset..piece.offset + piece.dst.len()])
+                    copy_streaming(piece.dst, &bytes[piece.offset..piece.offset + piece.dst.len()])
                 }
                 None => piece.source.copy_to(piece.offset, piece.dst)?,
             }

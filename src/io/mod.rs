@@ -22,6 +22,7 @@ pub mod pwrite;
 mod reader;
 pub mod stats;
 pub mod stream;
+mod stream_copy;
 pub mod threads;
 #[cfg(target_os = "linux")]
 pub mod uring;
@@ -36,6 +37,7 @@ pub(crate) use prefault::populate_refused;
 pub use prefault::Pages;
 pub(crate) use prefault::{fault_in_owned, fault_in_spans, populate_chosen, PageChoice};
 pub use stats::IoStats;
+pub(crate) use stream_copy::copy_streaming;
 pub use threads::SaveThreads;
 
 use crate::config::{Config, EngineKind};

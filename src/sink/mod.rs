@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
 use crate::format::Dtype;
+use crate::io::copy_streaming;
 
 /// A tensor of the checkpoint, as a sink is asked about it.
 #[derive(Debug, Clone, Copy)]
@@ -173,17 +174,18 @@ pub(crate) fn check_range(name: &str, dest_len: usize, at: u64, len: usize) -> R
     }
 }
 
-/// Copies `src` to `dst` (same length) in pieces that stay in cache, feeding each piece to
-/// `crc` right after it is copied.
+/// Copies `src` to `dst` (same length), feeding `crc` each piece of the source just before
+/// the piece is copied: the CRC reads the staging buffer, in cache, and the copy writes the
+/// destination with non-temporal stores ([`copy_streaming`]), never reading it.
 pub(crate) fn copy_hashing(dst: &mut [u8], src: &[u8], crc: Option<&mut crc32fast::Hasher>) {
-    /// Bytes per piece: copied, then hashed while still in L1/L2.
+    /// Bytes per piece: hashed, then copied while still in L1/L2.
     const PIECE: usize = 64 << 10;
     match crc {
-        None => dst.copy_from_slice(src),
+        None => copy_streaming(dst, src),
         Some(crc) => {
             for (d, s) in dst.chunks_mut(PIECE).zip(src.chunks(PIECE)) {
-                d.copy_from_slice(s);
-                crc.update(d);
+                crc.update(s);
+                copy_streaming(d, s);
             }
         }
     }
