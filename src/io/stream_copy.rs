@@ -23,7 +23,7 @@
 
 /// Copies shorter than this go through the cache: a small tensor is likely read again soon,
 /// and the fence that ends a streamed copy costs more than the lines it saves.
-pub(crate) const STREAM_MIN: usize = 16 << 10;
+const STREAM_MIN: usize = 16 << 10;
 
 /// Copies `src` into `dst` (same length), with non-temporal stores for all but the
 /// unaligned head and tail of copies of at least [`STREAM_MIN`] bytes. The stores are
