@@ -70,6 +70,7 @@ LABELS = {
     "fastsafetensors": "fastsafetensors SafeTensorsFileLoader (nogds, cpu)",
     "dcp": "DCP dcp.load, FileSystemReader (into existing state dict)",
     "ours": "**uring_ckpt.load** (fresh)",
+    "ours-mmap": "**uring_ckpt.load(mmap=True)** (fresh, mapped copy-on-write)",
     "ours-into": "**uring_ckpt.load_into** (into existing state dict)",
     "cli": "**uring-ckpt load --into fresh** CLI (its reported time)",
     "cli-wall": "uring-ckpt load --into fresh CLI (process wall, exec to exit)",
@@ -89,6 +90,7 @@ FILES = {
     "tensorizer": "model.tensors",
     "dcp": "dcp",
     "ours": "uring",
+    "ours-mmap": "uring",
     "ours-into": "uring",
     "cli": "uring",
     "cli-into": "uring",
@@ -320,13 +322,14 @@ def child(a) -> None:
             dcp.load(target, storage_reader=FileSystemReader(path))
             return list(target.values())
 
-    elif method in ("ours", "ours-into"):
+    elif method in ("ours", "ours-mmap", "ours-into"):
         import uring_ckpt
 
-        if method == "ours":
+        if method in ("ours", "ours-mmap"):
+            options = {"mmap": True} if method == "ours-mmap" else {}
 
             def load():
-                return list(uring_ckpt.load(path).values())
+                return list(uring_ckpt.load(path, **options).values())
 
         else:
             if not hasattr(uring_ckpt, "load_into"):
@@ -497,7 +500,7 @@ def save_formats(work: str, spec, seed: int, size_fio: int, bin_path: str, metho
     step(["torch"], "torch.save", pt)
     step(["tensorizer"], "tensorizer TensorSerializer", tz)
     step(["dcp"], "DCP save, FileSystemWriter", dc)
-    step(["ours", "ours-into", "cli", "cli-into"], "uring_ckpt.save", ours)
+    step(["ours", "ours-mmap", "ours-into", "cli", "cli-into"], "uring_ckpt.save", ours)
     step(["cli"], "uring-ckpt binary", cli_ok)
     step(["cli-into"], "uring-ckpt load --into", cli_into_ok)
     del sd
@@ -720,7 +723,7 @@ def main() -> None:
             notes.append("target allocated and touched by the CLI before its timing")
         elif m in IN_PLACE:
             notes.append("target allocated and zero-filled before the timing")
-        if m in ("ours", "ours-into"):
+        if m in ("ours", "ours-mmap", "ours-into"):
             notes.append("CRC-32s checked")
         if m in ("cli", "cli-into"):
             notes.append(f"CLI-reported {statistics.median(x['cli_mib_s'] for x in rs):.0f} MiB/s "

@@ -93,6 +93,10 @@ pub struct LoadReport {
     /// byte of a fresh load (its tensors are the memory read into); for a load into a sink,
     /// the aligned interiors of tensors whose host memory sits at their file offset's phase.
     pub zero_copy_bytes: u64,
+    /// Whether the shard files were mapped copy-on-write instead of read
+    /// ([`LoadOptions::map`](crate::LoadOptions::map)); the engine then says
+    /// [`EngineKind::Buffered`](crate::config::EngineKind) (the page cache's reads).
+    pub mapped: bool,
 }
 
 /// MiB/s of `bytes` moved in `seconds`.

@@ -49,8 +49,9 @@ impl Buffer {
         // SAFETY: `view` is valid for writes (checked non-null; CPython hands a real struct).
         // The exported memory is owned by `slf.data`, and `view.obj` holds a reference to
         // `slf` until the consumer releases the view, so it stays allocated that long.
-        // Writable: the memory is a heap allocation made by the loader (an aligned read
-        // buffer) that no Rust code reads or writes again once the load returned; the only
+        // Writable: the memory is an allocation made by the loader (an aligned read buffer,
+        // or a private copy-on-write mapping of a shard file, whose writes never reach the
+        // file) that no Rust code reads or writes again once the load returned; the only
         // handles on this byte range are this `Buffer` (the loader hands each tensor's range
         // to exactly one `Buffer`, and ranges never overlap). Consumers (a torch tensor, a
         // numpy array) may write into it, as they would into memory they allocated.

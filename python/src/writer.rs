@@ -180,16 +180,18 @@ impl Writer {
 
     /// Loads the checkpoint at `path`: returns `(tensors, metadata, extra_files, report)` with
     /// `tensors` a list of `(name, dtype, shape, Buffer)`, `extra_files` a dict of bytes and
-    /// `report` JSON.
-    #[pyo3(signature = (path, names=None, verify=None))]
+    /// `report` JSON. With `map`, the shard files are mapped copy-on-write instead of read
+    /// (`LoadOptions::map`).
+    #[pyo3(signature = (path, names=None, verify=None, map=false))]
     fn load<'py>(
         &self,
         py: Python<'py>,
         path: PathBuf,
         names: Option<Vec<String>>,
         verify: Option<bool>,
+        map: bool,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let options = LoadOptions { names, verify };
+        let options = LoadOptions { names, verify, map };
         let loaded = py.detach(|| self.io.load_checkpoint(&path, &options)).or_raise(py)?;
         let tensors = PyList::empty(py);
         for t in loaded.tensors {
@@ -223,7 +225,7 @@ impl Writer {
     ) -> PyResult<(String, Vec<String>, Vec<String>)> {
         let destinations = destinations(py, &self.gpu, dests)?;
         self.gpu.prepare_staging(py, &self.io);
-        let options = LoadOptions { names, verify };
+        let options = LoadOptions { names, verify, ..LoadOptions::default() };
         let sink = destinations.sink.as_ref();
         let loaded = py.detach(|| self.io.load_into(&path, &options, strict, sink)).or_raise(py)?;
         Ok((report_json(&loaded.report)?, loaded.missing, loaded.unexpected))

@@ -90,6 +90,7 @@ def test_lightning_checkpoint_dict_round_trips(tmp_path):
     assert report["tensors"] > 10
     loaded = uring_ckpt.load(tmp_path / "c.ckpt")
     assert_same(ckpt, loaded)
+    assert_same(ckpt, uring_ckpt.load(tmp_path / "c.ckpt", mmap=True))
     # The optimizer and model accept what was loaded.
     model = Net()
     model.load_state_dict(loaded["state_dict"])

@@ -175,3 +175,33 @@ def test_a_cache_snapshot_of_links_is_refused_with_advice(tmp_path):
         uring_ckpt.load_safetensors(snapshot)
     # The linked file itself, given as the path, is followed.
     _assert_same(uring_ckpt.load_safetensors(snapshot / "model.safetensors"), tensors)
+
+
+def test_mmap_loads_the_same_tensors_and_writes_never_reach_the_files(tmp_path, hf_dir):
+    path, tensors = hf_dir
+    files = {p: p.read_bytes() for p in path.iterdir()}
+    got = uring_ckpt.load_safetensors(path, mmap=True)
+    _assert_same(got, tensors)
+    _assert_same(uring_ckpt.load_safetensors(path, names=["mask", "empty"], mmap=True),
+                 {n: tensors[n] for n in ["mask", "empty"]})
+    # Writable, copy-on-write: the tensor changes, the file does not.
+    got["positions"] += 1
+    got["big"].zero_()
+    assert torch.equal(got["positions"], tensors["positions"] + 1)
+    assert {p: p.read_bytes() for p in path.iterdir()} == files
+    _assert_same(uring_ckpt.load_safetensors(path, mmap=True), tensors)
+
+    single = tmp_path / "model.safetensors"
+    save_file(_tensors(), single)
+    _assert_same(uring_ckpt.load_safetensors(single, mmap=True), load_file(single))
+
+
+def test_mmap_of_our_checkpoint_survives_its_removal(tmp_path):
+    tensors = _tensors()
+    path = tmp_path / "ours"
+    uring_ckpt.save(tensors, path)
+    got = uring_ckpt.load(path, mmap=True)
+    uring_ckpt.remove(path)
+    assert not path.exists()
+    # Unlinked files stay readable while mapped.
+    _assert_same(got, tensors)

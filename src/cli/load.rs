@@ -32,9 +32,10 @@ pub struct LoadArgs {
     /// before the timed load, as a live model's parameters are, each tensor at the place in
     /// a page its bytes have in the file, as a restart of the program that saved it finds
     /// them, and loaded in place), `fresh` host memory allocated by the load (what a restart with no
-    /// model yet gets: the kernel's zeroing of the new pages is in the time), or a simulated
-    /// device (`sim-device`: host-to-device copies at --device-gib-s on the device's copy
-    /// thread, keeping nothing).
+    /// model yet gets: the kernel's zeroing of the new pages is in the time), the shard
+    /// files `mapped` copy-on-write (a fresh load from the page cache, nothing zeroed or
+    /// copied: `LoadOptions::map`), or a simulated device (`sim-device`: host-to-device
+    /// copies at --device-gib-s on the device's copy thread, keeping nothing).
     #[arg(long, value_enum, default_value = "host")]
     into: Into,
     /// Copy bandwidth of the simulated device, GiB/s.
@@ -48,6 +49,7 @@ pub struct LoadArgs {
 enum Into {
     Fresh,
     Host,
+    Mapped,
     SimDevice,
 }
 
@@ -57,10 +59,14 @@ pub fn run(global: &GlobalOpts, args: LoadArgs) -> Result<()> {
     let (kind, shards) = uring_ckpt::store::identify(&args.dir)?;
     let config = single_config(global)?;
     let io = UringCheckpointIO::new(config.clone())?;
-    let options = LoadOptions { names: args.names.clone(), verify: args.no_verify.then_some(false) };
+    let options = LoadOptions {
+        names: args.names.clone(),
+        verify: args.no_verify.then_some(false),
+        map: args.into == Into::Mapped,
+    };
     let mut uploaded = None;
     let (r, tensors, peak) = match args.into {
-        Into::Fresh => {
+        Into::Fresh | Into::Mapped => {
             let loaded = io.load_checkpoint(&args.dir, &options)?;
             (loaded.report, loaded.tensors.len(), None)
         }
@@ -150,6 +156,7 @@ fn print_report(
 ) {
     let into = match args.into {
         Into::Fresh => "fresh host memory".to_owned(),
+        Into::Mapped => "copy-on-write mappings of the shard files".to_owned(),
         Into::Host => "existing host memory, in place".to_owned(),
         Into::SimDevice => format!("a simulated device at {} GiB/s", args.device_gib_s),
     };

@@ -219,6 +219,7 @@ pub fn load_into(
             read_latency: reader.stats().percentiles_us(),
             fresh_pages: reader.stats().fresh_pages,
             zero_copy_bytes,
+            mapped: false,
         },
         missing,
         unexpected,

@@ -6,6 +6,7 @@
 //! when the disk is the bottleneck.
 
 mod into;
+mod mapped;
 mod shard;
 
 use std::collections::HashSet;
@@ -17,6 +18,7 @@ use bytes::Bytes;
 pub(crate) use crate::store::open_checkpoint;
 pub use crate::store::read_manifest;
 pub use into::{load_into, LoadIntoReport};
+use shard::{check_crc, check_header, check_len};
 pub(crate) use shard::{check_weight_map, open_shard, read_extra_file, segment_len, ShardRead};
 
 use crate::checkpoint::{LoadedCheckpoint, LoadedTensor};
@@ -24,7 +26,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::format::Manifest;
 use crate::io::aligned::{round_down_u64, round_up_u64};
-use crate::io::{open_reader, AlignedBuf};
+use crate::io::{open_reader, AlignedBuf, Fallback};
 use crate::report::{mib_per_s, LoadReport};
 
 /// What to load.
@@ -34,6 +36,16 @@ pub struct LoadOptions {
     pub names: Option<Vec<String>>,
     /// Check every tensor's CRC-32; `None` uses the config's `verify_on_load`.
     pub verify: Option<bool>,
+    /// Map the shard files copy-on-write instead of reading them into new memory
+    /// (`io/mapped.rs`): the tensors are views of the files' pages in the page cache, which
+    /// the kernel never zeroes, so a fresh load skips the zeroing of its memory and every
+    /// copy. The load still brings every wanted byte in (and checks its CRC) before it
+    /// returns. The files then back the tensors: one truncated while they live kills the
+    /// process with `SIGBUS` when a lost page is touched, and one rewritten in place shows
+    /// its new bytes in pages not yet written (checkpoints of ours are never rewritten), as
+    /// with `torch.load(mmap=True)`. A file system that cannot map files is read instead
+    /// (a fallback in the report).
+    pub map: bool,
 }
 
 /// The tensors `options` asks for (`None`: all), each checked to be in the checkpoint: an
@@ -51,6 +63,22 @@ pub(crate) fn wanted_names<'o>(
 
 /// Loads the checkpoint at `dir`.
 pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<LoadedCheckpoint> {
+    if !options.map {
+        return load_by_reads(config, dir, options);
+    }
+    match mapped::load_mapped(config, dir, options)? {
+        mapped::Mapped::Loaded(loaded) => Ok(loaded),
+        mapped::Mapped::Refused(reason) => {
+            log::warn!("cannot map the shard files ({reason}); reading them instead");
+            let mut loaded = load_by_reads(config, dir, options)?;
+            loaded.report.engine.fallbacks.push(Fallback { what: "mmap", instead: "reads", reason });
+            Ok(loaded)
+        }
+    }
+}
+
+/// Loads the checkpoint at `dir` by reading its shards into new aligned buffers.
+fn load_by_reads(config: &Config, dir: &Path, options: &LoadOptions) -> Result<LoadedCheckpoint> {
     let started = Instant::now();
     let crate::store::Opened { dir: handle, manifest, .. } = crate::store::open_any(dir)?;
     let verify = options.verify.unwrap_or(config.verify_on_load);
@@ -87,15 +115,7 @@ pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<Loaded
                     let data = Bytes::from_owner(buf).slice((begin - first) as usize..);
                     if verify {
                         if let Some(expected) = shard.header.crcs[i] {
-                            let actual = crc32fast::hash(&data);
-                            if actual != expected {
-                                return Err(Error::Crc {
-                                    path: shard.path.clone(),
-                                    tensor: entry.name.clone(),
-                                    expected,
-                                    actual,
-                                });
-                            }
+                            check_crc(&shard.path, entry, Some(expected), crc32fast::hash(&data))?;
                         }
                     }
                     data
@@ -133,6 +153,7 @@ pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<Loaded
             read_latency: reader.stats().percentiles_us(),
             fresh_pages: reader.stats().fresh_pages,
             zero_copy_bytes: data_bytes,
+            mapped: false,
         },
     })
 }

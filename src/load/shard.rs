@@ -50,18 +50,7 @@ pub(crate) fn open_shard(
     let dir = handle.path();
     let path = handle.member_path(&info.file);
     let (file, len) = reader.open(handle, &info.file)?;
-    if len != info.size {
-        return Err(Error::Corrupt {
-            path: dir.to_path_buf(),
-            reason: format!("shard {} is {len} bytes, the manifest says {}", info.file, info.size),
-        });
-    }
-    if info.header_len > len {
-        return Err(Error::Corrupt {
-            path: dir.to_path_buf(),
-            reason: format!("shard {} is shorter than its header", info.file),
-        });
-    }
+    check_len(dir, info, len)?;
     let report = reader.report();
     let align = report.align;
     let buf_align = report.align.max(report.mem_align);
@@ -93,8 +82,42 @@ pub(crate) fn open_shard(
     Ok(OpenShard { path, file, header, whole })
 }
 
+/// A shard file of `len` bytes must be as long as the manifest says, and hold its header.
+pub(crate) fn check_len(dir: &Path, info: &ShardInfo, len: u64) -> Result<()> {
+    if len != info.size {
+        return Err(Error::Corrupt {
+            path: dir.to_path_buf(),
+            reason: format!("shard {} is {len} bytes, the manifest says {}", info.file, info.size),
+        });
+    }
+    if info.header_len > len {
+        return Err(Error::Corrupt {
+            path: dir.to_path_buf(),
+            reason: format!("shard {} is shorter than its header", info.file),
+        });
+    }
+    Ok(())
+}
+
+/// A tensor's CRC-32 `actual` against the one its header stores (`None`: nothing to check):
+/// a mismatch is [`Error::Crc`], naming the file and the tensor.
+pub(crate) fn check_crc(path: &Path, entry: &TensorEntry, expected: Option<u32>, actual: u32) -> Result<()> {
+    match expected {
+        Some(expected) if expected != actual => {
+            Err(Error::Crc { path: path.to_path_buf(), tensor: entry.name.clone(), expected, actual })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Checks the header prefix against the manifest entry and parses it.
-fn check_header(dir: &Path, path: &Path, info: &ShardInfo, prefix: &[u8], len: u64) -> Result<ParsedHeader> {
+pub(crate) fn check_header(
+    dir: &Path,
+    path: &Path,
+    info: &ShardInfo,
+    prefix: &[u8],
+    len: u64,
+) -> Result<ParsedHeader> {
     let actual = crc32fast::hash(prefix);
     if actual != info.header_crc32 {
         return Err(Error::Corrupt {
@@ -196,13 +219,7 @@ fn verify_segments(
     let mut index = 0usize;
     let mut hasher = crc32fast::Hasher::new();
     let check = |entry: &TensorEntry, expected: Option<u32>, hasher: crc32fast::Hasher| {
-        let actual = hasher.finalize();
-        match expected {
-            Some(expected) if expected != actual => {
-                Err(Error::Crc { path: path.to_path_buf(), tensor: entry.name.clone(), expected, actual })
-            }
-            _ => Ok(()),
-        }
+        check_crc(path, entry, expected, hasher.finalize())
     };
     for (offset, bytes) in segments {
         let end = offset + bytes.len();

@@ -186,6 +186,17 @@ fn load_json_reports_throughput() {
     assert!(report["read_bytes"].as_u64().expect("read_bytes") > 2 << 20, "{report}");
     assert!(report["throughput_mib_s"].as_f64().expect("throughput") > 0.0, "{report}");
     assert_eq!(report["verified"], serde_json::Value::Bool(true));
+    assert_eq!(report["mapped"], serde_json::Value::Bool(false));
+
+    // The shard files mapped copy-on-write: every tensor byte, verified, the page cache's reads.
+    let mapped = assert_ok(&run(&dir, &["load", "ck", "--into", "mapped", "--json"]));
+    let mapped: serde_json::Value = serde_json::from_str(&mapped).expect("JSON");
+    assert_eq!(
+        (&mapped["mapped"], &mapped["into"], &mapped["verified"]),
+        (&true.into(), &"mapped".into(), &true.into())
+    );
+    assert_eq!(mapped["data_bytes"], report["data_bytes"], "{mapped}");
+    assert_eq!(mapped["engine"]["engine"], "buffered", "{mapped}");
 
     // In place (the default), into memory at each tensor's phase in the file: staged by
     // default; with zero_copy_loads the large tensors' aligned interiors are read straight

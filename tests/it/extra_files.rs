@@ -38,7 +38,7 @@ fn extra_files_round_trip_on_every_engine() {
         assert_eq!(loaded.extra_file("extras.pkl").map(|b| &b[..]), Some(&pickled[..]));
         assert_eq!(loaded.extra_file("empty").map(|b| b.len()), Some(0));
         // A load of some tensors still returns the extra files.
-        let some = LoadOptions { names: Some(vec!["w".into()]), verify: Some(true) };
+        let some = LoadOptions { names: Some(vec!["w".into()]), verify: Some(true), ..Default::default() };
         assert_eq!(io.load_checkpoint(&path, &some).expect("load").extra_files.len(), 2);
 
         let report = verify(&config, &path, |_, _| {}).expect("verify");

@@ -135,7 +135,7 @@ fn a_single_file_loads_every_dtype_on_every_engine() {
     let io = UringCheckpointIO::new(config.clone()).expect("config");
     let names = vec!["odd.f16".to_owned(), "empty.matrix".to_owned()];
     let subset = io
-        .load_checkpoint(&file, &LoadOptions { names: Some(names), verify: Some(true) })
+        .load_checkpoint(&file, &LoadOptions { names: Some(names), verify: Some(true), ..Default::default() })
         .expect("load a subset");
     let wanted: Vec<T> =
         tensors.iter().filter(|t| t.name == "odd.f16" || t.name == "empty.matrix").cloned().collect();

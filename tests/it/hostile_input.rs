@@ -432,19 +432,27 @@ fn every_hostile_input_ends_in_a_typed_error() {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let load =
                     io.load_checkpoint(&copy, &LoadOptions { verify: Some(true), ..Default::default() });
+                let mapped = io.load_checkpoint(
+                    &copy,
+                    &LoadOptions { verify: Some(true), map: true, ..Default::default() },
+                );
                 let verify = inspect::verify(&config, &copy, |_, _| {});
-                (load.err(), verify.err())
+                (load.err(), mapped.err(), verify.err())
             }));
-            let Ok((load, verify)) = outcome else { panic!("{name} ({engine}): the loader panicked") };
+            let Ok((load, mapped, verify)) = outcome else {
+                panic!("{name} ({engine}): the loader panicked")
+            };
             let load = load.unwrap_or_else(|| panic!("{name} ({engine}): load_checkpoint accepted it"));
+            let mapped = mapped.unwrap_or_else(|| panic!("{name} ({engine}): a mapped load accepted it"));
             let verify = verify.unwrap_or_else(|| panic!("{name} ({engine}): verify accepted it"));
             assert!(check(&load), "{name} ({engine}): load_checkpoint gave {load:?}");
+            assert!(check(&mapped), "{name} ({engine}): a mapped load gave {mapped:?}");
             assert!(check(&verify), "{name} ({engine}): verify gave {verify:?}");
             tried += 1;
         }
         fs::remove_dir_all(&valid).expect("rm");
     }
-    println!("hostile inputs tried: {tried}; each: typed error from load_checkpoint and verify, no panic");
+    println!("hostile inputs tried: {tried}; each: typed error from load_checkpoint (read and mapped) and verify, no panic");
 }
 
 #[test]

@@ -36,6 +36,7 @@ mod hostile_input;
 mod load;
 mod load_into;
 mod lock_retention;
+mod mapped;
 mod phase;
 mod pinned_bytes;
 mod python_interop;

@@ -159,13 +159,13 @@ fn load_subset_by_name() {
     let path = ckpt(dir.path(), "subset");
     io.save_checkpoint(&as_checkpoint(&tensors), &path).expect("save");
     let names = vec!["w3".to_owned(), "w17".to_owned()];
-    let options = LoadOptions { names: Some(names), verify: Some(true) };
+    let options = LoadOptions { names: Some(names), verify: Some(true), ..Default::default() };
     let loaded = io.load_checkpoint(&path, &options).expect("load subset");
     assert_eq!(loaded.tensors.len(), 2);
     assert!(loaded.get("w3").expect("w3").data[..] == tensors[3].data[..]);
     assert!(loaded.get("w17").expect("w17").data[..] == tensors[17].data[..]);
     assert!(loaded.report.read_bytes < (tensors[3].data.len() + tensors[17].data.len()) as u64 + 64 * 1024);
-    let missing = LoadOptions { names: Some(vec!["nope".into()]), verify: None };
+    let missing = LoadOptions { names: Some(vec!["nope".into()]), ..Default::default() };
     let err = io.load_checkpoint(&path, &missing).expect_err("unknown tensor");
     assert!(matches!(err, uring_ckpt::Error::TensorNotFound(ref n) if n == "nope"), "{err}");
 }

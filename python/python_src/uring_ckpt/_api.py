@@ -66,6 +66,7 @@ def load(
     names: list[str] | None = None,
     verify: bool = True,
     weights_only: bool = True,
+    mmap: bool = False,
     config: ConfigLike = None,
 ) -> Any:
     """Loads the checkpoint at ``path`` and rebuilds the structure that was saved, tensors as
@@ -93,6 +94,9 @@ def load(
     Either way a sidecar whose tensor references do not match the shards raises
     :class:`CorruptCheckpointError`.
 
+    ``mmap`` (CPU tensors only): map the shard files copy-on-write instead of reading them,
+    as ``torch.load(mmap=True)`` does; see :func:`load_safetensors`.
+
     Loaded CPU tensors use the read buffers directly (no copy) and are writable. With
     ``device`` one CUDA device and the CUDA build (``cuda_available()``), the tensors are
     allocated on the device and filled from the (page-locked) staging buffers, chunk by
@@ -104,7 +108,7 @@ def load(
         buffers = load_to_device(os.fspath(path), device, names, verify, config)
         _, metadata, extras, _report = writer.load(os.fspath(path), [], verify)  # no tensor read
     else:
-        tensors, metadata, extras, _report = writer.load(os.fspath(path), names, verify)
+        tensors, metadata, extras, _report = writer.load(os.fspath(path), names, verify, mmap)
         buffers = {name: (dtype, shape, buf) for name, dtype, shape, buf in tensors}
     restorer = _pytree.Restorer(buffers, device, where=os.path.join(os.fspath(path), _pytree.SIDECAR))
     if names is not None:
@@ -128,6 +132,7 @@ def load_safetensors(
     device: Any = "cpu",
     names: list[str] | None = None,
     verify: bool = True,
+    mmap: bool = False,
     config: ConfigLike = None,
 ) -> dict[str, Any]:
     """Loads the tensors of any safetensors checkpoint at ``path`` as a flat dict of name to
@@ -156,13 +161,24 @@ def load_safetensors(
     structure and sizes are always checked. Loaded CPU tensors use the read buffers
     directly (no copy) and are writable; with one CUDA device and the CUDA build they are
     filled in device memory from the staging buffers, as :func:`load` does.
+
+    ``mmap=True`` (CPU tensors; ignored for a CUDA device, which is filled from the staging
+    buffers either way): the files are mapped copy-on-write instead of read, as
+    ``torch.load(mmap=True)`` and safetensors' own loads do. The tensors are then views of
+    the files' pages in the page cache, which the kernel fills by reading and never has to
+    zero, so a load into no existing memory skips the zeroing of new memory that a read
+    pays; every page is still brought in (and every CRC checked) before the call returns.
+    The files back the tensors for as long as they live: a file truncated meanwhile kills
+    the process with ``SIGBUS`` when a lost page is touched, a file rewritten in place
+    shows its new bytes in pages not yet written (uring-ckpt never rewrites a checkpoint's
+    files), and the first write to each page copies it. The pages count as page cache.
     """
     where = os.fspath(path)
     if is_single_cuda_device(device) and cuda_available():
         # Straight into device memory through the staging pool: no host copy.
         buffers = load_to_device(where, device, names, verify, config)
     else:
-        tensors, _metadata, _extras, _report = cached_writer(config).load(where, names, verify)
+        tensors, _metadata, _extras, _report = cached_writer(config).load(where, names, verify, mmap)
         buffers = {name: (dtype, shape, buf) for name, dtype, shape, buf in tensors}
     restorer = _pytree.Restorer(buffers, device, where=where)
     return {name: restorer.plain(name) for name in (names if names is not None else buffers)}

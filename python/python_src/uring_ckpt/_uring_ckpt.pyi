@@ -74,7 +74,7 @@ class Writer:
     ) -> None:
         """Coordinator: checks every rank's shards, writes the manifest, renames once."""
     def load(
-        self, path: _Path, names: list[str] | None = None, verify: bool | None = None
+        self, path: _Path, names: list[str] | None = None, verify: bool | None = None, map: bool = False
     ) -> tuple[list[tuple[str, str, list[int], Buffer]], dict[str, str], dict[str, bytes], str]: ...
     def load_into(
         self,
