@@ -108,6 +108,33 @@ pub(crate) fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
     }
 }
 
+impl LoadReport {
+    /// The report of a load called at `started` and done now, which read `read_bytes` and
+    /// handed out `data_bytes` of tensors on `engine`; no latencies, fresh pages or
+    /// zero-copy bytes yet (the caller adds those it has).
+    pub(crate) fn finished(
+        started: Instant,
+        data_bytes: u64,
+        read_bytes: u64,
+        verified: bool,
+        engine: EngineReport,
+    ) -> LoadReport {
+        let seconds = started.elapsed().as_secs_f64();
+        LoadReport {
+            data_bytes,
+            read_bytes,
+            seconds,
+            throughput_mib_s: mib_per_s(read_bytes, seconds),
+            verified,
+            engine,
+            read_latency: LatencySummary::default(),
+            fresh_pages: FreshPages::default(),
+            zero_copy_bytes: 0,
+            mapped: false,
+        }
+    }
+}
+
 impl SaveReport {
     /// Closes the report of a save that was called at `called`: end-to-end seconds,
     /// throughput, and the stall (until `staged` fired, or the whole save when nobody

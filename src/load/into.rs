@@ -35,7 +35,7 @@ use crate::io::aligned::{round_down_u64, round_up_u64};
 use crate::io::pool::{staging_align, Shape};
 use crate::io::stream::{Feed, LentSpan, ReadDst, ReadFeed, StreamRead};
 use crate::io::{fault_in_spans, open_reader, PoolBuf, Reader, StagingPool};
-use crate::report::{mib_per_s, LoadReport};
+use crate::report::LoadReport;
 use crate::sink::{SinkWriter, TensorMeta, TensorSink};
 
 /// Ranges closer than this are read as one (reading the gap costs less than another read).
@@ -207,19 +207,12 @@ pub fn load_into(
     for (shard, _) in &shards {
         reader.close(shard.file);
     }
-    let seconds = started.elapsed().as_secs_f64();
     Ok(LoadIntoReport {
         report: LoadReport {
-            data_bytes,
-            read_bytes,
-            seconds,
-            throughput_mib_s: mib_per_s(read_bytes, seconds),
-            verified: verify,
-            engine: reader.report().clone(),
             read_latency: reader.stats().percentiles_us(),
             fresh_pages: reader.stats().fresh_pages,
             zero_copy_bytes,
-            mapped: false,
+            ..LoadReport::finished(started, data_bytes, read_bytes, verify, reader.report().clone())
         },
         missing,
         unexpected,

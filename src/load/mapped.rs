@@ -17,7 +17,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::{
-    check_crc, check_header, check_len, check_weight_map, read_extra_file, wanted_names, LoadOptions,
+    check_crc, check_header, check_len, check_weight_map, read_extra_files, wanted_names, LoadOptions,
 };
 use crate::checkpoint::{LoadedCheckpoint, LoadedTensor};
 use crate::config::{Config, EngineKind};
@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::format::TensorEntry;
 use crate::io::mapped::{Advice, MappedFile};
 use crate::io::EngineReport;
-use crate::report::{mib_per_s, LoadReport};
+use crate::report::LoadReport;
 
 /// Bytes a worker brings in (and hashes) at a time.
 const PIECE: usize = 4 << 20;
@@ -157,38 +157,26 @@ pub(super) fn load_mapped(config: &Config, dir: &Path, options: &LoadOptions) ->
         });
     }
     read_bytes += data_bytes;
-    let mut extra_files = Vec::with_capacity(manifest.extra_files.len());
-    for info in &manifest.extra_files {
-        let bytes = read_extra_file(&handle, info)?;
-        read_bytes += bytes.len() as u64;
-        extra_files.push((info.file.clone(), bytes));
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    let extra_files = read_extra_files(&handle, &manifest, &mut read_bytes)?;
+    let engine = EngineReport {
+        requested: config.engine,
+        engine: EngineKind::Buffered,
+        direct_io: false,
+        registered_buffers: false,
+        align: 1,
+        mem_align: 1,
+        queue_depth: workers as u32,
+        offload_writes: false,
+        fallbacks: Vec::new(),
+    };
     Ok(Mapped::Loaded(LoadedCheckpoint {
         tensors,
         metadata: manifest.metadata,
         extra_files,
         report: LoadReport {
-            data_bytes,
-            read_bytes,
-            seconds,
-            throughput_mib_s: mib_per_s(read_bytes, seconds),
-            verified: verify,
-            engine: EngineReport {
-                requested: config.engine,
-                engine: EngineKind::Buffered,
-                direct_io: false,
-                registered_buffers: false,
-                align: 1,
-                mem_align: 1,
-                queue_depth: workers as u32,
-                offload_writes: false,
-                fallbacks: Vec::new(),
-            },
-            read_latency: Default::default(),
-            fresh_pages: Default::default(),
             zero_copy_bytes: data_bytes,
             mapped: true,
+            ..LoadReport::finished(started, data_bytes, read_bytes, verify, engine)
         },
     }))
 }

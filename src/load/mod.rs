@@ -26,8 +26,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::format::Manifest;
 use crate::io::aligned::{round_down_u64, round_up_u64};
-use crate::io::{open_reader, AlignedBuf, Fallback};
-use crate::report::{mib_per_s, LoadReport};
+use crate::io::{open_reader, AlignedBuf, Dir, Fallback};
+use crate::report::LoadReport;
 
 /// What to load.
 #[derive(Debug, Clone, Default)]
@@ -132,28 +132,28 @@ fn load_by_reads(config: &Config, dir: &Path, options: &LoadOptions) -> Result<L
         read_bytes += if shard.whole.is_some() { info.size } else { info.header_len };
         reader.close(shard.file);
     }
-    let mut extra_files = Vec::with_capacity(manifest.extra_files.len());
-    for info in &manifest.extra_files {
-        let bytes = read_extra_file(&handle, info)?;
-        read_bytes += bytes.len() as u64;
-        extra_files.push((info.file.clone(), bytes));
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    let extra_files = read_extra_files(&handle, &manifest, &mut read_bytes)?;
     Ok(LoadedCheckpoint {
         tensors,
         metadata: manifest.metadata,
         extra_files,
         report: LoadReport {
-            data_bytes,
-            read_bytes,
-            seconds,
-            throughput_mib_s: mib_per_s(read_bytes, seconds),
-            verified: verify,
-            engine: reader.report().clone(),
             read_latency: reader.stats().percentiles_us(),
             fresh_pages: reader.stats().fresh_pages,
             zero_copy_bytes: data_bytes,
-            mapped: false,
+            ..LoadReport::finished(started, data_bytes, read_bytes, verify, reader.report().clone())
         },
     })
+}
+
+/// Reads every extra file of the manifest (checked: [`read_extra_file`]), adding their
+/// bytes to `read_bytes`.
+fn read_extra_files(handle: &Dir, manifest: &Manifest, read_bytes: &mut u64) -> Result<Vec<(String, Bytes)>> {
+    let mut extra_files = Vec::with_capacity(manifest.extra_files.len());
+    for info in &manifest.extra_files {
+        let bytes = read_extra_file(handle, info)?;
+        *read_bytes += bytes.len() as u64;
+        extra_files.push((info.file.clone(), bytes));
+    }
+    Ok(extra_files)
 }
