@@ -15,7 +15,7 @@ pub mod buffered;
 mod core;
 pub mod dir;
 pub(crate) mod file;
-pub mod mapped;
+pub(crate) mod mapped;
 pub mod pool;
 mod prefault;
 pub mod probe;
