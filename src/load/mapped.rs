@@ -17,7 +17,8 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::{
-    check_crc, check_header, check_len, check_weight_map, read_extra_files, wanted_names, LoadOptions,
+    check_crc, check_header, check_len, check_weight_map, holds_wanted, read_extra_files, wanted_names,
+    LoadOptions,
 };
 use crate::checkpoint::{LoadedCheckpoint, LoadedTensor};
 use crate::config::{Config, EngineKind};
@@ -76,11 +77,10 @@ pub(super) fn load_mapped(config: &Config, dir: &Path, options: &LoadOptions) ->
     let is_wanted = |name: &str| wanted_set.as_ref().is_none_or(|w| w.contains(name));
 
     let mut maps = Vec::new();
-    let mut paths = Vec::new();
     let mut headers = Vec::new();
     let mut read_bytes = 0u64;
     for info in &manifest.shards {
-        if wanted_set.is_some() && !manifest.weight_map.iter().any(|(n, f)| *f == info.file && is_wanted(n)) {
+        if !holds_wanted(&manifest, &info.file, &wanted_set) {
             continue;
         }
         let path = handle.member_path(&info.file);
@@ -100,7 +100,6 @@ pub(super) fn load_mapped(config: &Config, dir: &Path, options: &LoadOptions) ->
         check_weight_map(dir, &manifest.weight_map, info, &header)?;
         read_bytes += info.header_len;
         maps.push(map);
-        paths.push(path);
         headers.push(header);
     }
 
@@ -139,7 +138,7 @@ pub(super) fn load_mapped(config: &Config, dir: &Path, options: &LoadOptions) ->
                 }
             }
             if tensor.expected.is_some() {
-                check_crc(&paths[tensor.shard], tensor.entry, tensor.expected, hasher.finalize())?;
+                check_crc(maps[tensor.shard].path(), tensor.entry, tensor.expected, hasher.finalize())?;
             }
         }
     }

@@ -61,6 +61,13 @@ pub(crate) fn wanted_names<'o>(
     Ok(Some(names.iter().map(String::as_str).collect()))
 }
 
+/// Whether the shard `file` holds a tensor of `wanted` (`None`: all are wanted).
+pub(crate) fn holds_wanted(manifest: &Manifest, file: &str, wanted: &Option<HashSet<&str>>) -> bool {
+    wanted
+        .as_ref()
+        .is_none_or(|w| manifest.weight_map.iter().any(|(n, f)| f == file && w.contains(n.as_str())))
+}
+
 /// Loads the checkpoint at `dir`.
 pub fn load(config: &Config, dir: &Path, options: &LoadOptions) -> Result<LoadedCheckpoint> {
     if !options.map {
@@ -89,7 +96,7 @@ fn load_by_reads(config: &Config, dir: &Path, options: &LoadOptions) -> Result<L
     let mut data_bytes = 0u64;
     for info in &manifest.shards {
         let is_wanted = |name: &str| wanted.as_ref().is_none_or(|w| w.contains(name));
-        if wanted.is_some() && !manifest.weight_map.iter().any(|(n, f)| *f == info.file && is_wanted(n)) {
+        if !holds_wanted(&manifest, &info.file, &wanted) {
             continue;
         }
         let read = if wanted.is_none() { ShardRead::Whole { verify } } else { ShardRead::Header };
